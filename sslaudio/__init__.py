@@ -1,0 +1,3 @@
+"""sslaudio: self-supervised audio representation learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from sslaudio.cli import main
+
+main()

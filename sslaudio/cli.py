@@ -1,0 +1,316 @@
+"""Command line: pretrain / extract / probe / export / presets / demo.
+
+Exit codes: 0 ok, 2 usage or configuration error (one line naming the bad option or key),
+3 training stopped on repeated non-finite loss, 4 nothing usable in the input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sslaudio import __version__
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Self-supervised audio representation learning: pretrain, extract, probe, export.")
+err = Console(stderr=True)
+out = Console()
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_NO_DATA = 2, 3, 4
+
+
+@contextmanager
+def guard():
+    """Turn expected failures into one line on stderr and the documented exit code."""
+    from sslaudio.checkpoint import CheckpointError
+    from sslaudio.config import ConfigError
+    from sslaudio.data import DataError
+    from sslaudio.export import ExportError
+    from sslaudio.probe import ProbeError
+    from sslaudio.train import RunMismatch, TrainingDiverged
+
+    code, msg = 0, ""
+    try:
+        yield
+    except (ConfigError, CheckpointError, RunMismatch, ExportError) as e:
+        code, msg = EXIT_USAGE, str(e)
+    except ProbeError as e:
+        code, msg = e.code, str(e)
+    except DataError as e:
+        code, msg = EXIT_NO_DATA, str(e)
+    except TrainingDiverged as e:
+        code, msg = EXIT_DIVERGED, str(e)
+    except KeyboardInterrupt:
+        code, msg = 130, "interrupted"
+    except BrokenPipeError:  # `sslaudio extract ... --out - | head`
+        sys.stderr.close()
+        raise typer.Exit(0)
+    if code:
+        err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code)
+
+
+def _version(value: bool):
+    if value:
+        print(f"sslaudio {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+def _device(name: str):
+    from sslaudio.config import ConfigError
+    from sslaudio.train import pick_device
+
+    try:
+        return pick_device(name)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+@app.command(epilog="Example: sslaudio pretrain ./audio --preset tiny/byol-a --out runs/byola --steps 300")
+def pretrain(
+    data: List[str] = typer.Argument(..., help="Folders (searched recursively), audio files, or manifests "
+                                                "(a text file of paths, or a CSV/TSV with a 'path' column)."),
+    preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see 'sslaudio presets') or a YAML file."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    steps: Optional[int] = typer.Option(None, help="Override train.steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    set_: List[str] = typer.Option([], "--set", help="Override any key: --set optim.lr=1e-4 (repeatable)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from RUN's latest checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Pretrain an encoder on unlabeled audio; writes RUN/config.yaml, log.jsonl, ckpt/, export/."""
+    from sslaudio.config import load_preset
+    from sslaudio.train import fit
+
+    with guard():
+        overrides = list(set_)
+        if steps is not None:
+            overrides.append(f"train.steps={steps}")
+        if batch_size is not None:
+            overrides.append(f"train.batch_size={batch_size}")
+        p = load_preset(preset, overrides)
+        dev = _device(device)
+        skipped = []
+        summary = fit(p, data, out_dir, resume=resume, device=str(dev), progress=not quiet,
+                      warn=lambda m: (skipped.append(m), err.print(f"[yellow]warning:[/yellow] {m}", highlight=False)))
+        _print_table("pretrain", {
+            "run": summary["run"], "preset": preset, "steps": f"{summary['start_step']} -> {summary['steps']}",
+            "files used / skipped": f"{summary['files']} / {summary['skipped']}",
+            "device / precision": f"{summary['device']} / {summary['precision']}",
+            "time": f"{summary['time_s']:.1f} s", "last loss": _last_loss(Path(out_dir)),
+            "encoder": str(Path(out_dir) / "export" / "encoder.safetensors")})
+
+
+def _last_loss(run: Path) -> str:
+    log = run / "log.jsonl"
+    if not log.is_file() or not log.read_text().strip():
+        return "-"
+    return f"{json.loads(log.read_text().strip().splitlines()[-1])['loss']:.4f}"
+
+
+def _print_table(title: str, rows: dict) -> None:
+    t = Table(title=title, show_header=False)
+    for k, v in rows.items():
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+@app.command(epilog="Examples: sslaudio extract runs/byola ./clips --out feats --frames\n\n"
+                    "sslaudio extract runs/byola song.wav --out - | jq .clip")
+def extract(
+    ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
+    inputs: List[str] = typer.Argument(..., help="Audio files, folders or manifests."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Output folder, or - for JSON lines on stdout."),
+    frames: bool = typer.Option(False, "--frames", help="Also write frame embeddings and timestamps."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors | npy"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("auto"),
+):
+    """Write clip (and frame) embeddings per input file, mirroring the input tree."""
+    from sslaudio.checkpoint import load_encoder
+    from sslaudio.config import ConfigError
+    from sslaudio.data import DataError, scan_pairs
+    from sslaudio.features import extract as run_extract
+
+    with guard():
+        if fmt not in ("safetensors", "npy"):
+            raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
+        dev = _device(device)
+        bundle = load_encoder(ckpt)
+        items = scan_pairs(inputs)
+        if not items:
+            raise DataError(f"no audio files in {' '.join(inputs)}")
+        to_stdout = out_dir == "-"
+        summary = run_extract(bundle, items, None if to_stdout else Path(out_dir), frames, fmt, dev, batch_size,
+                              encoder_id=ckpt,
+                              on_skip=lambda p, r: err.print(f"[yellow]warning:[/yellow] skip {p}: {r}", highlight=False))
+        if summary["written"] == 0:
+            raise DataError(f"no usable audio file ({summary['skipped']} skipped)")
+        msg = f"{summary['written']} files -> {out_dir} (dim {summary['clip_dim']}), {summary['skipped']} skipped, {summary['time_s']:.1f} s"
+        err.print(msg, highlight=False) if to_stdout else _print_table("extract", summary)
+
+
+@app.command(epilog="Example: sslaudio probe runs/byola data/labels.csv --json results.json\n\n"
+                    "Baseline: sslaudio probe random:tiny/byol-a data/labels.csv")
+def probe(
+    ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
+    labels: Path = typer.Argument(..., help="CSV with path,label[,split]; paths relative to the CSV's folder."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds."),
+):
+    """Linear and kNN probes on frozen clip embeddings; prints accuracy / F1 (or mAP)."""
+    res = probe_ckpt(ckpt, labels, batch_size, device, seed)
+    t = Table(title=f"probe: {ckpt} on {labels}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in ("accuracy", "f1", "map", "knn_accuracy", "valid", "protocol", "n_files", "skipped", "n_classes", "dim",
+              "lr", "weight_decay", "epochs"):
+        if k in res:
+            v = res[k]
+            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(t)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, json_out)
+
+
+def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "auto", seed: int = 0,
+               quiet: bool = False) -> dict:
+    import numpy as np
+
+    from sslaudio.checkpoint import load_encoder
+    from sslaudio.features import embed_files
+    from sslaudio.probe import ProbeError, evaluate, read_labels
+
+    with guard():
+        dev = _device(device)
+        rows = read_labels(labels)
+        bundle = load_encoder(ckpt)
+        skipped = []
+
+        def skip(p, r):
+            skipped.append(p)
+            if not quiet:
+                err.print(f"[yellow]warning:[/yellow] skip {p}: {r}", highlight=False)
+
+        emb = {e.path: e.clip for e in embed_files(bundle, [(r.path, r.rel) for r in rows], dev, False, batch_size,
+                                                   on_skip=skip)}
+        kept = [r for r in rows if r.path in emb]
+        if len(kept) < 10:
+            raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
+        X = np.stack([emb[r.path] for r in kept])
+        res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed)
+        res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped))
+        return res
+
+
+@app.command(epilog="Example: sslaudio export runs/byola --format onnx --out byola.onnx")
+def export(
+    ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
+    fmt: str = typer.Option("torchscript", "--format", help="torchscript | onnx"),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output file."),
+):
+    """A deployable waveform -> clip-embedding model, checked against PyTorch."""
+    from sslaudio.checkpoint import load_encoder
+    from sslaudio.export import export as run_export
+
+    with guard():
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        res = run_export(load_encoder(ckpt), fmt, out_file)
+        _print_table("export", res)
+
+
+@app.command("presets")
+def presets_cmd():
+    """List every preset: method, encoder, input and a one-line description."""
+    from sslaudio.config import list_presets, load_preset
+
+    with guard():
+        t = Table(title="presets")
+        for c in ("preset", "method", "encoder", "input", "description"):
+            t.add_column(c)
+        for name in list_presets():
+            p = load_preset(name)
+            fe = p.frontend.get("name")
+            inp = f"{fe} {p.frontend.get('n_mels', '')}".strip() + f" @ {p.data.sample_rate // 1000} kHz, {p.data.clip_seconds:g} s"
+            t.add_row(name, p.method["name"], p.encoder["name"], inp, p.description)
+        out.print(t)
+
+
+@app.command(epilog="Example: sslaudio demo --out sslaudio-demo")
+def demo(
+    out_dir: Path = typer.Option(Path("sslaudio-demo"), "--out", "-o", help="Where the data and the run go."),
+    preset: str = typer.Option("tiny/byol-a", "--preset", "-p"),
+    steps: Optional[int] = typer.Option(None, help="Override the preset's steps."),
+    device: str = typer.Option("auto"),
+):
+    """Generate a toy labeled dataset, pretrain on it, extract, probe vs random init, export."""
+    from sslaudio.checkpoint import load_encoder
+    from sslaudio.config import load_preset
+    from sslaudio.data import scan_pairs
+    from sslaudio.export import export as run_export
+    from sslaudio.features import extract as run_extract
+    from sslaudio.synth import make_dataset
+    from sslaudio.train import fit
+
+    with guard():
+        t0 = time.time()
+        err.print("1/5 generating the toy dataset ...")
+        labels = make_dataset(out_dir / "data")
+        run = out_dir / "run"
+        p = load_preset(preset, [f"train.steps={steps}"] if steps else [])
+        dev = _device(device)
+        err.print(f"2/5 pretraining {preset} for {p.train.steps} steps on {dev} ...")
+        fit(p, [str(out_dir / "data" / "audio" / "train"), str(out_dir / "data" / "unlabeled")], run,
+            resume=True, device=str(dev))
+        err.print("3/5 extracting embeddings ...")
+        feats = out_dir / "features"
+        ex = run_extract(load_encoder(str(run)), scan_pairs([str(out_dir / "data" / "audio")]), feats, True,
+                         "safetensors", dev, 32, encoder_id=str(run))
+        err.print("4/5 probing the pretrained and the random-init encoder ...")
+        trained = probe_ckpt(str(run), labels, device=device)
+        random_ = probe_ckpt(f"random:{preset}", labels, device=device)
+        err.print("5/5 exporting ...")
+        exp = run_export(load_encoder(str(run)), "torchscript", out_dir / "encoder.torchscript.pt")
+        t = Table(title=f"sslaudio demo: {preset} ({time.time() - t0:.0f} s)")
+        for c in ("encoder", "linear acc", "macro F1", "kNN acc"):
+            t.add_column(c, justify="right" if c != "encoder" else "left")
+        for name, r in (("pretrained", trained), ("random init", random_)):
+            t.add_row(name, f"{r['accuracy']:.3f}", f"{r['f1']:.3f}", f"{r['knn_accuracy']:.3f}")
+        out.print(t)
+        _print_table("files", {"toy data (labels.csv)": labels, "run (log.jsonl, ckpt/)": run,
+                               "encoder weights": run / "export" / "encoder.safetensors",
+                               f"features ({ex['written']} files)": feats,
+                               "TorchScript encoder": f"{exp['out']} (max abs diff {exp['max_abs_diff']:.1e})"})
+        res = {"pretrained": trained, "random": random_, "export": exp}
+        (out_dir / "demo_results.json").write_text(json.dumps(res, indent=1))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Strict configuration: dataclass trees from YAML, `--set a.b=c` overrides, an identity hash.
+
+Every component owns a small `Config` dataclass. `parse(cls, data, path)` turns a plain dict into
+that dataclass and refuses unknown keys (suggesting the closest valid name) and values of the
+wrong type, naming the dotted path at fault. Errors are `ConfigError`, which the CLI prints as one
+line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (exit code 2)."""
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_type(value: Any, tp: Any, path: str) -> Any:
+    """Validate (and gently coerce int->float, list->tuple) `value` against annotation `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, found {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, found {len(value)}")
+            return tuple(_check_type(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_check_type(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, found {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return parse(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, found {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, found {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, found {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, found {value!r}")
+        return value
+    return value
+
+
+def parse(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a dict, strictly. `path` is the dotted location for errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, found {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key '{where}'{_did_you_mean(str(key), list(fields))}")
+        kwargs[key] = _check_type(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass tree -> plain dict/list (tuples become lists) for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# The preset tree. `frontend`, `encoder`, `masker`, `method` stay plain dicts here: their own
+# registry validates them against the component's Config when it builds the component.
+
+
+@dataclass
+class DataConfig:
+    sample_rate: int = 16000
+    clip_seconds: float = 0.95  # training crop length
+    min_seconds: float = 0.1  # shorter files are skipped with a warning
+    segments: int = 1  # waveform crops per file per step (2: "different segments are positives")
+    num_workers: int = 2
+    norm_samples: int = 256  # crops used to estimate the frontend's normalisation statistics
+
+    def __post_init__(self):
+        if self.sample_rate <= 0 or self.clip_seconds <= 0:
+            raise ConfigError("data.sample_rate and data.clip_seconds must be positive")
+        if self.segments < 1:
+            raise ConfigError("data.segments must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: typing.Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    grad_clip: float = 0.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, found {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    precision: typing.Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 2
+    max_nonfinite: int = 5  # consecutive non-finite losses before stopping (exit 3)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("train.steps and train.batch_size must be >= 1")
+        if self.keep_last < 1:
+            raise ConfigError("train.keep_last must be >= 1")
+
+
+@dataclass
+class Preset:
+    seed: int = 0
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    frontend: dict = field(default_factory=lambda: {"name": "logmel"})
+    encoder: dict = field(default_factory=dict)
+    masker: dict | None = None
+    views: list | None = None  # augmentation chain (list of {name: ..., ...}) for view-based methods
+    method: dict = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def identity(self) -> str:
+        """Short hash of everything that changes the trained weights (not logging cadence)."""
+        d = self.to_dict()
+        d.pop("description", None)
+        for k in ("log_every", "ckpt_every", "keep_last"):
+            d["train"].pop(k, None)
+        d["data"].pop("num_workers", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+PRESET_DIRS = [Path(__file__).resolve().parent.parent / "presets", Path(__file__).resolve().parent / "presets"]
+
+
+def preset_dir() -> Path:
+    for d in PRESET_DIRS:
+        if d.is_dir():
+            return d
+    raise ConfigError("cannot find the presets folder (reinstall sslaudio)")
+
+
+def list_presets() -> list[str]:
+    root = preset_dir()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for i, k in enumerate(keys[:-1]):
+        if cur.get(k) is None:
+            cur[k] = {}
+        if not isinstance(cur[k], dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is not a section")
+        cur = cur[k]
+    cur[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.steps=100' -> ('train.steps', 100); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.path=value, found '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key.path=value, found '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_preset_dict(name_or_path: str) -> dict:
+    p = Path(name_or_path)
+    if not (p.suffix in (".yaml", ".yml") and p.is_file()):
+        p = preset_dir() / f"{name_or_path}.yaml"
+        if not p.is_file():
+            names = list_presets()
+            raise ConfigError(f"unknown preset '{name_or_path}'{_did_you_mean(name_or_path, names)}; "
+                              f"see 'sslaudio presets'")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a preset must be a YAML mapping")
+    return data
+
+
+def build_preset(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
+    """Defaults <- preset dict <- `--set` overrides, validated strictly (components included)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    preset = parse(Preset, data)
+    from sslaudio.registry import validate_components  # late import: registries import config
+
+    validate_components(preset)
+    return preset
+
+
+def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
+    return build_preset(load_preset_dict(name_or_path), overrides)
+
+
+def dump_yaml(preset: Preset) -> str:
+    return yaml.safe_dump(preset.to_dict(), sort_keys=False)

@@ -1,0 +1,3 @@
+"""Encoders; importing this package registers them (explicitly, one import per module)."""
+
+from sslaudio.encoders import cnn, conv_transformer, vit  # noqa: F401

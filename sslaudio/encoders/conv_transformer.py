@@ -1,0 +1,208 @@
+"""wav2vec 2.0 / HuBERT / data2vec audio encoder: conv feature extractor + transformer.
+
+waveform (B, S) -> conv features (B, T, C) -> LayerNorm -> Linear to D (+ dropout) -> [mask]
+-> + conv positional embedding -> transformer (post-LN by default, pre-LN with
+`layer_norm_first`) -> (B, T, D). Baevski et al. 2020 (wav2vec 2.0), Hsu et al. 2021 (HuBERT),
+Baevski et al. 2022 (data2vec); official code: fairseq `models/wav2vec/wav2vec2.py`,
+`examples/data2vec/models/data2vec_audio.py`.
+
+Masks: replace mode swaps hidden frames for a learned vector (uniform init, as fairseq); keep mode
+(data2vec 2.0) zeroes hidden frames, computes the positional conv over the whole sequence, then
+keeps only the visible frames for the transformer. A mask whose batch is K times the input's
+(data2vec 2.0 `clone_batch`) reuses the conv features for the K copies (rows b * K + k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from sslaudio.config import ConfigError
+from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.layers import (WAV2VEC2_CONV_LAYERS, Block, ConvFeatureExtractor,
+                                      ConvPositionalEmbedding, TransformerStack, gather_tokens,
+                                      init_bert_, scale_grad, zero_padded)
+from sslaudio.registry import ENCODERS
+
+
+@ENCODERS.register("conv_transformer")
+class ConvTransformer(Encoder):
+    """(B, S) waveform -> (B, T, D) frames, one per `downsample` samples.
+
+    EncoderOut.extra: "features" (B, T, C) layer-normed conv features before projection and
+    masking (the wav2vec 2.0 quantizer input); "features_pen" scalar mean square of the raw conv
+    features over valid frames (wav2vec 2.0 feature penalty); "projected" (B, T, D) projected
+    features before dropout and masking (data2vec 2.0 local features); "lengths" (B,) valid frames;
+    "frame_padding" (B, T) padding of the full sequence (before a keep mask gathers);
+    "keep"; "clone" (K); "ffn" per-layer FFN outputs before the residual add (with return_layers).
+    """
+
+    @dataclass
+    class Config:
+        conv_layers: list[tuple[int, int, int]] = field(default_factory=lambda: list(WAV2VEC2_CONV_LAYERS))
+        extractor_mode: Literal["group", "layer"] = "group"  # fairseq "default" / "layer_norm"
+        conv_bias: bool = False
+        dim: int = 768
+        depth: int = 12
+        heads: int = 12
+        ffn_dim: int = 3072
+        dropout: float = 0.1
+        attention_dropout: float = 0.1
+        activation_dropout: float = 0.0
+        input_dropout: float = 0.1  # fairseq dropout_input, after the projection
+        layerdrop: float = 0.05
+        layer_norm_first: bool = False
+        pos_conv_kernel: int = 128
+        pos_conv_groups: int = 16
+        pos_conv_depth: int = 1  # data2vec: 5 layers sharing kernel 95 (19 each)
+        feature_grad_mult: float = 1.0  # 0.1 for wav2vec 2.0 Base
+
+        def __post_init__(self):
+            if not self.conv_layers or any(len(c) != 3 or min(c) < 1 for c in self.conv_layers):
+                raise ConfigError("encoder.conv_layers must be a non-empty list of positive "
+                                  "[channels, kernel, stride] triples")
+            if self.depth < 1 or self.heads < 1 or self.ffn_dim < 1:
+                raise ConfigError("encoder.depth, encoder.heads and encoder.ffn_dim must be >= 1")
+            if self.dim % self.heads:
+                raise ConfigError(f"encoder.dim {self.dim} must be divisible by encoder.heads {self.heads}")
+            if self.dim % self.pos_conv_groups:
+                raise ConfigError(f"encoder.pos_conv_groups {self.pos_conv_groups} must divide "
+                                  f"encoder.dim {self.dim}")
+            if self.pos_conv_kernel < 1 or self.pos_conv_depth < 1:
+                raise ConfigError("encoder.pos_conv_kernel and encoder.pos_conv_depth must be >= 1")
+            for key in ("dropout", "attention_dropout", "activation_dropout", "input_dropout", "layerdrop"):
+                if not 0.0 <= getattr(self, key) < 1.0:
+                    raise ConfigError(f"encoder.{key} must be in [0, 1), found {getattr(self, key)}")
+            if self.feature_grad_mult < 0:
+                raise ConfigError(f"encoder.feature_grad_mult must be >= 0, found {self.feature_grad_mult}")
+
+    def __init__(self, cfg: "ConvTransformer.Config", frontend):
+        super().__init__()
+        if int(frontend.out_channels) != 1 or int(frontend.hop) != 1:
+            raise ConfigError("encoder.name: 'conv_transformer' reads the raw waveform; use the "
+                              "waveform frontend (frontend.name: waveform)")
+        self.cfg = cfg
+        self.extractor = ConvFeatureExtractor(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias)
+        c = self.extractor.out_channels
+        self.feature_norm = nn.LayerNorm(c)
+        self.project = nn.Linear(c, cfg.dim) if c != cfg.dim else nn.Identity()
+        self.input_dropout = nn.Dropout(cfg.input_dropout)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
+        self.pos_conv = ConvPositionalEmbedding(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups,
+                                                cfg.pos_conv_depth)
+        self.norm = nn.LayerNorm(cfg.dim)  # after positions (post-LN) or at the end (pre-LN)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = TransformerStack([
+            Block(cfg.dim, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout,
+                  attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+                  norm_first=cfg.layer_norm_first)
+            for _ in range(cfg.depth)], layerdrop=cfg.layerdrop)
+        init_bert_(self.blocks)
+        if isinstance(self.project, nn.Linear):
+            init_bert_(self.project)
+
+        self.dim = cfg.dim
+        self.frame_dim = cfg.dim
+        self.downsample = self.extractor.stride
+        self.receptive_field = self.extractor.receptive_field
+        self.sample_rate = int(frontend.sample_rate)
+
+    # ---- helpers for methods ----
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """(B,) valid samples -> (B,) valid frames."""
+        return self.extractor.output_lengths(lengths)
+
+    def token_grid(self, x_shape: tuple[int, ...]) -> tuple[int]:
+        """(B, S) input shape -> (T,) frame grid."""
+        n = self.output_lengths(torch.tensor([int(x_shape[-1])]))
+        return (int(n[0]),)
+
+    def token_padding(self, lengths: Tensor, x_shape: tuple[int, ...]) -> Tensor:
+        """(B,) valid samples -> (B, T) bool, True at padded frames."""
+        return lengths_to_padding(self.output_lengths(lengths), self.token_grid(x_shape)[0])
+
+    def frame_times(self, n_frames: int) -> Tensor:
+        """Centre in seconds of each frame's receptive field."""
+        t = torch.arange(n_frames, dtype=torch.float64) * self.downsample + self.receptive_field / 2
+        return t / self.sample_rate
+
+    # ---- forward ----
+
+    def _check(self, x: Tensor, lengths: Tensor) -> None:
+        if x.dim() != 2:
+            raise ValueError(f"conv_transformer: expected a waveform (B, S), found {tuple(x.shape)}")
+        if lengths.shape != (x.shape[0],):
+            raise ValueError(f"conv_transformer: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
+        if x.shape[1] == 0 or bool((lengths <= 0).any()):
+            raise ValueError(f"conv_transformer: input waveform x has zero-length items (lengths "
+                             f"{lengths.tolist()}, {x.shape[1]} samples)")
+        rf = self.receptive_field
+        if x.shape[1] < rf or bool((lengths < rf).any()):
+            raise ValueError(f"conv_transformer: every input needs at least {rf} samples (one frame's "
+                             f"receptive field), found lengths {lengths.tolist()}")
+
+    def forward(self, x: Tensor, lengths: Tensor, mask=None, return_layers: bool = False) -> EncoderOut:
+        self._check(x, lengths)
+        B = x.shape[0]
+        m = self.cfg.feature_grad_mult
+        if m == 0.0:
+            with torch.no_grad():
+                feats, frame_lengths = self.extractor(x, lengths)
+        else:
+            feats, frame_lengths = self.extractor(x, lengths)
+            feats = scale_grad(feats, m)
+        feats = feats.transpose(1, 2)  # (B, T, C)
+        T = feats.shape[1]
+        frame_padding = lengths_to_padding(frame_lengths, T)
+        valid = (~frame_padding).unsqueeze(-1).to(feats.dtype)
+        features_pen = (feats.float().pow(2) * valid).sum() / (valid.sum() * feats.shape[-1]).clamp_min(1)
+        features = self.feature_norm(feats)
+        projected = self.project(features)
+        h = self.input_dropout(projected)
+
+        clone, keep, padding = 1, False, frame_padding
+        pos_in = h
+        if mask is not None:
+            mb, mn = mask.masked.shape
+            if mn != T or mb % B:
+                raise ValueError(f"conv_transformer: mask shape {tuple(mask.masked.shape)} does not fit "
+                                 f"{T} frames (expected ({B}*K, {T}))")
+            clone = mb // B
+            if clone > 1:
+                h = h.repeat_interleave(clone, 0)
+                padding = padding.repeat_interleave(clone, 0)
+            hidden = mask.masked.to(h.device)
+            if mask.mode == "replace":
+                h = torch.where(hidden.unsqueeze(-1), self.mask_emb.to(h.dtype), h)
+                pos_in = h
+            else:
+                keep = True
+                pos_in = zero_padded(h, hidden)  # data2vec 2.0: positions see zeros at hidden frames
+        h = zero_padded(h, padding) + self.pos_conv(pos_in, padding)
+        if keep:
+            idx = mask.keep_idx.to(h.device)
+            h = gather_tokens(h, idx)
+            padding = torch.gather(padding, 1, idx)
+
+        if not self.cfg.layer_norm_first:
+            h = self.norm(h)
+        h = self.dropout(h)
+        attn_padding = padding if bool(padding.any()) else None
+        h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers)
+        if self.cfg.layer_norm_first:
+            h = self.norm(h)
+
+        extra = {"features": features, "features_pen": features_pen, "projected": projected,
+                 "lengths": frame_lengths, "frame_padding": frame_padding, "keep": keep, "clone": clone}
+        if return_layers:
+            extra["ffn"] = ffns
+        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None, extra=extra)
+
+    def to_frames(self, out: EncoderOut) -> tuple[Tensor, Tensor]:
+        if out.extra is not None and out.extra.get("keep"):
+            raise ValueError("conv_transformer.to_frames needs every frame; encode without a keep mask")
+        return super().to_frames(out)

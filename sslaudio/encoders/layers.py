@@ -1,0 +1,379 @@
+"""Transformer and convolutional building blocks shared by the encoders.
+
+- `Attention`, `Block`, `TransformerStack`: BERT/ViT-style transformer (pre- or post-LN), attention
+  through `F.scaled_dot_product_attention` with a key-padding mask. Every block also returns its
+  FFN output before the residual add: data2vec regresses to it (fairseq
+  `TransformerSentenceEncoderLayer` `layer_result`, Baevski et al. 2022).
+- `PatchEmbed` and `sincos_pos_embed_2d`: ViT patches of any (F_p, T_p) shape on a spectrogram and
+  fixed 2-D sin-cos positions for any grid (Dosovitskiy et al. 2021; MAE; M2D, Niizumi et al. 2023).
+- `ConvFeatureExtractor` and `ConvPositionalEmbedding`: wav2vec 2.0's waveform encoder and
+  convolutional relative positions (Baevski et al. 2020), with data2vec's deeper positional variant;
+  both respect padding, so a padded batch gives the same valid outputs as each item alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def zero_padded(x: Tensor, padding: Tensor | None) -> Tensor:
+    """Zero the padded steps of (B, T, D) x; padding (B, T) bool, True = padded."""
+    return x if padding is None else x.masked_fill(padding.unsqueeze(-1), 0.0)
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """(B, N, ...) gathered along dim 1 by (B, K) indices -> (B, K, ...)."""
+    index = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. x (B, N, D), padding (B, N) bool (True = padded key),
+    bias an optional additive float (B or 1, H, N, N) (e.g. ALiBi) -> (B, N, D)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None
+        if padding is not None:
+            allowed = ~padding
+            # a row with no valid key would give NaN; let it attend everywhere (its output is padding)
+            allowed = allowed | ~allowed.any(1, keepdim=True)
+            mask = allowed[:, None, None, :]  # (B, 1, 1, N)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, N, Dh)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample (Huang et al. 2016)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Transformer block. `norm_first` True: pre-LN (ViT, wav2vec 2.0 Large); False: post-LN
+    (BERT, wav2vec 2.0 Base, data2vec). forward(x (B,N,D), padding, bias) -> (out, ffn) where
+    `ffn` (B, N, D) is the FFN branch output before dropout and the residual add."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, *, qkv_bias: bool = True,
+                 dropout: float = 0.0, attention_dropout: float = 0.0, activation_dropout: float = 0.0,
+                 drop_path: float = 0.0, norm_first: bool = True, norm_eps: float = 1e-5):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attn = Attention(dim, heads, qkv_bias, attention_dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.act_drop = nn.Dropout(activation_dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act_drop(F.gelu(self.fc1(x))))
+
+    def forward(self, x: Tensor, padding: Tensor | None = None,
+                bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.norm_first:
+            x = x + self.drop_path(self.drop(self.attn(self.norm1(x), padding, bias)))
+            ffn = self._ffn(self.norm2(x))
+            return x + self.drop_path(self.drop(ffn)), ffn
+        x = self.norm1(x + self.drop_path(self.drop(self.attn(x, padding, bias))))
+        ffn = self._ffn(x)
+        return self.norm2(x + self.drop_path(self.drop(ffn))), ffn
+
+
+class TransformerStack(nn.Module):
+    """A list of blocks with optional LayerDrop (Fan et al. 2019) while training.
+
+    forward(x (B,N,D), padding, bias, return_layers) -> (x, layers, ffns): with return_layers, the
+    output and FFN output of every block (a dropped block contributes its unchanged input and a
+    zero FFN output, so the lists always have `depth` entries); otherwise two empty lists.
+    LayerDrop draws from the global RNG, like dropout.
+    """
+
+    def __init__(self, blocks: list[Block], layerdrop: float = 0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.layerdrop = layerdrop
+
+    def forward(self, x: Tensor, padding: Tensor | None = None, bias: Tensor | None = None,
+                return_layers: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        layers: list[Tensor] = []
+        ffns: list[Tensor] = []
+        drops = None
+        if self.training and self.layerdrop > 0:
+            drops = (torch.rand(len(self.blocks)) < self.layerdrop).tolist()
+        for i, block in enumerate(self.blocks):
+            if drops is not None and drops[i]:
+                ffn = torch.zeros_like(x) if return_layers else None
+            else:
+                x, ffn = block(x, padding, bias)
+            if return_layers:
+                layers.append(x)
+                ffns.append(ffn)
+        return x, layers, ffns
+
+
+def init_bert_(module: nn.Module) -> None:
+    """BERT / fairseq `init_bert_params`: Linear weights N(0, 0.02), biases zero."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_vit_(module: nn.Module) -> None:
+    """MAE ViT init: xavier-uniform Linear weights (qkv as one matrix), zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Spectrogram patches
+
+
+class PatchEmbed(nn.Module):
+    """(B, F, T) spectrogram -> (B, Fg*Tg, D) patch embeddings in row-major (freq, time) order.
+    Time frames beyond a multiple of T_p are dropped; F must be a multiple of F_p."""
+
+    def __init__(self, patch: tuple[int, int], dim: int):
+        super().__init__()
+        self.patch = tuple(patch)
+        self.proj = nn.Conv2d(1, dim, kernel_size=self.patch, stride=self.patch)
+        # MAE: initialise the patch projection like a Linear layer
+        nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fp, tp = self.patch
+        x = x[:, :, : (x.shape[-1] // tp) * tp]
+        return self.proj(x.unsqueeze(1)).flatten(2).transpose(1, 2)  # (B, Fg*Tg, D)
+
+
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """Transformer sin-cos embedding (N,) positions -> (N, dim): [sin(pos*w), cos(pos*w)]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+_SINCOS_CACHE: dict[tuple, Tensor] = {}
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed 2-D sin-cos positions for a (Fg, Tg) grid -> (Fg*Tg, dim), row-major (freq, time).
+
+    Half the channels encode the frequency index, half the time index (MAE). The value at (i, j)
+    does not depend on the grid size, so inputs longer than the training crop get consistent
+    positions. Cached by (dim, grid, device, dtype).
+    """
+    key = (dim, tuple(grid), str(device), dtype)
+    if key not in _SINCOS_CACHE:
+        fg, tg = grid
+        f_idx = torch.arange(fg).repeat_interleave(tg)
+        t_idx = torch.arange(tg).repeat(fg)
+        emb = torch.cat([sincos_1d(dim // 2, f_idx), sincos_1d(dim // 2, t_idx)], dim=1)
+        if len(_SINCOS_CACHE) > 64:
+            _SINCOS_CACHE.clear()
+        _SINCOS_CACHE[key] = emb.to(device=device, dtype=dtype)
+    return _SINCOS_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# wav2vec 2.0 waveform encoder
+
+WAV2VEC2_CONV_LAYERS: list[tuple[int, int, int]] = (
+    [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+)  # 400-sample receptive field, 320 samples (20 ms at 16 kHz) per frame
+
+
+def conv_output_lengths(lengths: Tensor, conv_layers: list[tuple[int, int, int]]) -> Tensor:
+    """Valid output frames after unpadded strided convs: L -> floor((L - k) / s) + 1 per layer
+    (clamped at 0)."""
+    for _, k, s in conv_layers:
+        lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+        lengths = lengths.clamp_min(0)
+    return lengths
+
+
+def receptive_field(conv_layers: list[tuple[int, int, int]]) -> int:
+    """Input samples seen by one output frame (400 for wav2vec 2.0)."""
+    field, jump = 1, 1
+    for _, k, s in conv_layers:
+        field += (k - 1) * jump
+        jump *= s
+    return field
+
+
+class MaskedInstanceNorm(nn.Module):
+    """GroupNorm(C, C) over time computed on valid frames only, in fp32 (fairseq `Fp32GroupNorm`
+    normalises over padding too, so padded batches would differ from single items)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:  # x (B, C, T)
+        xf = x.float()
+        valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]).float()
+        n = valid.sum(1).clamp_min(1.0)[:, None, None]
+        valid = valid[:, None, :]
+        mean = (xf * valid).sum(-1, keepdim=True) / n
+        var = (((xf - mean) * valid) ** 2).sum(-1, keepdim=True) / n
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight[:, None] + self.bias[:, None]).to(x.dtype)
+
+
+class ConvFeatureExtractor(nn.Module):
+    """wav2vec 2.0 conv feature encoder: (B, S) waveform -> (B, C, T) features, with lengths.
+
+    Each layer is Conv1d (no bias by default, Kaiming init) -> norm -> GELU. mode "group" (fairseq
+    'default'): per-channel normalisation over time on the first layer only; "layer" (fairseq
+    'layer_norm', data2vec): LayerNorm over channels after every layer.
+    """
+
+    def __init__(self, conv_layers: list[tuple[int, int, int]], mode: str = "group",
+                 conv_bias: bool = False):
+        super().__init__()
+        if mode not in ("group", "layer"):
+            raise ValueError(f"extractor mode must be 'group' or 'layer', found {mode!r}")
+        self.conv_layers = [tuple(c) for c in conv_layers]
+        self.mode = mode
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        c_in = 1
+        for i, (c, k, s) in enumerate(self.conv_layers):
+            conv = nn.Conv1d(c_in, c, k, stride=s, bias=conv_bias)
+            nn.init.kaiming_normal_(conv.weight)
+            self.convs.append(conv)
+            if mode == "layer":
+                self.norms.append(nn.LayerNorm(c))
+            elif i == 0:
+                self.norms.append(MaskedInstanceNorm(c))
+            else:
+                self.norms.append(nn.Identity())
+            c_in = c
+        self.out_channels = c_in
+        self.receptive_field = receptive_field(self.conv_layers)
+        self.stride = math.prod(s for _, _, s in self.conv_layers)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        return conv_output_lengths(lengths, self.conv_layers)
+
+    def forward(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        x = wav.unsqueeze(1)  # (B, 1, S)
+        for (_, k, s), conv, norm in zip(self.conv_layers, self.convs, self.norms):
+            x = conv(x)
+            lengths = conv_output_lengths(lengths, [(0, k, s)])
+            if isinstance(norm, MaskedInstanceNorm):
+                x = norm(x, lengths)
+            elif isinstance(norm, nn.LayerNorm):
+                x = norm(x.transpose(1, 2)).transpose(1, 2)
+            x = F.gelu(x)
+        return x, lengths  # (B, C, T), (B,)
+
+
+class WeightNormConv1d(nn.Module):
+    """Conv1d with weight normalisation over every dim but the kernel axis (fairseq's
+    `weight_norm(conv, dim=2)`), written out so the module deep-copies and serialises plainly."""
+
+    def __init__(self, channels: int, kernel: int, groups: int):
+        super().__init__()
+        self.kernel, self.groups = kernel, groups
+        std = math.sqrt(4.0 / (kernel * channels))
+        v = torch.randn(channels, channels // groups, kernel) * std
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(v.norm(dim=(0, 1), keepdim=True))  # (1, 1, k)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=(0, 1), keepdim=True)
+        return F.conv1d(x, w, self.bias, padding=self.kernel // 2, groups=self.groups)
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Convolutional relative positions: (B, T, D) -> (B, T, D) to be added to the input.
+
+    depth 1 (wav2vec 2.0): one weight-normalised grouped conv of width `kernel` + GELU.
+    depth > 1 (data2vec): `depth` grouped convs of width max(3, kernel // depth), each followed by
+    LayerNorm (no affine) and GELU. Padded steps are zeroed before every conv so they never leak
+    into valid ones; even kernels drop the last output step (fairseq `SamePad`).
+    """
+
+    def __init__(self, dim: int, kernel: int = 128, groups: int = 16, depth: int = 1):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"positional conv groups {groups} do not divide the width {dim}")
+        self.depth = depth
+        if depth == 1:
+            self.convs = nn.ModuleList([WeightNormConv1d(dim, kernel, groups)])
+            self.norms = None
+            self.kernel = kernel
+        else:
+            k = max(3, kernel // depth)
+            self.kernel = k
+            self.convs = nn.ModuleList(
+                nn.Conv1d(dim, dim, k, padding=k // 2, groups=groups) for _ in range(depth))
+            self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(depth))
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        T = x.shape[1]
+        for i, conv in enumerate(self.convs):
+            x = zero_padded(x, padding)
+            x = conv(x.transpose(1, 2))[:, :, :T].transpose(1, 2)
+            if self.norms is not None:
+                x = self.norms[i](x)
+            x = F.gelu(x)
+        return x
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """Identity forward (bit-exact), gradient multiplied by `scale` (fairseq `GradMultiply`)."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)

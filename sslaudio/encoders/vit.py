@@ -1,0 +1,185 @@
+"""Spectrogram-patch Vision Transformer (Dosovitskiy et al. 2021) as used by MAE-style audio
+models: M2D (Niizumi et al. 2023; 16x16 patches on 80 mel bins, official code nttcslab/m2d) and
+ATST (Li et al. 2022/2024; 64x4 patches on 64 mel bins).
+
+Tokens follow MAE/M2D patchify order: row-major over the (freq, time) patch grid, index
+f * Tg + t. Positions are fixed 2-D sin-cos computed for any grid, so clips longer than the
+training crop work. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens after positions are
+added; a replace mask swaps hidden patch embeddings for a learned token before positions.
+
+Multi-mask (data2vec 2.0 `clone_batch`): a mask whose batch is K times the input's encodes every
+input K times, patch embedding computed once; rows are ordered b * K + k (`repeat_interleave`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sslaudio.config import ConfigError
+from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.layers import (Block, PatchEmbed, TransformerStack, gather_tokens, init_vit_,
+                                      sincos_pos_embed_2d)
+from sslaudio.registry import ENCODERS
+
+
+@ENCODERS.register("vit")
+class ViT(Encoder):
+    """(B, F, T) log-mel -> (B, N, D) patch tokens.
+
+    EncoderOut.extra: "grid" (Fg, Tg); "keep" (tokens were gathered by a keep mask);
+    "clone" (K, masks per input); "ffn" per-block FFN outputs (with return_layers);
+    "cls" (B, D) final CLS token when `cls_token` is on (tokens and layers never include it).
+    """
+
+    @dataclass
+    class Config:
+        patch: tuple[int, int] = (16, 16)  # (F_p, T_p): mel bins x frames per patch
+        dim: int = 768
+        depth: int = 12
+        heads: int = 12
+        mlp_ratio: float = 4.0
+        qkv_bias: bool = True
+        drop_path: float = 0.0  # stochastic depth, rising linearly to this value in the last block
+        norm_eps: float = 1e-6
+        cls_token: bool = False
+
+        def __post_init__(self):
+            if len(self.patch) != 2 or min(self.patch) < 1:
+                raise ConfigError(f"encoder.patch must be two positive integers, found {list(self.patch)}")
+            if self.depth < 1 or self.heads < 1:
+                raise ConfigError("encoder.depth and encoder.heads must be >= 1")
+            if self.dim % self.heads:
+                raise ConfigError(f"encoder.dim {self.dim} must be divisible by encoder.heads {self.heads}")
+            if self.dim % 4:
+                raise ConfigError(f"encoder.dim {self.dim} must be a multiple of 4 (2-D sin-cos positions)")
+            if self.mlp_ratio <= 0:
+                raise ConfigError(f"encoder.mlp_ratio must be positive, found {self.mlp_ratio}")
+            if not 0.0 <= self.drop_path < 1.0:
+                raise ConfigError(f"encoder.drop_path must be in [0, 1), found {self.drop_path}")
+
+    def __init__(self, cfg: "ViT.Config", frontend):
+        super().__init__()
+        self.cfg = cfg
+        fp, tp = cfg.patch
+        n_freq = int(frontend.out_channels)
+        if n_freq % fp:
+            raise ConfigError(f"encoder.patch: frontend gives {n_freq} frequency bins, not divisible by "
+                              f"the patch height {fp}")
+        self.n_freq = n_freq
+        self.freq_grid = n_freq // fp
+        self.tokens_per_time = self.freq_grid  # tokens per patch column (Fg)
+        self.dim = cfg.dim
+        self.frame_dim = self.freq_grid * cfg.dim
+        self.downsample = int(frontend.hop) * tp
+        self.sample_rate = int(frontend.sample_rate)
+
+        self.patch_embed = PatchEmbed(cfg.patch, cfg.dim)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = TransformerStack([
+            Block(cfg.dim, cfg.heads, int(cfg.dim * cfg.mlp_ratio), qkv_bias=cfg.qkv_bias,
+                  drop_path=dpr[i], norm_first=True, norm_eps=cfg.norm_eps)
+            for i in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        init_vit_(self.blocks)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if self.cls is not None:
+            nn.init.normal_(self.cls, std=0.02)
+
+    # ---- helpers for methods: grids and padding for maskers, patches for pixel targets ----
+
+    def token_grid(self, x_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(B, F, T) input shape -> (Fg, Tg) token grid."""
+        return self.freq_grid, int(x_shape[-1]) // self.cfg.patch[1]
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """Valid frames (B,) -> valid patch columns (B,): column j is valid iff (j+1)*T_p <= length."""
+        return torch.div(lengths, self.cfg.patch[1], rounding_mode="floor")
+
+    def token_padding(self, lengths: Tensor, x_shape: tuple[int, ...]) -> Tensor:
+        """(B,) valid frames -> (B, Fg*Tg) bool, True at tokens of padded time columns."""
+        fg, tg = self.token_grid(x_shape)
+        cols = lengths_to_padding(self.output_lengths(lengths), tg)  # (B, Tg)
+        return cols[:, None, :].expand(-1, fg, -1).reshape(cols.shape[0], fg * tg)
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, F, T) -> (B, Fg*Tg, F_p*T_p) raw patches in token order (MAE pixel targets)."""
+        fp, tp = self.cfg.patch
+        B, F_, T = x.shape
+        tg = T // tp
+        x = x[:, :, : tg * tp].reshape(B, F_ // fp, fp, tg, tp)
+        return x.permute(0, 1, 3, 2, 4).reshape(B, (F_ // fp) * tg, fp * tp)
+
+    # ---- forward ----
+
+    def _check(self, x: Tensor, lengths: Tensor) -> None:
+        if x.dim() != 3 or x.shape[1] != self.n_freq:
+            raise ValueError(f"vit: expected input (B, {self.n_freq}, T), found {tuple(x.shape)}")
+        if lengths.shape != (x.shape[0],):
+            raise ValueError(f"vit: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
+        tp = self.cfg.patch[1]
+        if x.shape[-1] < tp or bool((lengths < tp).any()):
+            raise ValueError(f"vit: every input needs at least {tp} frames (one patch column), "
+                             f"found lengths {lengths.tolist()} with {x.shape[-1]} frames in x")
+
+    def forward(self, x: Tensor, lengths: Tensor, mask=None, return_layers: bool = False) -> EncoderOut:
+        self._check(x, lengths)
+        B = x.shape[0]
+        grid = self.token_grid(x.shape)
+        N = grid[0] * grid[1]
+        padding = self.token_padding(lengths, x.shape)
+        tokens = self.patch_embed(x)  # (B, N, D)
+
+        clone = 1
+        if mask is not None:
+            mb, mn = mask.masked.shape
+            if mn != N or mb % B:
+                raise ValueError(f"vit: mask shape {tuple(mask.masked.shape)} does not fit the token "
+                                 f"grid {grid} (expected ({B}*K, {N}))")
+            clone = mb // B
+            if clone > 1:
+                tokens = tokens.repeat_interleave(clone, 0)
+                padding = padding.repeat_interleave(clone, 0)
+            if mask.mode == "replace":
+                hidden = mask.masked.to(tokens.device).unsqueeze(-1)
+                tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
+
+        tokens = tokens + sincos_pos_embed_2d(self.dim, grid, tokens.device, tokens.dtype)
+        keep = mask is not None and mask.mode == "keep"
+        if keep:
+            idx = mask.keep_idx.to(tokens.device)
+            tokens = gather_tokens(tokens, idx)
+            padding = torch.gather(padding, 1, idx)
+
+        n_cls = 0
+        attn_padding = padding
+        if self.cls is not None:
+            n_cls = 1
+            tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
+            attn_padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding], 1)
+
+        y, layers, ffns = self.blocks(tokens, attn_padding if attn_padding.any() else None,
+                                      return_layers=return_layers)
+        y = self.norm(y)
+        extra = {"grid": grid, "keep": keep, "clone": clone}
+        if self.cls is not None:
+            extra["cls"] = y[:, 0]
+        if return_layers:
+            extra["ffn"] = [f[:, n_cls:] for f in ffns]
+        return EncoderOut(tokens=y[:, n_cls:], padding=padding,
+                          layers=[h[:, n_cls:] for h in layers] if return_layers else None, extra=extra)
+
+    def to_frames(self, out: EncoderOut) -> tuple[Tensor, Tensor]:
+        """Patch tokens regrouped per time column as M2D does, 'b (f t) d -> b t (f d)':
+        (B, Tg, Fg*D) and (B,) valid columns. Needs every token (no keep mask)."""
+        if out.extra is None or out.extra.get("keep"):
+            raise ValueError("vit.to_frames needs all tokens; encode without a keep mask")
+        fg, tg = out.extra["grid"]
+        B, _, D = out.tokens.shape
+        frames = out.tokens.reshape(B, fg, tg, D).permute(0, 2, 1, 3).reshape(B, tg, fg * D)
+        lengths = (~out.padding.reshape(B, fg, tg)[:, 0, :]).sum(1)
+        return frames, lengths

@@ -1,0 +1,150 @@
+"""Frontends: waveform (B, S) -> encoder input, computed batched on the training device.
+
+`forward(audio (B, S), lengths (B,)) -> (x, frame_lengths)`. The normalisation statistics are
+buffers, estimated once from a sample of the training data (`estimate_stats`) and then saved with
+the weights, so extraction and export apply them without being told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+from sslaudio.config import ConfigError
+from sslaudio.registry import FRONTENDS
+
+
+class Frontend(nn.Module):
+    out_channels: int  # feature rows of the output (n_mels; 1 for waveform)
+    hop: int  # waveform samples per output frame
+    sample_rate: int
+
+    def estimate_stats(self, audio: Tensor) -> None:
+        """Set normalisation buffers from (N, S) training crops."""
+
+
+@FRONTENDS.register("logmel")
+class LogMel(Frontend):
+    """Log-mel filterbank (torchaudio), then (x - mean) / std with dataset-wide scalar statistics.
+
+    BYOL-A (Niizumi et al. 2021) and M2D compute log(mel + eps) and normalise by the dataset mean
+    and std ("pre-normalisation"); we estimate both once before training and keep them as buffers.
+    """
+
+    @dataclass
+    class Config:
+        n_mels: int = 64
+        n_fft: int = 1024
+        win_length: int = 0  # 0: n_fft
+        hop: int = 160
+        f_min: float = 60.0
+        f_max: float = 7800.0
+        eps: float = 1.1920929e-07  # torch.finfo(float32).eps, as the BYOL-A code adds before log
+        normalize: bool = True
+
+        def __post_init__(self):
+            if self.n_mels < 1 or self.hop < 1 or self.n_fft < 2:
+                raise ConfigError("frontend: n_mels, hop and n_fft must be positive")
+            if self.win_length > self.n_fft:
+                raise ConfigError("frontend.win_length must be <= n_fft")
+
+    def __init__(self, cfg: Config, sample_rate: int):
+        super().__init__()
+        if cfg.f_max > sample_rate / 2:
+            raise ConfigError(f"frontend.f_max {cfg.f_max} is above the Nyquist frequency of {sample_rate} Hz")
+        self.cfg = cfg
+        self.sample_rate = sample_rate
+        self.hop = cfg.hop
+        self.out_channels = cfg.n_mels
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length or cfg.n_fft,
+            hop_length=cfg.hop, f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels, power=2.0)
+        self.conv_stft = False
+        self.register_buffer("norm_mean", torch.zeros(()))
+        self.register_buffer("norm_std", torch.ones(()))
+
+    def log_mel(self, audio: Tensor) -> Tensor:
+        """(B, S) -> (B, n_mels, T) un-normalised log-mel, computed in float32."""
+        min_len = self.cfg.n_fft // 2 + 1  # reflect padding needs more than half a window
+        if audio.shape[-1] < min_len:
+            audio = nn.functional.pad(audio, (0, min_len - audio.shape[-1]))
+        with torch.autocast(audio.device.type, enabled=False):
+            if self.conv_stft:
+                return (self._mel_conv(audio.float()) + self.cfg.eps).log()
+            return (self.mel(audio.float()) + self.cfg.eps).log()
+
+    def use_conv_stft(self) -> None:
+        """Compute the STFT as a strided conv1d with a windowed DFT basis: the same numbers
+        (to float rounding) through ops every exporter supports (ONNX has no complex STFT)."""
+        n_fft = self.cfg.n_fft
+        win_len = self.cfg.win_length or n_fft
+        window = torch.hann_window(win_len, dtype=torch.float64)
+        left = (n_fft - win_len) // 2
+        window = nn.functional.pad(window, (left, n_fft - win_len - left))
+        k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
+        n = torch.arange(n_fft, dtype=torch.float64)[None]
+        ang = 2 * torch.pi * k * n / n_fft
+        basis = torch.cat([torch.cos(ang), -torch.sin(ang)]) * window  # (2 * n_freq, n_fft)
+        self.register_buffer("dft_basis", basis.float().unsqueeze(1).to(self.norm_mean.device), persistent=False)
+        self.conv_stft = True
+
+    def _mel_conv(self, audio: Tensor) -> Tensor:
+        pad = self.cfg.n_fft // 2
+        x = nn.functional.pad(audio.unsqueeze(1), (pad, pad), mode="reflect")  # (B, 1, S + n_fft)
+        y = nn.functional.conv1d(x, self.dft_basis, stride=self.hop)  # (B, 2 * n_freq, T)
+        re, im = y.chunk(2, dim=1)
+        power = re * re + im * im  # (B, n_freq, T)
+        return torch.matmul(power.transpose(1, 2), self.mel.mel_scale.fb).transpose(1, 2)  # (B, n_mels, T)
+
+    def forward(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = self.log_mel(audio)  # (B, F, T)
+        if self.cfg.normalize:
+            x = (x - self.norm_mean) / self.norm_std
+        if lengths is None:
+            frame_lengths = torch.full((x.shape[0],), x.shape[-1], dtype=torch.long, device=x.device)
+        else:
+            frame_lengths = torch.clamp(lengths // self.hop + 1, max=x.shape[-1])
+        return x, frame_lengths
+
+    @torch.no_grad()
+    def estimate_stats(self, audio: Tensor) -> None:
+        x = torch.cat([self.log_mel(chunk) for chunk in audio.split(64)])
+        self.norm_mean.copy_(x.mean())
+        self.norm_std.copy_(x.std().clamp_min(1e-5))
+
+
+@FRONTENDS.register("waveform")
+class Waveform(Frontend):
+    """Raw waveform (B, S); optionally normalised per utterance to zero mean and unit variance
+    over its valid samples, as wav2vec 2.0 / data2vec audio (`normalize: true`) do."""
+
+    @dataclass
+    class Config:
+        normalize: bool = True
+
+    def __init__(self, cfg: Config, sample_rate: int):
+        super().__init__()
+        self.cfg = cfg
+        self.sample_rate = sample_rate
+        self.hop = 1
+        self.out_channels = 1
+
+    def forward(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        audio = audio.float()
+        if lengths is None:
+            lengths = torch.full((audio.shape[0],), audio.shape[-1], dtype=torch.long, device=audio.device)
+        if self.cfg.normalize:
+            valid = (torch.arange(audio.shape[-1], device=audio.device)[None] < lengths[:, None]).float()
+            n = valid.sum(-1, keepdim=True).clamp_min(1)
+            mean = (audio * valid).sum(-1, keepdim=True) / n
+            var = (((audio - mean) * valid) ** 2).sum(-1, keepdim=True) / n
+            audio = (audio - mean) / torch.sqrt(var + 1e-5) * valid
+        return audio, lengths
+
+
+def build_frontend(section: dict, sample_rate: int) -> Frontend:
+    return FRONTENDS.build(section, "frontend", sample_rate=sample_rate)

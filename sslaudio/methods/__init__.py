@@ -1,0 +1,17 @@
+"""Methods: each module registers its method class in `METHODS` on import (listed explicitly)."""
+
+from __future__ import annotations
+
+from sslaudio.methods import byol_a  # noqa: F401
+
+
+def build_method(preset):
+    """Frontend, encoder, masker and method from a validated preset."""
+    from sslaudio.frontends import build_frontend
+    from sslaudio.registry import ENCODERS, MASKERS, METHODS
+
+    frontend = build_frontend(preset.frontend, preset.data.sample_rate)
+    encoder = ENCODERS.build(preset.encoder, "encoder", frontend=frontend)
+    masker = MASKERS.build(preset.masker, "masker") if preset.masker else None
+    return METHODS.build(preset.method, "method", preset=preset, frontend=frontend, encoder=encoder,
+                         masker=masker)

@@ -1,0 +1,69 @@
+"""BYOL for Audio (BYOL-A).
+
+Niizumi, Takeuchi, Ohishi, Harada, Kashino. "BYOL for Audio: Self-Supervised Learning for
+General-Purpose Audio Representation", IJCNN 2021; and "BYOL for Audio: Exploring Pre-trained
+General-purpose Audio Representations", IEEE/ACM TASLP 2023 (v2). Official code:
+github.com/nttcslab/byol-a (train.py, v2/train_v2.py, byol_pytorch.diff).
+
+One log-mel crop per file, pre-normalised by the frontend's dataset statistics, is augmented
+twice by the preset's `views` chain (mixup -> random resize crop [-> random linear fader in v2]).
+Online = encoder + projector + predictor, target = EMA(encoder + projector) with tau 0.99 held
+constant (the official code uses byol-pytorch's fixed moving_average_decay). Both views go through
+the networks as one concatenated batch, as byol-pytorch does, and the loss is the sum of the two
+directions of 2 - 2 cos. v2 also standardises the batch of both views after augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sslaudio.augment import normalize_batch
+from sslaudio.methods import losses
+from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
+from sslaudio.methods.heads import mlp
+from sslaudio.registry import METHODS
+
+
+@METHODS.register("byol-a")
+class BYOLA(Method):
+    @dataclass
+    class Config:
+        proj_hidden: int = 4096
+        proj_dim: int = 256
+        ema: EMAConfig = field(default_factory=EMAConfig)  # 0.99, constant
+        post_norm: bool = False  # v2: standardise the augmented batch
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        return Needs(frontend=("logmel",), views=True, segments=1)
+
+    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
+        super().__init__(cfg, preset, frontend, encoder, masker)
+        self.views = self.build_views()
+        self.projector = mlp([encoder.frame_dim, cfg.proj_hidden, cfg.proj_dim])
+        self.predictor = mlp([cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim])
+        self.target_encoder = make_teacher(encoder)
+        self.target_projector = make_teacher(self.projector)
+
+    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+        x = self.features(batch["audio"][:, 0])  # (B, F, T)
+        B = x.shape[0]
+        with torch.no_grad():
+            views = torch.cat([self.views(x, generator), self.views(x, generator)])  # (2B, F, T)
+            if self.cfg.post_norm:
+                views = normalize_batch(views)
+        z = self.projector(self.encoder.pool(self.encoder(views)))  # (2B, P)
+        p = self.predictor(z)
+        with torch.no_grad():
+            t = self.target_projector(self.target_encoder.pool(self.target_encoder(views)))
+        loss = losses.byol_loss(p[:B], t[B:]) + losses.byol_loss(p[B:], t[:B])
+        return {"loss": loss, "emb_std": embedding_std(z[:B]), "target_std": embedding_std(t[:B])}
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        tau = momentum(self.cfg.ema, step, max_steps)
+        ema_update(self.target_encoder, self.encoder, tau)
+        ema_update(self.target_projector, self.projector, tau)

@@ -1,0 +1,239 @@
+"""Frozen-encoder probes on clip embeddings: linear (logistic regression) and kNN.
+
+Protocol (as the field reports it, e.g. BYOL-A / EVAR, HEAR): standardise the embeddings with the
+training split's statistics; fit a linear classifier on train; pick its learning rate, L2 weight
+decay and epoch count on valid; report test once. Without a split column, stratified 5-fold
+cross-validation, each fold picking its hyper-parameters on a stratified 20 % of its training part.
+Single-label tasks report `accuracy` and macro `f1`; multi-label tasks (labels joined by ';')
+report `map` (mean average precision over classes) and micro `f1` at a threshold picked on valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class ProbeError(Exception):
+    """A labels file that cannot be used (exit 2), or too little data to probe (exit 4)."""
+
+    def __init__(self, msg: str, code: int = 2):
+        super().__init__(msg)
+        self.code = code
+
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class LabeledFile:
+    path: str
+    rel: str
+    labels: tuple[str, ...]
+    split: str | None
+
+
+def read_labels(csv_path: str | Path) -> list[LabeledFile]:
+    p = Path(csv_path)
+    if not p.is_file():
+        raise ProbeError(f"{p}: no such labels file")
+    with p.open(newline="") as f:
+        sample = f.read(4096)
+        f.seek(0)
+        first = sample.splitlines()[0] if sample else ""
+        delim = "\t" if "\t" in first else ","
+        reader = csv.DictReader(f, delimiter=delim)
+        cols = reader.fieldnames or []
+        if "path" not in cols or "label" not in cols:
+            raise ProbeError(f"{p}: needs columns path,label[,split]; found {cols}")
+        rows = []
+        for i, r in enumerate(reader, start=2):
+            path, label = (r.get("path") or "").strip(), (r.get("label") or "").strip()
+            if not path or not label:
+                raise ProbeError(f"{p}:{i}: empty path or label")
+            split = (r.get("split") or "").strip() or None if "split" in cols else None
+            if split is not None and split not in SPLITS:
+                raise ProbeError(f"{p}:{i}: split must be one of {', '.join(SPLITS)}, found '{split}'")
+            full = Path(path) if Path(path).is_absolute() else p.parent / path
+            rows.append(LabeledFile(str(full), path, tuple(sorted(set(label.split(";")))), split))
+    if not rows:
+        raise ProbeError(f"{p}: no rows", code=4)
+    if "split" in cols and any(r.split is None for r in rows):
+        raise ProbeError(f"{p}: some rows have an empty split")
+    return rows
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float((pred == y).mean())
+
+
+def macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int) -> float:
+    f1s = []
+    for c in range(n_classes):
+        tp = np.sum((pred == c) & (y == c))
+        fp = np.sum((pred == c) & (y != c))
+        fn = np.sum((pred != c) & (y == c))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def average_precision(scores: np.ndarray, y: np.ndarray) -> float:
+    """AP of one class: mean precision at the rank of each positive (sklearn's definition)."""
+    if y.sum() == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = y[order].astype(np.float64)
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def mean_average_precision(scores: np.ndarray, Y: np.ndarray) -> float:
+    aps = [average_precision(scores[:, c], Y[:, c]) for c in range(Y.shape[1])]
+    aps = [a for a in aps if not np.isnan(a)]
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def micro_f1(pred: np.ndarray, Y: np.ndarray) -> float:
+    tp = np.sum(pred & (Y == 1))
+    return float(2 * tp / max(1, pred.sum() + Y.sum()))
+
+
+# -- linear probe ----------------------------------------------------------------------------------
+
+LRS = (1e-3, 1e-2)
+WDS = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+EPOCHS = 400
+EVAL_EVERY = 25
+
+
+def _standardize(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    mu, sd = train.mean(0), train.std(0) + 1e-6
+    return [torch.from_numpy((a - mu) / sd).float() for a in (train, *others)]
+
+
+def _fit_linear(Xtr, Ytr, Xva, multilabel: bool, lr: float, wd: float, seed: int):
+    """Full-batch Adam on CE (or BCE) + wd * ||W||^2; yields (epoch, W, b) every EVAL_EVERY epochs."""
+    g = torch.Generator().manual_seed(seed)
+    n_out = Ytr.shape[1] if multilabel else int(Ytr.max()) + 1
+    W = (torch.randn(Xtr.shape[1], n_out, generator=g) * 0.01).requires_grad_()
+    b = torch.zeros(n_out, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    for epoch in range(1, EPOCHS + 1):
+        logits = Xtr @ W + b
+        loss = F.binary_cross_entropy_with_logits(logits, Ytr) if multilabel else F.cross_entropy(logits, Ytr)
+        loss = loss + wd * (W * W).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if epoch % EVAL_EVERY == 0:
+            yield epoch, W.detach().clone(), b.detach().clone()
+
+
+def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool, seed: int = 0) -> dict:
+    """Pick (lr, wd, epochs) on valid, report test. y are class indices, or (N, C) 0/1 matrices."""
+    Xtr, Xva, Xte = _standardize(Xtr, Xva, Xte)
+    Ytr = torch.from_numpy(ytr).float() if multilabel else torch.from_numpy(ytr).long()
+    best = (-1.0, None)
+    for lr, wd in itertools.product(LRS, WDS):
+        for epoch, W, b in _fit_linear(Xtr, Ytr, Xva, multilabel, lr, wd, seed):
+            s = (Xva @ W + b).numpy()
+            score = mean_average_precision(s, yva) if multilabel else accuracy(s.argmax(1), yva)
+            if score > best[0]:
+                best = (score, (lr, wd, epoch, W, b))
+    score_va, (lr, wd, epoch, W, b) = best
+    s_va, s_te = (Xva @ W + b).numpy(), (Xte @ W + b).numpy()
+    out = {"valid": score_va, "lr": lr, "weight_decay": wd, "epochs": epoch}
+    if multilabel:
+        p_va, p_te = 1 / (1 + np.exp(-s_va)), 1 / (1 + np.exp(-s_te))
+        thr = max(np.arange(0.05, 0.95, 0.05), key=lambda t: micro_f1(p_va >= t, yva))
+        out.update(map=mean_average_precision(s_te, yte), f1=micro_f1(p_te >= thr, yte), threshold=float(thr))
+    else:
+        pred = s_te.argmax(1)
+        out.update(accuracy=accuracy(pred, yte), f1=macro_f1(pred, yte, n_classes))
+    return out
+
+
+def knn_probe(Xtr, ytr, Xva, yva, Xte, yte, ks=(1, 5, 10, 20)) -> dict:
+    """Cosine kNN on standardised embeddings (majority vote, ties to the nearest); k picked on valid."""
+    Xtr, Xva, Xte = [F.normalize(x, dim=1) for x in _standardize(Xtr, Xva, Xte)]
+
+    def predict(X, k):
+        sim = X @ Xtr.T
+        k = min(k, Xtr.shape[0])
+        top = sim.topk(k, dim=1)
+        votes = torch.zeros(X.shape[0], int(ytr.max()) + 1)
+        votes.scatter_add_(1, torch.from_numpy(ytr)[top.indices], top.values.clamp_min(0) + 1e-3)
+        return votes.argmax(1).numpy()
+
+    k = max(ks, key=lambda k: accuracy(predict(Xva, k), yva))
+    return {"knn_accuracy": accuracy(predict(Xte, k), yte), "knn_k": k}
+
+
+def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    folds = [[] for _ in range(n_folds)]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        for i, j in enumerate(idx):
+            folds[i % n_folds].append(j)
+    return [np.array(sorted(f), dtype=int) for f in folds]
+
+
+def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | None], seed: int = 0) -> dict:
+    """Run the probes on embeddings X (N, D) with their labels and splits; returns the metrics."""
+    classes = sorted({c for ls in labels for c in ls})
+    multilabel = any(len(ls) > 1 for ls in labels)
+    if len(classes) < 2:
+        raise ProbeError("need at least two classes to probe", code=4)
+    cidx = {c: i for i, c in enumerate(classes)}
+    if multilabel:
+        y = np.zeros((len(labels), len(classes)), dtype=np.int64)
+        for i, ls in enumerate(labels):
+            y[i, [cidx[c] for c in ls]] = 1
+        strat = y.argmax(1)
+    else:
+        y = np.array([cidx[ls[0]] for ls in labels])
+        strat = y
+    res = {"n_files": len(labels), "n_classes": len(classes), "dim": int(X.shape[1]),
+           "task": "multilabel" if multilabel else "multiclass"}
+
+    def one(tr, va, te) -> dict:
+        r = linear_probe(X[tr], y[tr], X[va], y[va], X[te], y[te], len(classes), multilabel, seed)
+        if not multilabel:
+            r.update(knn_probe(X[tr], y[tr], X[va], y[va], X[te], y[te]))
+        return r
+
+    if splits[0] is not None:
+        sp = np.array(splits)
+        tr, va, te = (np.flatnonzero(sp == s) for s in SPLITS)
+        if len(tr) == 0 or len(te) == 0:
+            raise ProbeError("the split column needs train and test rows", code=4)
+        if len(va) == 0:  # carve a stratified 20 % of train as valid
+            fold = stratified_folds(strat[tr], 5, seed)[0]
+            va, tr = tr[fold], np.delete(tr, fold)
+        res.update(protocol="train/valid/test", **one(tr, va, te))
+        return res
+    folds = stratified_folds(strat, 5, seed)
+    per = []
+    for k in range(5):
+        te = folds[k]
+        rest = np.concatenate([folds[j] for j in range(5) if j != k])
+        inner = stratified_folds(strat[rest], 5, seed + k)[0]
+        va, tr = rest[inner], np.delete(rest, inner)
+        per.append(one(tr, va, te))
+    res["protocol"] = "stratified 5-fold cross-validation"
+    for key in per[0]:
+        vals = [p[key] for p in per]
+        res[key] = float(np.mean(vals))
+        if key in ("accuracy", "f1", "map", "knn_accuracy"):
+            res[f"{key}_std"] = float(np.std(vals))
+    return res

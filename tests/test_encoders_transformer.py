@@ -1,0 +1,263 @@
+"""ViT and conv-transformer encoders, and the shared transformer layers (tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sslaudio.encoders  # noqa: F401  (registers the encoders)
+import sslaudio.masking  # noqa: F401
+from sslaudio.config import ConfigError
+from sslaudio.encoders.layers import Attention, Block, sincos_pos_embed_2d
+from sslaudio.masking import Mask
+from sslaudio.registry import ENCODERS, MASKERS
+
+LOGMEL = types.SimpleNamespace(out_channels=32, hop=160, sample_rate=16000)
+WAVE = types.SimpleNamespace(out_channels=1, hop=1, sample_rate=16000)
+TINY_CONV = [[16, 10, 5], [16, 3, 2], [16, 3, 2], [16, 3, 2], [16, 3, 2], [16, 2, 2], [16, 2, 2]]
+VIT = {"name": "vit", "patch": [8, 4], "dim": 32, "depth": 2, "heads": 4}
+W2V = {"name": "conv_transformer", "conv_layers": TINY_CONV, "dim": 32, "depth": 2, "heads": 4,
+       "ffn_dim": 64, "pos_conv_kernel": 16, "pos_conv_groups": 4}
+D2V = {**W2V, "extractor_mode": "layer", "pos_conv_depth": 5, "pos_conv_kernel": 15, "layer_norm_first": True}
+
+
+def build(section: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    frontend = WAVE if section["name"] == "conv_transformer" else LOGMEL
+    return ENCODERS.build(section, "encoder", frontend=frontend).eval()
+
+
+def batch(section: dict):
+    """A padded batch: (x, lengths) with the second and third items shorter."""
+    g = torch.Generator().manual_seed(0)
+    if section["name"] == "vit":
+        return torch.randn(3, 32, 40, generator=g), torch.tensor([40, 26, 9])
+    return torch.randn(3, 6400, generator=g), torch.tensor([6400, 3330, 1000])
+
+
+def crop(x, n):
+    return x[..., :n]
+
+
+ENCS = pytest.mark.parametrize("section", [VIT, W2V, D2V], ids=["vit", "wav2vec2", "data2vec"])
+
+
+@ENCS
+def test_shapes_and_rates(section):
+    enc = build(section)
+    x, lengths = batch(section)
+    out = enc(x, lengths)
+    grid = enc.token_grid(x.shape)
+    assert out.tokens.shape == (3, math.prod(grid), 32)
+    assert torch.equal(out.padding, enc.token_padding(lengths, x.shape))
+    if section["name"] == "vit":
+        assert grid == (4, 10) and enc.downsample == 160 * 4 and enc.frame_dim == 4 * 32
+    else:
+        assert grid == (19,) and enc.downsample == 320 and enc.frame_dim == 32
+        assert torch.equal(out.extra["lengths"], torch.tensor([19, 10, 2]))
+
+
+@ENCS
+def test_padded_batch_matches_each_item_alone(section):
+    enc = build(section)
+    x, lengths = batch(section)
+    out = enc(x, lengths, return_layers=True)
+    frames, frame_lengths = enc.to_frames(out)
+    for i, n in enumerate(lengths.tolist()):
+        alone = enc(crop(x[i : i + 1], n), lengths[i : i + 1], return_layers=True)
+        f1, l1 = enc.to_frames(alone)
+        assert l1.item() == frame_lengths[i].item() == f1.shape[1]
+        torch.testing.assert_close(frames[i, : f1.shape[1]], f1[0], atol=1e-5, rtol=0)
+        if section["name"] != "vit":  # every layer too (the ViT's token order interleaves padding)
+            for a, b in zip(out.layers, alone.layers):
+                torch.testing.assert_close(a[i, : b.shape[1]], b[0], atol=1e-5, rtol=0)
+
+
+@ENCS
+def test_keep_mask_encodes_only_visible_tokens(section):
+    enc = build(section)
+    x, lengths = batch(section)
+    grid, pad = enc.token_grid(x.shape), enc.token_padding(lengths, x.shape)
+    mask = MASKERS.build({"name": "random", "ratio": 0.5}, "masker")(grid, 3, pad, torch.Generator().manual_seed(1))
+    out = enc(x, lengths, mask)
+    n_keep = mask.keep_idx.shape[1]
+    assert out.tokens.shape == (3, n_keep, 32) and out.extra["keep"]
+    assert torch.equal(out.padding, torch.gather(pad, 1, mask.keep_idx))
+    with pytest.raises(ValueError, match="keep mask"):
+        enc.to_frames(out)
+
+
+@ENCS
+def test_replace_mask_uses_the_mask_token(section):
+    enc = build(section)
+    x, lengths = batch(section)
+    grid = enc.token_grid(x.shape)
+    everything = Mask.from_masked(torch.ones(3, math.prod(grid), dtype=torch.bool), "replace")
+    a = enc(x, lengths, everything)
+    b = enc(torch.randn_like(x), lengths, everything)
+    # with every token hidden, the input content no longer matters
+    torch.testing.assert_close(a.tokens, b.tokens)
+    token = enc.mask_token if section["name"] == "vit" else enc.mask_emb
+    a.tokens[~a.padding].sum().backward()
+    assert token.grad is not None and token.grad.abs().sum() > 0
+    assert not torch.allclose(enc(x, lengths).tokens, a.tokens)
+
+
+@ENCS
+def test_multi_mask_batch_matches_per_clone_masks(section):
+    enc = build(section)
+    x, lengths = batch(section)
+    x, lengths = x[:2], lengths[:2]
+    K, grid = 3, enc.token_grid(x.shape)
+    pad = enc.token_padding(lengths, x.shape).repeat_interleave(K, 0)
+    mask = MASKERS.build({"name": "random", "ratio": 0.5}, "masker")(grid, 2 * K, pad, torch.Generator().manual_seed(2))
+    out = enc(x, lengths, mask)
+    assert out.tokens.shape[0] == 2 * K and out.extra["clone"] == K
+    one = Mask.from_masked(mask.masked[K + 1 : K + 2], "keep")  # sample 1, clone 1
+    alone = enc(x[1:2], lengths[1:2], one)
+    torch.testing.assert_close(out.tokens[K + 1], alone.tokens[0], atol=1e-5, rtol=0)
+
+
+@ENCS
+def test_return_layers_and_ffn_outputs(section):
+    enc = build(section)
+    x, lengths = batch(section)
+    out = enc(x, lengths, return_layers=True)
+    assert len(out.layers) == 2 and len(out.extra["ffn"]) == 2
+    assert all(h.shape == out.tokens.shape for h in out.layers + out.extra["ffn"])
+    if section.get("layer_norm_first", section["name"] == "vit"):
+        torch.testing.assert_close(out.tokens, enc.norm(out.layers[-1]))
+    else:
+        torch.testing.assert_close(out.tokens, out.layers[-1])
+    assert enc(x, lengths).layers is None
+
+
+def test_vit_cls_token_is_kept_out_of_tokens():
+    enc = build({**VIT, "cls_token": True})
+    x, lengths = batch(VIT)
+    out = enc(x, lengths, return_layers=True)
+    assert out.tokens.shape == (3, 40, 32) and out.extra["cls"].shape == (3, 32)
+    assert all(h.shape == (3, 40, 32) for h in out.layers)
+    alone = enc(x[1:2, :, :26], lengths[1:2])
+    torch.testing.assert_close(out.extra["cls"][1], alone.extra["cls"][0], atol=1e-5, rtol=0)
+
+
+def test_frames_and_frame_times():
+    vit, w2v = build(VIT), build(W2V)
+    x, lengths = batch(VIT)
+    frames, fl = vit.to_frames(vit(x, lengths))
+    assert frames.shape == (3, 10, 4 * 32) and fl.tolist() == [10, 6, 2]
+    assert vit.pool(vit(x, lengths)).shape == (3, 128)
+    torch.testing.assert_close(vit.frame_times(3), torch.tensor([0.02, 0.06, 0.10], dtype=torch.float64))
+    wav, wl = batch(W2V)
+    frames, fl = w2v.to_frames(w2v(wav, wl))
+    assert frames.shape == (3, 19, 32) and fl.tolist() == [19, 10, 2]  # (L - 400) // 320 + 1
+    # frame t sees samples [320 t, 320 t + 400): centre 320 t + 200
+    torch.testing.assert_close(w2v.frame_times(2), torch.tensor([200 / 16000, 520 / 16000], dtype=torch.float64))
+
+
+def test_empty_and_too_short_inputs_raise_clear_errors():
+    vit, w2v = build(VIT), build(W2V)
+    with pytest.raises(ValueError, match="zero-length"):
+        w2v(torch.zeros(2, 1000), torch.tensor([1000, 0]))
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        w2v(torch.zeros(1, 399), torch.tensor([399]))
+    with pytest.raises(ValueError, match="at least 4 frames"):
+        vit(torch.zeros(2, 32, 10), torch.tensor([10, 3]))
+    with pytest.raises(ValueError, match=r"expected input \(B, 32, T\)"):
+        vit(torch.zeros(1, 64, 10), torch.tensor([10]))
+
+
+def test_vit_handles_inputs_longer_than_training_crops():
+    vit = build(VIT)
+    long = torch.randn(1, 32, 400)
+    out = vit(long, torch.tensor([400]))
+    assert out.extra["grid"] == (4, 100) and torch.isfinite(out.tokens).all()
+    small = sincos_pos_embed_2d(32, (4, 10)).view(4, 10, 32)
+    big = sincos_pos_embed_2d(32, (4, 100)).view(4, 100, 32)
+    torch.testing.assert_close(big[:, :10], small)  # a position's code does not depend on grid size
+
+
+@ENCS
+def test_gradients_reach_every_parameter(section):
+    enc = build(section).train()
+    x, lengths = batch(section)
+    grid = enc.token_grid(x.shape)
+    mask = MASKERS.build({"name": "random", "ratio": 0.3, "mode": "replace"}, "masker")(
+        grid, 3, enc.token_padding(lengths, x.shape), torch.Generator().manual_seed(0))
+    if "layerdrop" in ENCODERS.get(section["name"]).Config.__dataclass_fields__:
+        enc.blocks.layerdrop = 0.0
+    out = enc(x, lengths, mask)
+    out.tokens[~out.padding].pow(2).mean().backward()
+    missing = [n for n, p in enc.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_feature_grad_mult_scales_extractor_gradients():
+    grads = []
+    for mult in (1.0, 0.1):
+        enc = build({**W2V, "feature_grad_mult": mult, "dropout": 0.0, "attention_dropout": 0.0,
+                     "input_dropout": 0.0, "layerdrop": 0.0}, seed=3)
+        x, lengths = batch(W2V)
+        weights = torch.randn(3, 19, 32, generator=torch.Generator().manual_seed(0))
+        (enc(x, lengths).tokens * weights).sum().backward()  # a plain sum is flat after LayerNorm
+        grads.append((enc.extractor.convs[0].weight.grad, enc.project.weight.grad))
+    torch.testing.assert_close(grads[1][0], 0.1 * grads[0][0], rtol=1e-3, atol=1e-6 * grads[0][0].abs().max().item())
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+
+
+def test_layerdrop_keeps_one_entry_per_layer_and_deepcopy_works():
+    enc = build({**W2V, "layerdrop": 0.5}).train()
+    x, lengths = batch(W2V)
+    out = enc(x, lengths, return_layers=True)
+    assert len(out.layers) == 2
+    teacher = copy.deepcopy(enc).eval()
+    torch.testing.assert_close(teacher(x, lengths).tokens, enc.eval()(x, lengths).tokens)
+
+
+def test_attention_matches_hand_computation_with_key_padding():
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x = torch.randn(2, 5, 16)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    q, k, v = attn.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(attn(x, padding), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_block_returns_ffn_output_before_residual(norm_first):
+    torch.manual_seed(0)
+    block = Block(16, 2, 32, norm_first=norm_first).eval()
+    x = torch.randn(2, 5, 16)
+    out, ffn = block(x)
+    if norm_first:
+        h = x + block.attn(block.norm1(x))
+        expected_ffn = block.fc2(F.gelu(block.fc1(block.norm2(h))))
+        expected = h + expected_ffn
+    else:
+        h = block.norm1(x + block.attn(x))
+        expected_ffn = block.fc2(F.gelu(block.fc1(h)))
+        expected = block.norm2(h + expected_ffn)
+    torch.testing.assert_close(ffn, expected_ffn)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("section,frontend,match", [
+    ({**VIT, "patch": [12, 4]}, LOGMEL, "not divisible by the patch height 12"),
+    ({**VIT, "dim": 30, "heads": 3}, LOGMEL, "multiple of 4"),
+    (W2V, LOGMEL, "waveform"),
+    ({**W2V, "pos_conv_groups": 5}, WAVE, "pos_conv_groups"),
+    ({**W2V, "extractor_mode": "batch"}, WAVE, "extractor_mode"),
+    ({**VIT, "depht": 3}, LOGMEL, "did you mean 'depth'"),
+])
+def test_bad_configs_raise_config_error(section, frontend, match):
+    with pytest.raises(ConfigError, match=match):
+        ENCODERS.build(section, "encoder", frontend=frontend)
