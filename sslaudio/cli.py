@@ -245,14 +245,18 @@ def export(
 @app.command("presets")
 def presets_cmd():
     """List every preset: method, encoder, input and a one-line description."""
-    from sslaudio.config import list_presets, load_preset
+    from sslaudio.config import ConfigError, list_presets, load_preset
 
     with guard():
         t = Table(title="presets")
         for c in ("preset", "method", "encoder", "input", "description"):
             t.add_column(c)
         for name in list_presets():
-            p = load_preset(name)
+            try:
+                p = load_preset(name)
+            except ConfigError as e:  # one broken user preset should not hide the others
+                t.add_row(name, "-", "-", "-", f"[red]invalid: {e}[/red]")
+                continue
             fe = p.frontend.get("name")
             inp = f"{fe} {p.frontend.get('n_mels', '')}".strip() + f" @ {p.data.sample_rate // 1000} kHz, {p.data.clip_seconds:g} s"
             t.add_row(name, p.method["name"], p.encoder["name"], inp, p.description)

@@ -72,6 +72,11 @@ def _check_type(value: Any, tp: Any, path: str) -> Any:
             return value
         return parse(tp, value, path)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, found {value!r}")
         return float(value)
@@ -219,15 +224,34 @@ def list_presets() -> list[str]:
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    cur = d
+    """Set d[a][b]... from 'a.b.c'; list items as 'views[0].ratio' or 'views.0.ratio'."""
+    keys: list[Any] = []
+    for part in dotted.split("."):
+        name, _, rest = part.partition("[")
+        if name:
+            keys.append(int(name) if name.isdigit() else name)
+        for idx in rest.replace("]", " ").split("[") if rest else []:
+            if not idx.strip().isdigit():
+                raise ConfigError(f"--set {dotted}: bad list index in '{part}'")
+            keys.append(int(idx))
+    cur: Any = d
     for i, k in enumerate(keys[:-1]):
-        if cur.get(k) is None:
+        where = ".".join(map(str, keys[: i + 1]))
+        if isinstance(k, int):
+            if not isinstance(cur, list) or k >= len(cur):
+                raise ConfigError(f"--set {dotted}: '{where}' is not an item of a list")
+        elif not isinstance(cur, dict):
+            raise ConfigError(f"--set {dotted}: '{where}' is not a section")
+        elif cur.get(k) is None:
             cur[k] = {}
-        if not isinstance(cur[k], dict):
-            raise ConfigError(f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is not a section")
         cur = cur[k]
-    cur[keys[-1]] = value
+    last = keys[-1]
+    if isinstance(last, int):
+        if not isinstance(cur, list) or last >= len(cur):
+            raise ConfigError(f"--set {dotted}: no list item {last}")
+    elif not isinstance(cur, dict):
+        raise ConfigError(f"--set {dotted}: the parent of '{last}' is not a section")
+    cur[last] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -64,7 +64,7 @@ def _min_samples(bundle: EncoderBundle) -> int:
 @torch.no_grad()
 def fit_stats_if_needed(bundle: EncoderBundle, infos: list[AudioInfo], device: torch.device) -> None:
     """Random-init baselines have no training statistics: estimate them from (up to 64) inputs."""
-    if not bundle.needs_stats:
+    if not bundle.needs_stats or not infos:
         return
     p = bundle.preset
     ds = CropDataset(infos, p.data.sample_rate, p.data.clip_seconds, 1, p.seed)

@@ -120,35 +120,45 @@ def _standardize(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
     return [torch.from_numpy((a - mu) / sd).float() for a in (train, *others)]
 
 
-def _fit_linear(Xtr, Ytr, Xva, multilabel: bool, lr: float, wd: float, seed: int):
-    """Full-batch Adam on CE (or BCE) + wd * ||W||^2; yields (epoch, W, b) every EVAL_EVERY epochs."""
+def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
+    """Full-batch Adam on CE (or BCE) + wd * ||W||^2 for every (lr, wd) of the grid at once (the
+    summed loss has independent gradients per config, and Adam is elementwise, so each config
+    trains exactly as it would alone). Yields (epoch, W (G, D, C), b (G, C)) every EVAL_EVERY epochs,
+    G = len(LRS) * len(WDS) in itertools.product(LRS, WDS) order."""
     g = torch.Generator().manual_seed(seed)
     n_out = Ytr.shape[1] if multilabel else int(Ytr.max()) + 1
-    W = (torch.randn(Xtr.shape[1], n_out, generator=g) * 0.01).requires_grad_()
-    b = torch.zeros(n_out, requires_grad=True)
-    opt = torch.optim.Adam([W, b], lr=lr)
+    wd = torch.tensor(WDS, dtype=torch.float32)[:, None, None]
+    Ws = [(torch.randn(len(WDS), Xtr.shape[1], n_out, generator=g) * 0.01).requires_grad_() for _ in LRS]
+    bs = [torch.zeros(len(WDS), 1, n_out, requires_grad=True) for _ in LRS]
+    opt = torch.optim.Adam([{"params": [W, b], "lr": lr} for W, b, lr in zip(Ws, bs, LRS)])
     for epoch in range(1, EPOCHS + 1):
-        logits = Xtr @ W + b
-        loss = F.binary_cross_entropy_with_logits(logits, Ytr) if multilabel else F.cross_entropy(logits, Ytr)
-        loss = loss + wd * (W * W).sum()
+        loss = 0.0
+        for W, b in zip(Ws, bs):
+            logits = torch.matmul(Xtr, W) + b  # (G', N, C)
+            if multilabel:
+                per = F.binary_cross_entropy_with_logits(logits, Ytr.expand_as(logits), reduction="none").mean((1, 2))
+            else:
+                per = F.cross_entropy(logits.transpose(1, 2), Ytr.expand(len(WDS), -1), reduction="none").mean(1)
+            loss = loss + per.sum() + (wd * W * W).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if epoch % EVAL_EVERY == 0:
-            yield epoch, W.detach().clone(), b.detach().clone()
+            yield epoch, torch.cat(Ws).detach(), torch.cat(bs).detach()[:, 0]
 
 
 def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool, seed: int = 0) -> dict:
     """Pick (lr, wd, epochs) on valid, report test. y are class indices, or (N, C) 0/1 matrices."""
     Xtr, Xva, Xte = _standardize(Xtr, Xva, Xte)
     Ytr = torch.from_numpy(ytr).float() if multilabel else torch.from_numpy(ytr).long()
+    grid = list(itertools.product(LRS, WDS))
     best = (-1.0, None)
-    for lr, wd in itertools.product(LRS, WDS):
-        for epoch, W, b in _fit_linear(Xtr, Ytr, Xva, multilabel, lr, wd, seed):
-            s = (Xva @ W + b).numpy()
-            score = mean_average_precision(s, yva) if multilabel else accuracy(s.argmax(1), yva)
+    for epoch, Ws, bs in _fit_linear(Xtr, Ytr, multilabel, seed):
+        S = (torch.matmul(Xva, Ws) + bs[:, None]).numpy()  # (G, N, C)
+        for k, (lr, wd) in enumerate(grid):
+            score = mean_average_precision(S[k], yva) if multilabel else accuracy(S[k].argmax(1), yva)
             if score > best[0]:
-                best = (score, (lr, wd, epoch, W, b))
+                best = (score, (lr, wd, epoch, Ws[k], bs[k]))
     score_va, (lr, wd, epoch, W, b) = best
     s_va, s_te = (Xva @ W + b).numpy(), (Xte @ W + b).numpy()
     out = {"valid": score_va, "lr": lr, "weight_decay": wd, "epochs": epoch}

@@ -71,7 +71,7 @@ class _Log:
     def __init__(self, path: Path, start_step: int):
         # drop lines past the checkpoint we resume from, so the log matches the weights
         if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) < start_step]
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
             _atomic_text(path, "".join(ln + "\n" for ln in keep))
         self.f = path.open("a")
 

@@ -1,0 +1,118 @@
+"""The four subcommands end to end on tiny generated audio, and the exit codes."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from sslaudio import __version__
+from sslaudio.cli import app
+
+runner = CliRunner()
+SMALL = ["--set", "encoder.d=64", "--set", "encoder.base_d=8", "--set", "method.proj_hidden=32",
+         "--set", "method.proj_dim=16", "--set", "data.num_workers=0", "--set", "data.norm_samples=8"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, labeled_dir):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    r = invoke("pretrain", labeled_dir, "--preset", "tiny/byol-a", "--out", run, "--steps", 3, "--batch-size", 4,
+               "--quiet", *SMALL)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+def test_version_and_presets():
+    r = invoke("--version")
+    assert r.exit_code == 0 and __version__ in r.output
+    r = invoke("presets")
+    assert r.exit_code == 0 and "tiny/byol-a" in r.output and "audiontt" in r.output
+
+
+def test_pretrain_outputs(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"])
+    assert (run_dir / "ckpt" / "step-000000003" / "model.safetensors").is_file()
+
+
+def test_extract_safetensors_with_frames(run_dir, labeled_dir, tmp_path):
+    out = tmp_path / "feats"
+    r = invoke("extract", run_dir, labeled_dir, "--out", out, "--frames")
+    assert r.exit_code == 0, r.output
+    f = load_file(str(out / "a" / "000.wav.safetensors"))
+    assert f["clip"].shape == (64,) and f["frames"].shape[1] == 64 and f["timestamps"].shape == (f["frames"].shape[0],)
+    assert np.all(np.diff(f["timestamps"]) > 0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["written"] == 44 and summary["skipped"] == 0
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 44
+
+
+def test_extract_npy_and_stdout(run_dir, labeled_dir, tmp_path):
+    r = invoke("extract", run_dir, labeled_dir / "a" / "000.wav", "--out", tmp_path / "n", "--format", "npy")
+    assert r.exit_code == 0 and np.load(tmp_path / "n" / "000.wav.npy").shape == (64,)
+    r = invoke("extract", run_dir, labeled_dir / "a" / "000.wav", labeled_dir / "a" / "001.wav", "--out", "-")
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert r.exit_code == 0 and len(lines) == 2 and len(lines[0]["clip"]) == 64
+
+
+def test_extract_skips_bad_files_and_counts(run_dir, bad_dir, tmp_path):
+    r = invoke("extract", run_dir, bad_dir, "--out", tmp_path / "f")
+    assert r.exit_code == 0
+    s = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert s["written"] == 3 and s["skipped"] == 3  # the 100-sample file is padded, not skipped
+    errors = [json.loads(x) for x in (tmp_path / "f" / "errors.jsonl").read_text().splitlines()]
+    assert {e["path"].split("/")[-1] for e in errors} == {"empty.wav", "corrupt.wav", "nan.wav"}
+
+
+def test_probe_json_and_random_baseline(run_dir, labeled_dir, tmp_path):
+    for ckpt in (run_dir, "random:tiny/byol-a"):
+        out = tmp_path / "p.json"
+        r = invoke("probe", ckpt, labeled_dir / "labels.csv", "--json", out)
+        assert r.exit_code == 0, r.output
+        res = json.loads(out.read_text())
+        assert 0 <= res["accuracy"] <= 1 and 0 <= res["f1"] <= 1 and res["protocol"] == "train/valid/test"
+        assert res["n_files"] == 44
+
+
+def test_export_torchscript_and_onnx(run_dir, tmp_path):
+    import torch
+
+    r = invoke("export", run_dir, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert r.exit_code == 0, r.output
+    m = torch.jit.load(str(tmp_path / "m.pt"))
+    assert m(torch.randn(2, 16000) * 0.1).shape == (2, 64)
+    assert m((torch.randn(1, 8000) * 3000).to(torch.int16)).shape == (1, 64)
+    pytest.importorskip("onnxruntime")
+    r = invoke("export", run_dir, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert r.exit_code == 0, r.output
+    assert "max_abs_diff" in r.output
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["pretrain", ".", "--preset", "tiny/byol-a", "--out", "x", "--set", "train.stpes=3"], 2, "train.stpes"),
+    (["pretrain", ".", "--preset", "nope", "--out", "x"], 2, "unknown preset"),
+    (["extract", "nowhere/run", ".", "--out", "x"], 2, "not a run folder"),
+    (["export", "random:tiny/byol-a", "--format", "gif", "--out", "x"], 2, "unknown format"),
+    (["probe", "random:tiny/byol-a", "missing.csv"], 2, "no such labels file"),
+])
+def test_usage_errors_are_one_line(args, code, text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke(*args)
+    assert r.exit_code == code and text in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_no_usable_input_exits_4(bad_dir, tmp_path):
+    for f in bad_dir.glob("good*"):
+        f.unlink()
+    r = invoke("pretrain", bad_dir, "--preset", "tiny/byol-a", "--out", tmp_path / "r", "--quiet", *SMALL)
+    assert r.exit_code == 4 and "no usable audio" in r.output
+    (bad_dir / "short.wav").unlink()  # too short to train on, but extraction pads it
+    r = invoke("extract", "random:tiny/byol-a", bad_dir, "--out", tmp_path / "f")
+    assert r.exit_code == 4 and "no usable audio" in r.output

@@ -1,0 +1,31 @@
+import numpy as np
+import torch
+
+from sslaudio.checkpoint import load_encoder
+from sslaudio.features import embed_files
+from sslaudio.data import scan_pairs
+from tests.conftest import write_wav
+from sslaudio.synth import clip
+
+
+def test_batched_equals_one_by_one(labeled_dir):
+    bundle = load_encoder("random:tiny/byol-a")
+    items = scan_pairs([str(labeled_dir)])[:6]
+    batched = {e.path: e for e in embed_files(bundle, items, torch.device("cpu"), True, batch_size=6)}
+    for item in items[:3]:
+        (single,) = list(embed_files(bundle, [item], torch.device("cpu"), True, batch_size=1))
+        assert np.allclose(single.clip, batched[item[0]].clip, atol=1e-5)
+        assert np.allclose(single.frames, batched[item[0]].frames, atol=1e-5)
+
+
+def test_long_files_are_chunked(tmp_path):
+    bundle = load_encoder("random:tiny/byol-a")
+    x = np.concatenate([clip("saw", 1, 2.0), clip("bell", 2, 2.0), clip("chirp", 3, 1.5)])
+    p = write_wav(tmp_path / "long.wav", x)
+    whole = next(embed_files(bundle, [(str(p), "long.wav")], torch.device("cpu"), True, chunk_seconds=60))
+    chunked = next(embed_files(bundle, [(str(p), "long.wav")], torch.device("cpu"), True, chunk_seconds=1.0))
+    assert chunked.frames.shape[1] == whole.frames.shape[1]
+    assert abs(chunked.frames.shape[0] - whole.frames.shape[0]) <= 6
+    assert np.all(np.diff(chunked.times) > 0) and abs(chunked.times[-1] - whole.times[-1]) < 0.5
+    # chunking only changes the frames next to chunk borders (the CNN's context there)
+    assert np.corrcoef(chunked.clip, whole.clip)[0, 1] > 0.9

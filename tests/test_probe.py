@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from sslaudio.probe import (ProbeError, accuracy, average_precision, evaluate, macro_f1, mean_average_precision,
+                            read_labels, stratified_folds)
+
+
+def test_metrics_by_hand():
+    pred, y = np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2])
+    assert accuracy(pred, y) == 0.75
+    # class 0: f1 1; class 1: tp1 fp1 fn0 -> 2/3; class 2: tp1 fp0 fn1 -> 2/3
+    assert macro_f1(pred, y, 3) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    # ranks of positives 1 and 3: precisions 1/1 and 2/3
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    S = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]])
+    Y = np.array([[1, 0], [0, 1], [0, 1]])
+    assert mean_average_precision(S, Y) == pytest.approx((1.0 + 1.0) / 2)
+
+
+def _blobs(n_per=20, classes=3, dim=8, seed=0, sep=4.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * sep
+    X = np.concatenate([centres[c] + rng.normal(size=(n_per, dim)) for c in range(classes)])
+    labels = [(str(c),) for c in range(classes) for _ in range(n_per)]
+    return X.astype(np.float32), labels
+
+
+def test_linear_and_knn_solve_separable_data_with_splits():
+    X, labels = _blobs()
+    splits = (["train"] * 12 + ["valid"] * 3 + ["test"] * 5) * 3
+    r = evaluate(X, labels, splits)
+    assert r["accuracy"] == 1.0 and r["knn_accuracy"] == 1.0 and r["protocol"] == "train/valid/test"
+    Xr = np.random.default_rng(1).normal(size=X.shape).astype(np.float32)  # no signal: near chance
+    assert evaluate(Xr, labels, splits)["accuracy"] < 0.7
+
+
+def test_cross_validation_without_split():
+    X, labels = _blobs()
+    r = evaluate(X, labels, [None] * len(labels))
+    assert "cross-validation" in r["protocol"] and r["accuracy"] > 0.95 and "accuracy_std" in r
+
+
+def test_stratified_folds_partition():
+    y = np.array([0] * 10 + [1] * 5)
+    folds = stratified_folds(y, 5, 0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(15))
+    assert all((y[f] == 1).sum() == 1 for f in folds)
+
+
+def test_multilabel_reports_map():
+    X, _ = _blobs(classes=2)
+    labels = [("a",) if i < 20 else ("a", "b") for i in range(40)]
+    r = evaluate(X, labels, (["train"] * 12 + ["valid"] * 3 + ["test"] * 5) * 2)
+    assert r["task"] == "multilabel" and r["map"] > 0.9 and "f1" in r
+
+
+def test_label_file_errors(tmp_path):
+    bad = tmp_path / "l.csv"
+    bad.write_text("file,label\na.wav,x\n")
+    with pytest.raises(ProbeError, match="path,label"):
+        read_labels(bad)
+    bad.write_text("path,label,split\na.wav,x,training\n")
+    with pytest.raises(ProbeError, match="split must be one of"):
+        read_labels(bad)
+    good = tmp_path / "g.tsv"
+    good.write_text("path\tlabel\nsub/a.wav\tx;y\n")
+    (row,) = read_labels(good)
+    assert row.path == str(tmp_path / "sub" / "a.wav") and row.labels == ("x", "y") and row.split is None
