@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Representation quality on ../shared/devbench: pretrain on its unlabeled pool, probe its tasks.
+
+    python benchmarks/devbench.py /work/devbench-small --presets tiny/byol-a tiny/m2d --steps 600
+    python benchmarks/devbench.py /work/devbench-full --presets tiny/byol-a --minutes 10 --runs runs/devbench
+
+For each preset: `sslaudio pretrain OUT/pretrain_pool/audio` into RUNS/<preset>, then the linear /
+kNN probe of `words` and `instrument_family` (fit on train, hyper-parameters picked on valid,
+reported on test) for the pretrained encoder and for `random:<preset>`. A budget in minutes sets
+train.steps from a short timing of the preset on this machine. Prints a Markdown table and writes
+RUNS/devbench_results.json. Make the data with ../shared/devbench/make_devbench.py first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sslaudio.cli import probe_ckpt
+from sslaudio.config import load_preset
+from sslaudio.train import fit
+
+TASKS = ("words", "instrument_family")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("devbench", type=Path)
+    ap.add_argument("--presets", nargs="+", required=True)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    ap.add_argument("--minutes", type=float, default=None, help="CPU budget per preset instead of --steps")
+    ap.add_argument("--runs", type=Path, default=Path("runs/devbench"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    pool = a.devbench / "pretrain_pool" / "audio"
+    results = {}
+    for name in a.presets:
+        overrides = list(a.overrides)
+        if a.minutes:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from throughput import measure
+
+            sps = measure(name, "cpu" if a.device == "auto" and not torch.cuda.is_available() else
+                          ("cuda" if a.device == "auto" else a.device), 3, 1, overrides)["steps_per_s"]
+            overrides.append(f"train.steps={max(10, int(sps * 0.8 * a.minutes * 60))}")
+        elif a.steps:
+            overrides.append(f"train.steps={a.steps}")
+        preset = load_preset(name, overrides)
+        run = a.runs / name.replace("/", "_")
+        t0 = time.time()
+        fit(preset, [str(pool)], run, resume=True, device=a.device, progress=False)
+        train_s = time.time() - t0
+        log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        row = {"steps": preset.train.steps, "train_s": round(train_s, 1), "first_loss": log[0]["loss"],
+               "last_loss": log[-1]["loss"], "audio_h_per_s": sum(r["audio_h_per_s"] for r in log) / len(log)}
+        for task in TASKS:
+            labels = a.devbench / task / "labels.csv"
+            for kind, ckpt in (("ssl", str(run)), ("random", f"random:{name}")):
+                r = probe_ckpt(ckpt, labels, device=a.device, quiet=True)
+                row[f"{task}_{kind}"] = r["accuracy"]
+                row[f"{task}_{kind}_knn"] = r["knn_accuracy"]
+        results[name] = row
+        print(json.dumps({name: row}), flush=True)
+    a.runs.mkdir(parents=True, exist_ok=True)
+    (a.runs / "devbench_results.json").write_text(json.dumps(results, indent=1))
+    print(f"\ndevbench: {a.devbench} (test accuracy of the linear probe; kNN in brackets)\n")
+    print("| preset | steps | train s | loss first -> last | words SSL | words random | instr SSL | instr random |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
+              f"{r['words_ssl']:.3f} ({r['words_ssl_knn']:.3f}) | {r['words_random']:.3f} ({r['words_random_knn']:.3f}) | "
+              f"{r['instrument_family_ssl']:.3f} ({r['instrument_family_ssl_knn']:.3f}) | "
+              f"{r['instrument_family_random']:.3f} ({r['instrument_family_random_knn']:.3f}) |")
+
+
+if __name__ == "__main__":
+    main()

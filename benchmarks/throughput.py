@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Training throughput per preset: optimizer steps/s and audio seconds/s on synthetic audio.
+
+    python benchmarks/throughput.py                        # every tiny preset, CPU, 1 thread
+    python benchmarks/throughput.py --presets tiny/m2d byol-a --device cuda --steps 20
+
+Times forward + backward + optimizer step + after_step (EMA, queues) with the preset's batch size,
+after warm-up steps; data loading is excluded (measure it with a real `sslaudio pretrain` run,
+whose log.jsonl has steps_per_s and audio_h_per_s). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+
+from sslaudio.config import list_presets, load_preset
+from sslaudio.methods import build_method
+
+
+def measure(name: str, device: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    p = load_preset(name, overrides)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    m = build_method(p).to(dev).train()
+    opt = torch.optim.AdamW(m.param_groups(p.optim.weight_decay), lr=p.optim.lr)
+    n = int(round(p.data.clip_seconds * p.data.sample_rate))
+    audio = (torch.randn(p.train.batch_size, p.data.segments, n, device=dev) * 0.1)
+    if hasattr(m.frontend, "estimate_stats"):
+        m.frontend.estimate_stats(audio[:, 0])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
+
+    def step(i):
+        g = torch.Generator(dev).manual_seed(i)
+        with amp:
+            loss = m({"audio": audio}, i, g)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        m.after_step(i, steps + warmup)
+
+    for i in range(warmup):
+        step(i)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    params = sum(q.numel() for q in m.parameters() if q.requires_grad)
+    return {"preset": name, "batch": p.train.batch_size, "clip_s": p.data.clip_seconds * p.data.segments,
+            "params_M": params / 1e6, "steps_per_s": 1 / dt,
+            "audio_s_per_s": p.train.batch_size * p.data.segments * p.data.clip_seconds / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="*", default=None, help="default: every tiny preset")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    names = a.presets or [n for n in list_presets() if n.startswith("tiny/")]
+    print(f"device {a.device}, {a.threads} thread(s), {a.steps} timed steps after {a.warmup} warm-up\n")
+    print("| preset | batch | crop s | params (M) | steps/s | audio s/s |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        r = measure(name, a.device, a.steps, a.warmup, a.overrides)
+        print(f"| {r['preset']} | {r['batch']} | {r['clip_s']:.2f} | {r['params_M']:.2f} | "
+              f"{r['steps_per_s']:.2f} | {r['audio_s_per_s']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
