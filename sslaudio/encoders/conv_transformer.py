@@ -145,7 +145,9 @@ class ConvTransformer(Encoder):
             raise ValueError(f"conv_transformer: every input needs at least {rf} samples (one frame's "
                              f"receptive field), found lengths {lengths.tolist()}")
 
-    def forward(self, x: Tensor, lengths: Tensor, mask=None, return_layers: bool = False) -> EncoderOut:
+    def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
+        if lengths is None:  # every item spans the whole input
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
         self._check(x, lengths)
         B = x.shape[0]
         m = self.cfg.feature_grad_mult

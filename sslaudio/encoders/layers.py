@@ -213,6 +213,16 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], device: torch.device | 
     return _SINCOS_CACHE[key]
 
 
+def sincos_pos_embed_2d_traced(dim: int, fg: int, tokens: Tensor) -> Tensor:
+    """`sincos_pos_embed_2d` for the grid (fg, N / fg) of `tokens` (B, N, D), built from the token
+    count with tensor ops only, so a traced or exported graph accepts inputs of any length."""
+    tg = tokens.shape[1] // fg
+    f = sincos_1d(dim // 2, torch.arange(fg, device=tokens.device))  # (fg, dim/2)
+    t = sincos_1d(dim // 2, torch.arange(tg, device=tokens.device))  # (tg, dim/2)
+    emb = torch.cat([f[:, None].expand(-1, t.shape[0], -1), t[None].expand(f.shape[0], -1, -1)], dim=-1)
+    return emb.reshape(-1, dim).to(tokens.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # wav2vec 2.0 waveform encoder
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from sslaudio.config import ConfigError
 from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
 from sslaudio.encoders.layers import (Block, PatchEmbed, TransformerStack, gather_tokens, init_vit_,
-                                      sincos_pos_embed_2d)
+                                      sincos_pos_embed_2d, sincos_pos_embed_2d_traced)
 from sslaudio.registry import ENCODERS
 
 
@@ -126,13 +126,18 @@ class ViT(Encoder):
             raise ValueError(f"vit: every input needs at least {tp} frames (one patch column), "
                              f"found lengths {lengths.tolist()} with {x.shape[-1]} frames in x")
 
-    def forward(self, x: Tensor, lengths: Tensor, mask=None, return_layers: bool = False) -> EncoderOut:
-        self._check(x, lengths)
+    def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
+        if lengths is None:  # every item spans the whole input
+            self._check(x, torch.full((x.shape[0],), x.shape[-1], dtype=torch.long))
+        else:
+            self._check(x, lengths)
         B = x.shape[0]
         grid = self.token_grid(x.shape)
         N = grid[0] * grid[1]
-        padding = self.token_padding(lengths, x.shape)
         tokens = self.patch_embed(x)  # (B, N, D)
+        # without lengths, no padding: built from the tokens so a traced graph stays length-free
+        padding = torch.zeros_like(tokens[..., 0], dtype=torch.bool) if lengths is None else \
+            self.token_padding(lengths, x.shape)
 
         clone = 1
         if mask is not None:
@@ -148,7 +153,10 @@ class ViT(Encoder):
                 hidden = mask.masked.to(tokens.device).unsqueeze(-1)
                 tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
 
-        tokens = tokens + sincos_pos_embed_2d(self.dim, grid, tokens.device, tokens.dtype)
+        if torch.jit.is_tracing():  # export: positions must follow the input length
+            tokens = tokens + sincos_pos_embed_2d_traced(self.dim, grid[0], tokens)
+        else:
+            tokens = tokens + sincos_pos_embed_2d(self.dim, grid, tokens.device, tokens.dtype)
         keep = mask is not None and mask.mode == "keep"
         if keep:
             idx = mask.keep_idx.to(tokens.device)
@@ -180,6 +188,7 @@ class ViT(Encoder):
             raise ValueError("vit.to_frames needs all tokens; encode without a keep mask")
         fg, tg = out.extra["grid"]
         B, _, D = out.tokens.shape
-        frames = out.tokens.reshape(B, fg, tg, D).permute(0, 2, 1, 3).reshape(B, tg, fg * D)
-        lengths = (~out.padding.reshape(B, fg, tg)[:, 0, :]).sum(1)
+        # -1 rather than tg keeps a traced (exported) graph valid for any length
+        frames = out.tokens.reshape(B, fg, -1, D).permute(0, 2, 1, 3).reshape(B, -1, fg * D)
+        lengths = (~out.padding.reshape(B, fg, -1)[:, 0, :]).sum(1)
         return frames, lengths

@@ -1,0 +1,76 @@
+"""Checks every registered method must pass, parametrised over the tiny presets."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslaudio.checkpoint import EncoderBundle
+from sslaudio.config import list_presets, load_preset
+from sslaudio.methods import build_method
+from sslaudio.registry import METHODS, load_components
+
+TINY = [n for n in list_presets() if n.startswith("tiny/")]
+
+
+def small(name):
+    p = load_preset(name, ["train.batch_size=4"])
+    torch.manual_seed(0)
+    return p, build_method(p)
+
+
+def test_every_method_has_full_and_tiny_presets():
+    load_components()
+    methods_with_tiny = {load_preset(n).method["name"] for n in TINY}
+    assert set(METHODS.names()) <= methods_with_tiny
+    for n in TINY:
+        assert (Path(__file__).parent.parent / "presets" / f"{n.split('/', 1)[1]}.yaml").is_file(), n
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_one_step_is_finite_and_trains_the_encoder(name):
+    p, m = small(name)
+    n = int(round(p.data.clip_seconds * p.data.sample_rate))
+    audio = torch.randn(4, p.data.segments, n) * 0.1
+    if hasattr(m.frontend, "estimate_stats"):
+        m.frontend.estimate_stats(audio[:, 0])
+    out = m({"audio": audio}, 0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
+    assert all(v.ndim == 0 for v in out.values()), "logged values must be scalars"
+    out["loss"].backward()
+    assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in m.inference_encoder().parameters())
+    for q in m.parameters():
+        if not q.requires_grad:
+            assert q.grad is None
+    m.after_step(0, 10)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_inference_encoder_embeds_longer_audio(name):
+    p, m = small(name)
+    bundle = EncoderBundle(m.frontend, m.inference_encoder(), p).eval()
+    with torch.no_grad():
+        clip, frames, lengths = bundle.embed(torch.randn(2, int(2.5 * p.data.sample_rate)) * 0.1)
+    enc = bundle.encoder
+    assert clip.shape == (2, enc.frame_dim) and frames.shape[0] == 2 and frames.shape[2] == enc.frame_dim
+    assert torch.isfinite(clip).all() and int(lengths[0]) == frames.shape[1]
+    times = enc.frame_times(frames.shape[1])
+    assert times[-1] <= 2.5 + 1e-6 and torch.all(times[1:] > times[:-1])
+
+
+@pytest.mark.parametrize("name", ["tiny/m2d", "tiny/data2vec"])  # ViT and conv-transformer (CNN: test_cli)
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_transformer_encoders_export(name, fmt, tmp_path):
+    import warnings
+
+    from sslaudio.checkpoint import load_encoder
+    from sslaudio.export import export
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    bundle = load_encoder(f"random:{name}")
+    bundle.needs_stats = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = export(bundle, fmt, tmp_path / f"m.{fmt}")  # raises if it disagrees with PyTorch
+    assert r["dim"] == bundle.encoder.frame_dim and r["max_abs_diff"] < 1e-3
