@@ -1,18 +1,49 @@
-"""View augmentations on batched log-mel spectrograms (B, F, T), on the training device.
+"""View augmentations on batched log-mel spectrograms (B, F, T), on the training device, and the
+view sampler that view-based methods (BYOL, SimSiam, Barlow Twins, VICReg, SimCLR, MoCo, and
+later DINO / SwAV multi-crop) use to turn batch["audio"] into augmented views.
 
 Each augmentation is a registered module `forward(x, generator) -> x` whose random draws all come
 from the passed generator, one draw per sample (no Python loop over samples). A preset's `views`
 section is a list of augmentations applied in order to every view (`ViewChain`).
 
 BYOL-A (Niizumi et al., IJCNN 2021; v2: TASLP 2023, github.com/nttcslab/byol-a) augmentations:
-  mixup  log-mixup-exp with a FIFO memory of past inputs
-  rrc    random resize crop in a virtual canvas, bicubic resize back
-  rlf    random linear fader (v2): a linear gain slope in the log domain
+  mixup     log-mixup-exp with a FIFO memory of past inputs
+  rrc       random resize crop in a virtual canvas, bicubic resize back
+  rlf       random linear fader (v2): a linear gain slope in the log domain
+General ones:
+  gain      a random level offset per clip
+  noise     additive noise at a random SNR, mixed in the exp domain like mixup
+  tf_mask   SpecAugment time and frequency masking (Park et al., Interspeech 2019)
+
+The domain they work in: the log-mel frontend gives x = (ln(P + eps) - mean) / std, the natural log
+of mel power P standardised by dataset-wide scalars. A power gain of g dB adds g ln(10) / 10 =
+0.2303 g to ln P, i.e. 0.2303 g / std to x: with the AudioSet std of about 4.6, an offset of 0.1 is
+about 2 dB. exp(x) is (P / e^mean)^(1 / std), a compressed power; mixup and noise add there.
+
+The view API (for every method that compares views of a clip)
+--------------------------------------------------------------
+    self.views = ViewSampler.for_method(self)  # = ViewSampler(preset.views or [],
+                                               #   self.spec_shape(), preset.data.segments)
+    ...
+    views = make_views(self, batch["audio"], generator)  # list of (B, F, T) log-mels, no grad
+
+`batch["audio"]` is (B, V, S) with V = preset.data.segments independent random crops of one file.
+`ViewSampler.for_method(self, MultiCrop(global_crops=n))` gives n global views:
+  V == 1: the one crop augmented n times (BYOL-A: the same segment, two augmentations);
+  V == n: crop i augmented once for view i (different segments of the same recording are
+          positives: COLA, ATST-Clip);
+so which rule a preset uses is its `data.segments`. Global views share one augmentation chain (and
+so one mixup memory, as BYOL-A's code) unless `MultiCrop.global_augment` gives one chain per view.
+Multi-crop (DINO / SwAV): `MultiCrop(local_crops=k, local_frames=L)` adds k short views after the
+global ones, each a random L-frame time window (`random_time_crop`) of crop j % V, augmented by
+`local_augment` (default: the preset's chain, its own instance since the memory shape differs).
+A method holds MultiCrop in its Config (a nested dataclass), so multi-crop is preset configuration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +170,117 @@ class RandomLinearFader(nn.Module):
         return x + slope[:, None, :]
 
 
+@AUGMENTS.register("gain")
+class Gain(nn.Module):
+    """A random level change per clip: x + o, o ~ U(offset) in normalised log-mel units.
+
+    A power gain of g dB is o = 0.2303 g / std, std being the frontend's normalisation statistic
+    (module docstring); the default +-0.3 is about +-6 dB at the AudioSet std of 4.6."""
+
+    @dataclass
+    class Config:
+        offset: tuple[float, float] = (-0.3, 0.3)
+
+        def __post_init__(self):
+            if self.offset[0] > self.offset[1]:
+                raise ConfigError("views.gain: offset must be [low, high] with low <= high")
+
+    def __init__(self, cfg: Config, shape: tuple[int, int]):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, g: torch.Generator) -> Tensor:
+        o = _uniform(x.shape[0], *self.cfg.offset, g).to(x)
+        return x + o.view(-1, 1, 1)
+
+
+@AUGMENTS.register("noise")
+class Noise(nn.Module):
+    """Additive noise at a random SNR (dB, uniform in `snr_db`), mixed where mixup mixes:
+    x' = log(exp(x) + a n), a = mean(exp(x)) / 10^(snr / 10), per clip.
+
+    The noise n has the statistics of a Gaussian noise's power spectrum (one exponential draw of
+    mean 1 per mel bin and frame) with the same expected level in every mel band: roughly pink
+    (equal power per octave) above ~1 kHz, where mel bands are log-spaced, and flatter than white
+    below. The SNR is measured in the exp(x) domain (compressed power, module docstring), the
+    domain of BYOL-A's log-mixup-exp. Computed in float32 with a per-clip max shift, so it never
+    overflows."""
+
+    @dataclass
+    class Config:
+        snr_db: tuple[float, float] = (10.0, 40.0)
+
+        def __post_init__(self):
+            if self.snr_db[0] > self.snr_db[1]:
+                raise ConfigError("views.noise: snr_db must be [low, high] with low <= high")
+
+    def __init__(self, cfg: Config, shape: tuple[int, int]):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, g: torch.Generator) -> Tensor:
+        B = x.shape[0]
+        snr = _uniform(B, *self.cfg.snr_db, g).to(x.device).view(B, 1, 1)
+        u = torch.rand(x.shape, generator=g, device=g.device).to(x.device)
+        noise = -torch.log1p(-u)  # Exp(1): the periodogram of Gaussian noise, in [0, inf)
+        xf = x.float()
+        top = xf.amax(dim=(1, 2), keepdim=True)
+        sig = (xf - top).exp()  # (B, F, T) signal in the exp domain, shifted by the clip's max
+        a = sig.mean(dim=(1, 2), keepdim=True) / 10 ** (snr / 10)
+        return (top + torch.log(sig + a * noise)).to(x.dtype)
+
+
+def _bands(B: int, size: int, n: int, width: int, g: torch.Generator, device) -> Tensor:
+    """(B, size) bool: the union of n bands per row, widths uniform in {0..width}, each placed
+    uniformly inside the row (SpecAugment: f ~ U{0..F}, f0 ~ U{0..size - f})."""
+    if n == 0 or width == 0:
+        return torch.zeros(B, size, dtype=torch.bool, device=device)
+    w = (torch.rand(B, n, generator=g, device=g.device) * (width + 1)).floor().clamp(max=size)
+    start = (torch.rand(B, n, generator=g, device=g.device) * (size - w + 1)).floor()
+    w, start = w.to(device), start.to(device)
+    idx = torch.arange(size, device=device)
+    return ((idx >= start[..., None]) & (idx < (start + w)[..., None])).any(dim=1)
+
+
+@AUGMENTS.register("tf_mask")
+class TimeFreqMask(nn.Module):
+    """SpecAugment time and frequency masking (Park et al., Interspeech 2019, sec. 2): per clip,
+    `freq_masks` bands of f ~ U{0..freq_width} mel bins and `time_masks` bands of t ~
+    U{0..min(time_width, time_ratio * T)} frames are set to `fill`. The paper sets masks to the
+    mean, which is 0 for its normalised input; our input is normalised with dataset statistics, so
+    "zero" is the dataset mean and "mean" uses each clip's own mean. The paper's LibriSpeech
+    double policy is 2 masks of F = 27 (of 80 bins) and 2 of T = 100 frames."""
+
+    @dataclass
+    class Config:
+        freq_masks: int = 2
+        freq_width: int = 8
+        time_masks: int = 2
+        time_width: int = 16
+        time_ratio: float = 1.0  # SpecAugment's p: a time mask covers at most p * T frames
+        fill: Literal["zero", "mean"] = "zero"
+
+        def __post_init__(self):
+            if min(self.freq_masks, self.freq_width, self.time_masks, self.time_width) < 0:
+                raise ConfigError("views.tf_mask: mask counts and widths must be >= 0")
+            if not 0 <= self.time_ratio <= 1:
+                raise ConfigError("views.tf_mask: time_ratio must be in [0, 1]")
+
+    def __init__(self, cfg: Config, shape: tuple[int, int]):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, g: torch.Generator) -> Tensor:
+        B, Fq, T = x.shape
+        c = self.cfg
+        f_mask = _bands(B, Fq, c.freq_masks, c.freq_width, g, x.device)  # (B, F)
+        t_mask = _bands(B, T, c.time_masks, min(c.time_width, int(c.time_ratio * T)), g, x.device)  # (B, T)
+        mask = f_mask[:, :, None] | t_mask[:, None, :]
+        fill = x.mean(dim=(1, 2), keepdim=True) if c.fill == "mean" else torch.zeros((), dtype=x.dtype,
+                                                                                     device=x.device)
+        return torch.where(mask, fill, x)
+
+
 class ViewChain(nn.Module):
     """The preset's `views` list, applied in order: (B, F, T) -> (B, F, T)."""
 
@@ -150,6 +292,103 @@ class ViewChain(nn.Module):
         for aug in self.augs:
             x = aug(x, g)
         return x
+
+
+def random_time_crop(x: Tensor, frames: int, g: torch.Generator) -> Tensor:
+    """(B, F, T) -> (B, F, frames): a window at a uniformly random start per clip (multi-crop's
+    local views)."""
+    B, Fq, T = x.shape
+    if not 1 <= frames <= T:
+        raise ValueError(f"random_time_crop: frames={frames} must be in [1, {T}]")
+    start = (torch.rand(B, generator=g, device=g.device) * (T - frames + 1)).floor().long().to(x.device)
+    idx = start[:, None] + torch.arange(frames, device=x.device)  # (B, frames)
+    return x.gather(2, idx[:, None, :].expand(B, Fq, frames))
+
+
+@dataclass
+class MultiCrop:
+    """How many views a method takes and which augmentation chain each gets (a nested dataclass
+    in the method's Config; see the module docstring).
+
+    global_crops: full-length views; data.segments must be 1 or this number.
+    local_crops / local_frames: DINO / SwAV short views, random windows of local_frames frames.
+    global_augment: one augmentation list per global view (BYOL's asymmetric views); default: the
+      preset's `views` chain for all of them. local_augment: the chain of the local views; default:
+      the preset's `views` chain (a separate instance).
+    """
+
+    global_crops: int = 2
+    local_crops: int = 0
+    local_frames: int = 0
+    global_augment: list | None = None
+    local_augment: list | None = None
+
+    def __post_init__(self):
+        if self.global_crops < 1 or self.local_crops < 0:
+            raise ConfigError("crops: global_crops must be >= 1 and local_crops >= 0")
+        if self.local_crops and self.local_frames < 1:
+            raise ConfigError("crops.local_frames must be >= 1 when local_crops > 0")
+        if self.global_augment is not None and len(self.global_augment) != self.global_crops:
+            raise ConfigError(f"crops.global_augment: expected {self.global_crops} augmentation lists "
+                              f"(one per global view), found {len(self.global_augment)}")
+
+
+class ViewSampler(nn.Module):
+    """(B, V, F, T) crops of each file -> [global views (B, F, T)..., local views (B, F, L)...].
+
+    V must be 1 (every global view augments the one crop) or crops.global_crops (view i augments
+    crop i). Chains are submodules, so their state (mixup memories) is checkpointed with the method.
+    """
+
+    def __init__(self, augment: list[dict], shape: tuple[int, int], segments: int,
+                 crops: MultiCrop | None = None):
+        super().__init__()
+        crops = crops or MultiCrop()
+        self.crops = crops
+        n = crops.global_crops
+        if segments not in (1, n):
+            raise ConfigError(f"data.segments: {n} global views need 1 crop per file (augmented {n} "
+                              f"times) or {n} crops (one per view), found {segments}")
+        chains = crops.global_augment if crops.global_augment is not None else [augment]
+        if segments == 1 and n > 1 and not any(chains):
+            raise ConfigError("views: with data.segments 1 every view is the same crop, so the views need "
+                              "an augmentation chain (or set data.segments to the number of views)")
+        self.global_chains = nn.ModuleList(ViewChain(c or [], shape) for c in chains)
+        self.local_chain = None
+        if crops.local_crops:
+            if crops.local_frames > shape[1]:
+                raise ConfigError(f"crops.local_frames {crops.local_frames} exceeds the {shape[1]} frames "
+                                  f"of a crop")
+            local = crops.local_augment if crops.local_augment is not None else augment
+            self.local_chain = ViewChain(local, (shape[0], crops.local_frames))
+
+    @classmethod
+    def for_method(cls, method: nn.Module, crops: MultiCrop | None = None) -> "ViewSampler":
+        """The sampler of a method's preset: its `views` chain, crop shape and data.segments."""
+        return cls(method.preset.views or [], method.spec_shape(), method.preset.data.segments, crops)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, g: torch.Generator) -> list[Tensor]:
+        if x.ndim != 4:
+            raise ValueError(f"ViewSampler expects (B, V, F, T) crops, found shape {tuple(x.shape)}")
+        V, n = x.shape[1], self.crops.global_crops
+        if V not in (1, n):
+            raise ValueError(f"ViewSampler: {n} global views need 1 or {n} crops per file, found {V}")
+        views = []
+        for i in range(n):
+            chain = self.global_chains[i if len(self.global_chains) > 1 else 0]
+            views.append(chain(x[:, i if V > 1 else 0], g))
+        for j in range(self.crops.local_crops):
+            views.append(self.local_chain(random_time_crop(x[:, j % V], self.crops.local_frames, g), g))
+        return views
+
+
+def make_views(method: nn.Module, audio: Tensor, generator: torch.Generator) -> list[Tensor]:
+    """batch["audio"] (B, V, S) -> the method's views: its frontend (`method.features`, no grad)
+    on every crop, then its `method.views` ViewSampler."""
+    B, V = audio.shape[:2]
+    x = method.features(audio.flatten(0, 1))  # (B * V, F, T)
+    return method.views(x.unflatten(0, (B, V)), generator)
 
 
 def normalize_batch(x: Tensor) -> Tensor:

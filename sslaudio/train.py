@@ -141,7 +141,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
             for step, batch in enumerate(batches, start=start):
                 lr = lr_at(step, preset.optim, tc.steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = preset.optim.lr if group.get("fix_lr") else lr  # SimSiam fix_pred_lr
                 torch.manual_seed(derive_seed(seed, step, 1))
                 gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2))
                 batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}

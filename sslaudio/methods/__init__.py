@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sslaudio.methods import byol_a  # noqa: F401
+from sslaudio.methods import byol, redundancy  # noqa: F401
 
 
 def build_method(preset):
