@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sslaudio.methods import byol_a  # noqa: F401
+from sslaudio.methods import data2vec  # noqa: F401
 from sslaudio.methods import m2d  # noqa: F401
 from sslaudio.methods import moco  # noqa: F401
 from sslaudio.methods import simclr  # noqa: F401

@@ -1,0 +1,271 @@
+"""data2vec (audio) and data2vec 2.0 (audio): regress an EMA teacher's contextualised targets.
+
+data2vec: Baevski, Hsu, Xu, Babu, Gu, Auli. "data2vec: A General Framework for Self-supervised
+Learning in Speech, Vision and Language", ICML 2022. Official code: fairseq
+examples/data2vec/models/data2vec_audio.py, config/audio/pretraining/base_librispeech.yaml.
+The student (a ConvTransformer) encodes the waveform with span-masked frames replaced by a learned
+vector; a linear head `final_proj` predicts, at the masked frames, the average of the teacher's
+top-K block FFN outputs (each instance-normalised over time). As `ema_transformer_only` /
+`ema_layers_only` in fairseq, only the transformer blocks and its LayerNorm are EMA copies: the
+teacher reads the student's own projected conv features of the *unmasked* input (before input
+dropout) and the student's current positional conv (fairseq copies pos_conv into the teacher at
+every step, i.e. shares it), so the conv feature extractor runs once per step.
+
+data2vec 2.0: Baevski, Babu, Hsu, Auli. "Efficient Self-supervised Learning with Contextualized
+Target Representations for Vision, Speech and Language", ICML 2023. Official code: fairseq
+examples/data2vec/models/data2vec2.py, modalities/{base,audio,modules}.py,
+config/v2/base_audio_only_task.yaml. The teacher runs once per clip on the unmasked features; the
+student sees `clone_batch` differently masked copies (rows b * K + k) and encodes only the visible
+frames (keep-mode mask); a light conv decoder fills the hidden frames with N(0, 0.01) noise
+(fairseq `decoder_input`), and predicts the targets at the hidden frames. With `ema_encoder_only:
+false` and `ema_local_encoder: false` the teacher EMA-tracks the positional conv, the LayerNorm and
+the blocks, and again reads the student's local (conv + projection) features.
+Not implemented: the official v2 audio model adds learned-scale ALiBi attention biases on top of
+the conv positions; our ConvTransformer has no hook for an attention bias, so we keep only the
+conv positional embedding (documented in presets/data2vec2.yaml).
+
+Both evaluate the student encoder (`inference_encoder` default). Loss: `losses.regression_loss`
+(loss_beta 0 => MSE, as the released configs; smooth-L1 otherwise), Σ_d / sqrt(D), mean over
+masked frames. Logged: target_var / pred_var (fairseq `compute_var`: mean over dimensions of the
+std over frames; fairseq stops below 0.1 / 0.01), emb_std (mean-pooled student clip embeddings),
+frame_std (the same over single frames), ema_tau. emb_std is small by design here: the targets are
+instance-normalised, i.e. zero-mean over each clip's frames, so a student that predicts them well
+through the linear final_proj has nearly the same time-mean in every clip; frame_std and
+pred_var are the collapse signals to watch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslaudio.config import ConfigError
+from sslaudio.encoders.base import EncoderOut, masked_mean
+from sslaudio.encoders.conv_transformer import ConvTransformer
+from sslaudio.encoders.layers import gather_tokens, zero_padded
+from sslaudio.methods import losses
+from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
+from sslaudio.registry import METHODS
+
+_FINAL_NORMS = (None, "layer_norm", "instance_norm")
+
+
+def token_std(y: Tensor) -> Tensor:
+    """fairseq `compute_var`: per-dimension std over all rows of (..., D), averaged over D."""
+    y = y.detach().float().reshape(-1, y.shape[-1])
+    if y.shape[0] < 2:
+        return torch.zeros((), device=y.device)
+    return torch.sqrt(y.var(dim=0) + 1e-6).mean()
+
+
+def frame_std(tokens: Tensor, padding: Tensor | None = None) -> Tensor:
+    """`embedding_std` over the student's individual frames (B, N, D) rather than clips."""
+    rows = tokens.reshape(-1, tokens.shape[-1]) if padding is None else tokens[~padding]
+    return embedding_std(rows)
+
+
+def _check_common(cfg, path: str) -> None:
+    if cfg.top_k < 1:
+        raise ConfigError(f"{path}.top_k must be >= 1, found {cfg.top_k}")
+    if cfg.final_norm not in _FINAL_NORMS:
+        raise ConfigError(f"{path}.final_norm: {cfg.final_norm!r} is not one of {list(_FINAL_NORMS)}")
+    if cfg.loss_beta < 0:
+        raise ConfigError(f"{path}.loss_beta must be >= 0 (0: MSE), found {cfg.loss_beta}")
+
+
+class _TeacherStudent(Method):
+    """Shared by data2vec and 2.0: the EMA teacher over the encoder's transformer part, its
+    targets from the student's unmasked projected features, and the EMA step."""
+
+    ema_pos_conv: bool  # does the teacher keep its own EMA copy of the positional conv?
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        return Needs(frontend=("waveform",), masker=True, segments=1)
+
+    def __init__(self, cfg, preset, frontend, encoder, masker=None, mask_mode: str = "replace"):
+        super().__init__(cfg, preset, frontend, encoder, masker)
+        name = preset.method.get("name", "data2vec")
+        if not isinstance(encoder, ConvTransformer):
+            raise ConfigError(f"method '{name}' needs encoder.name: conv_transformer")
+        if cfg.top_k > encoder.cfg.depth:
+            raise ConfigError(f"method.top_k {cfg.top_k} exceeds encoder.depth {encoder.cfg.depth}")
+        if masker is None or getattr(masker.cfg, "mode", None) != mask_mode:
+            raise ConfigError(f"method '{name}' needs a masker with mode: {mask_mode}")
+        self.teacher = make_teacher(self._student_parts())
+        self.teacher.eval()
+
+    def _student_parts(self) -> nn.ModuleDict:
+        """The student modules the teacher tracks (a fresh container, never registered)."""
+        parts = {"norm": self.encoder.norm, "blocks": self.encoder.blocks}
+        if self.ema_pos_conv:
+            parts = {"pos_conv": self.encoder.pos_conv, **parts}
+        return nn.ModuleDict(parts)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # fairseq runs the EMA model in eval mode: no dropout, no LayerDrop
+        return self
+
+    def tau(self, step: int, max_steps: int | None = None) -> float:
+        return momentum(self.cfg.ema, step, max_steps or self.preset.train.steps)
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        ema_update(self.teacher, self._student_parts(), self.tau(step, max_steps))
+
+    @torch.no_grad()
+    def teacher_layers(self, out: EncoderOut) -> list[Tensor]:
+        """Per-block FFN outputs (B, T, D) of the teacher on the unmasked input, from the student's
+        projected conv features `out.extra["projected"]` (before input dropout and masking):
+        the transformer half of ConvTransformer.forward without a mask."""
+        x, padding = out.extra["projected"], out.extra["frame_padding"]
+        pos_conv = self.teacher["pos_conv"] if self.ema_pos_conv else self.encoder.pos_conv
+        h = zero_padded(x, padding) + pos_conv(x, padding)
+        if not self.encoder.cfg.layer_norm_first:
+            h = self.teacher["norm"](h)
+        attn_padding = padding if bool(padding.any()) else None
+        _, _, ffns = self.teacher["blocks"](h, attn_padding, return_layers=True)
+        return ffns
+
+    def targets(self, out: EncoderOut) -> Tensor:
+        """(B, T, D) float32: mean of the top-K teacher FFN outputs, each instance-normalised."""
+        padding = out.extra["frame_padding"]
+        return losses.average_top_k_layers(self.teacher_layers(out), self.cfg.top_k,
+                                           instance_norm=self.cfg.instance_norm_targets,
+                                           final_norm=self.cfg.final_norm,
+                                           padding=padding if bool(padding.any()) else None)
+
+    def _waveform(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """-> normalised waveform (B, S), lengths (B,), frame padding (B, T)."""
+        wav = self.features(batch["audio"][:, 0])
+        lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long, device=wav.device)
+        return wav, lengths, self.encoder.token_padding(lengths, wav.shape)
+
+
+@METHODS.register("data2vec")
+class Data2Vec(_TeacherStudent):
+    ema_pos_conv = False  # fairseq ema_layers_only: pos_conv is copied from the student each step
+
+    @dataclass
+    class Config:
+        top_k: int = 8  # average_top_k_layers
+        instance_norm_targets: bool = True  # instance_norm_target_layer
+        final_norm: str | None = None  # layer_norm_targets / instance_norm_targets (both off)
+        loss_beta: float = 0.0  # 0: MSE (released config); > 0: smooth-L1 with this beta
+        ema: EMAConfig = field(default_factory=lambda: EMAConfig(
+            start=0.999, end=0.9999, schedule="linear", steps=30000))
+
+        def __post_init__(self):
+            _check_common(self, "method")
+
+    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
+        super().__init__(cfg, preset, frontend, encoder, masker, mask_mode="replace")
+        self.final_proj = nn.Linear(encoder.dim, encoder.dim)
+
+    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+        wav, lengths, padding = self._waveform(batch)
+        mask = self.masker(self.encoder.token_grid(wav.shape), wav.shape[0], padding, generator)
+        out = self.encoder(wav, lengths, mask=mask)  # masked frames replaced by mask_emb
+        y = self.targets(out)  # (B, T, D), teacher on the unmasked input
+        sel = mask.masked.to(wav.device) & ~padding
+        pred = self.final_proj(out.tokens[sel])  # (M, D), masked frames only
+        loss = losses.regression_loss(pred, y[sel], self.cfg.loss_beta)
+        return {"loss": loss, "target_var": token_std(y[sel]), "pred_var": token_std(pred),
+                "emb_std": embedding_std(self.encoder.pool(out)),
+                "frame_std": frame_std(out.tokens, out.padding),
+                "masked_pct": sel.float().mean().detach(),
+                "ema_tau": torch.tensor(self.tau(step), device=loss.device)}
+
+
+class ConvDecoder1d(nn.Module):
+    """data2vec 2.0 audio decoder (fairseq modalities/modules.py `Decoder1d`): `layers` blocks of
+    grouped Conv1d (same padding) -> LayerNorm without affine -> GELU, each adding its input when
+    the widths match (so every block but a first one that changes width), then Linear back to the
+    input width. (N, T, D_in) -> (N, T, D_in)."""
+
+    def __init__(self, in_dim: int, dim: int, layers: int, kernel: int, groups: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2,
+                                             groups=groups) for i in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
+        self.proj = nn.Linear(dim, in_dim)
+
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        T = x.shape[1]
+        for conv, norm in zip(self.convs, self.norms):
+            h = conv(zero_padded(x, padding).transpose(1, 2))[:, :, :T].transpose(1, 2)
+            h = F.gelu(norm(h))
+            x = h + x if h.shape[-1] == x.shape[-1] else h
+        return self.proj(x)
+
+
+@METHODS.register("data2vec2")
+class Data2Vec2(_TeacherStudent):
+    ema_pos_conv = True  # ema_encoder_only false: the positional conv is part of the EMA teacher
+
+    @dataclass
+    class Config:
+        top_k: int = 8
+        instance_norm_targets: bool = True
+        final_norm: str | None = None
+        loss_beta: float = 0.0
+        clone_batch: int = 8  # differently masked student copies per clip
+        decoder_dim: int = 384
+        decoder_layers: int = 4
+        decoder_kernel: int = 7
+        decoder_groups: int = 16
+        decoder_input_dropout: float = 0.1
+        mask_noise_std: float = 0.01  # hidden frames enter the decoder as N(0, std^2) noise
+        ema: EMAConfig = field(default_factory=lambda: EMAConfig(
+            start=0.999, end=0.99999, schedule="linear", steps=75000))
+
+        def __post_init__(self):
+            _check_common(self, "method")
+            if self.clone_batch < 1:
+                raise ConfigError(f"method.clone_batch must be >= 1, found {self.clone_batch}")
+            if min(self.decoder_dim, self.decoder_layers, self.decoder_kernel, self.decoder_groups) < 1:
+                raise ConfigError("method.decoder_dim/_layers/_kernel/_groups must be >= 1")
+            if self.decoder_dim % self.decoder_groups:
+                raise ConfigError(f"method.decoder_groups {self.decoder_groups} must divide "
+                                  f"method.decoder_dim {self.decoder_dim}")
+            if not 0.0 <= self.decoder_input_dropout < 1.0 or self.mask_noise_std < 0:
+                raise ConfigError("method.decoder_input_dropout must be in [0, 1) and "
+                                  "method.mask_noise_std >= 0")
+
+    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
+        super().__init__(cfg, preset, frontend, encoder, masker, mask_mode="keep")
+        if encoder.dim % cfg.decoder_groups:
+            raise ConfigError(f"method.decoder_groups {cfg.decoder_groups} must divide "
+                              f"encoder.dim {encoder.dim}")
+        self.decoder = ConvDecoder1d(encoder.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel,
+                                     cfg.decoder_groups)
+
+    def decoder_input(self, tokens: Tensor, mask, generator: torch.Generator) -> Tensor:
+        """Visible student tokens (N, K_vis, D) -> full sequence (N, T, D): input dropout, then
+        noise appended for the hidden frames and everything put back in time order."""
+        x = F.dropout(tokens, self.cfg.decoder_input_dropout, self.training)
+        n, k, d = x.shape
+        noise = torch.randn((n, mask.restore_idx.shape[1] - k, d), generator=generator,
+                            device=generator.device)
+        x = torch.cat([x, (noise * self.cfg.mask_noise_std).to(device=x.device, dtype=x.dtype)], dim=1)
+        return gather_tokens(x, mask.restore_idx.to(x.device))
+
+    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+        wav, lengths, padding = self._waveform(batch)
+        K = self.cfg.clone_batch
+        padding_k = padding.repeat_interleave(K, 0)  # (B*K, T), rows b*K + k
+        mask = self.masker(self.encoder.token_grid(wav.shape), wav.shape[0] * K, padding_k, generator)
+        out = self.encoder(wav, lengths, mask=mask)  # (B*K, visible, D); conv features computed once
+        y = self.targets(out).repeat_interleave(K, 0)  # teacher once per clip -> (B*K, T, D)
+        pred = self.decoder(self.decoder_input(out.tokens, mask, generator), padding_k)
+        sel = mask.masked.to(wav.device) & ~padding_k
+        loss = losses.regression_loss(pred[sel], y[sel], self.cfg.loss_beta)
+        return {"loss": loss, "target_var": token_std(y[sel]), "pred_var": token_std(pred[sel]),
+                "emb_std": embedding_std(masked_mean(out.tokens, out.padding)),
+                "frame_std": frame_std(out.tokens, out.padding),
+                "masked_pct": sel.float().mean().detach(),
+                "ema_tau": torch.tensor(self.tau(step), device=loss.device)}
