@@ -32,6 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("devbench", type=Path)
     ap.add_argument("--presets", nargs="+", required=True)
+    ap.add_argument("--probe-on", type=Path, default=None,
+                    help="another devbench folder for the probes (e.g. pretrain on full, probe small)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     ap.add_argument("--minutes", type=float, default=None, help="CPU budget per preset instead of --steps")
     ap.add_argument("--runs", type=Path, default=Path("runs/devbench"))
@@ -62,7 +64,7 @@ def main() -> None:
         row = {"steps": preset.train.steps, "train_s": round(train_s, 1), "first_loss": log[0]["loss"],
                "last_loss": log[-1]["loss"], "audio_h_per_s": sum(r["audio_h_per_s"] for r in log) / len(log)}
         for task in TASKS:
-            labels = a.devbench / task / "labels.csv"
+            labels = (a.probe_on or a.devbench) / task / "labels.csv"
             for kind, ckpt in (("ssl", str(run)), ("random", f"random:{name}")):
                 r = probe_ckpt(ckpt, labels, device=a.device, quiet=True)
                 row[f"{task}_{kind}"] = r["accuracy"]
@@ -71,7 +73,7 @@ def main() -> None:
         print(json.dumps({name: row}), flush=True)
     a.runs.mkdir(parents=True, exist_ok=True)
     (a.runs / "devbench_results.json").write_text(json.dumps(results, indent=1))
-    print(f"\ndevbench: {a.devbench} (test accuracy of the linear probe; kNN in brackets)\n")
+    print(f"\ndevbench: pool {a.devbench}, probes {a.probe_on or a.devbench} (test accuracy of the linear probe; kNN in brackets)\n")
     print("| preset | steps | train s | loss first -> last | words SSL | words random | instr SSL | instr random |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
