@@ -41,6 +41,9 @@ def guard():
     code, msg = 0, ""
     try:
         yield
+    except BrokenPipeError:  # `sslaudio extract ... --out - | head`
+        sys.stderr.close()
+        raise typer.Exit(0)
     except (ConfigError, CheckpointError, RunMismatch, ExportError) as e:
         code, msg = EXIT_USAGE, str(e)
     except ProbeError as e:
@@ -51,9 +54,9 @@ def guard():
         code, msg = EXIT_DIVERGED, str(e)
     except KeyboardInterrupt:
         code, msg = 130, "interrupted"
-    except BrokenPipeError:  # `sslaudio extract ... --out - | head`
-        sys.stderr.close()
-        raise typer.Exit(0)
+    except (OSError, UnicodeDecodeError) as e:  # unwritable --out, a folder where a file should be, ...
+        where = getattr(e, "filename", None)
+        code, msg = EXIT_USAGE, f"{where}: {e.strerror}" if where and getattr(e, "strerror", None) else str(e)
     if code:
         err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)

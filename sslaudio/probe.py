@@ -43,6 +43,13 @@ def read_labels(csv_path: str | Path) -> list[LabeledFile]:
     p = Path(csv_path)
     if not p.is_file():
         raise ProbeError(f"{p}: no such labels file")
+    try:
+        return _read_labels(p)
+    except UnicodeDecodeError:
+        raise ProbeError(f"{p}: not a UTF-8 CSV file") from None
+
+
+def _read_labels(p: Path) -> list[LabeledFile]:
     with p.open(newline="") as f:
         sample = f.read(4096)
         f.seek(0)
