@@ -215,7 +215,8 @@ def test_gradients_reach_student_only_and_ema_is_exact(name):
     opt.step()
     before = [p.clone() for p in m.teacher.parameters()]
     step, max_steps = 20, 300
-    tau = m.cfg.ema.start + (m.cfg.ema.end - m.cfg.ema.start) * min(step / m.cfg.ema.steps, 1.0)
+    span = m.cfg.ema.steps or max_steps  # 0: the whole run
+    tau = m.cfg.ema.start + (m.cfg.ema.end - m.cfg.ema.start) * min(step / span, 1.0)
     m.after_step(step, max_steps)
     student = dict(m.encoder.named_parameters())
     names = [n for n, _ in m.teacher.named_parameters()]
@@ -224,7 +225,7 @@ def test_gradients_reach_student_only_and_ema_is_exact(name):
     for n, old, new in zip(names, before, m.teacher.parameters()):
         want = old * tau + student[n].detach() * (1 - tau)
         assert torch.allclose(new, want, atol=1e-7, rtol=0), n
-    assert m.tau(0) == pytest.approx(0.999) and m.tau(10**6) == pytest.approx(m.cfg.ema.end)
+    assert m.tau(0) == pytest.approx(m.cfg.ema.start) and m.tau(10**6, 300) == pytest.approx(m.cfg.ema.end)
 
 
 def test_teacher_stays_in_eval_mode():
