@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sslaudio import __version__
-from sslaudio.config import ConfigError, Preset, build_preset, load_preset, parse
-import yaml
+from sslaudio.config import Preset, build_preset, load_preset
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 ENCODER_FORMAT = "sslaudio-encoder/1"

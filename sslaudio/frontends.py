@@ -8,7 +8,6 @@ the weights, so extraction and export apply them without being told.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torchaudio

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sslaudio.config import ConfigError, load_preset
 from sslaudio.methods import build_method
-from sslaudio.methods.data2vec import Data2Vec, Data2Vec2
+from sslaudio.methods.data2vec import Data2Vec2
 
 SR = 16000
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslaudio.augment import ViewChain
+from sslaudio.augment import ViewChain, ViewSampler
 from sslaudio.config import Preset
 
 
@@ -76,6 +76,22 @@ class Method(nn.Module):
     def inference_encoder(self) -> nn.Module:
         """The encoder used for extraction and export (the online one unless the paper says so)."""
         return self.encoder
+
+
+class ViewMethod(Method):
+    """Base of the methods that compare augmented views of a clip on log-mel input (SimSiam,
+    SimCLR, MoCo, Barlow Twins, VICReg): `self.views` samples them (augment.ViewSampler: one crop
+    augmented per view, or one crop per view with data.segments 2), and `gather_fn` is the hook a
+    multi-process trainer sets to gather embeddings across processes (losses.GatherFn)."""
+
+    @classmethod
+    def needs(cls, cfg) -> Needs:
+        return Needs(frontend=("logmel",))
+
+    def __init__(self, cfg, preset: Preset, frontend: nn.Module, encoder: nn.Module, masker=None):
+        super().__init__(cfg, preset, frontend, encoder, masker)
+        self.views = ViewSampler.for_method(self)
+        self.gather_fn = None  # None: single process
 
 
 def embedding_std(z: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from sslaudio.augment import ViewSampler, make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Needs, ViewMethod, embedding_std
 from sslaudio.methods.byol_a import BYOLA
 from sslaudio.methods.ema import EMAConfig
 from sslaudio.methods.heads import mlp
@@ -54,7 +54,7 @@ class BYOL(BYOLA):
         ema: EMAConfig = field(default_factory=lambda: EMAConfig(start=0.99, end=1.0, schedule="cosine"))
 
     @classmethod
-    def needs(cls, cfg) -> Needs:
+    def needs(cls, cfg) -> Needs:  # unlike BYOL-A: two crops allowed, and no chain needed with them
         return Needs(frontend=("logmel",))
 
     def build_views(self) -> ViewSampler:  # called by BYOLA.__init__
@@ -73,7 +73,7 @@ class BYOL(BYOLA):
 
 
 @METHODS.register("simsiam")
-class SimSiam(Method):
+class SimSiam(ViewMethod):
     """SimSiam: L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine; no EMA.
 
     Projector (official builder): 3 layers, Linear - BN - ReLU twice at the encoder's width, then
@@ -96,13 +96,8 @@ class SimSiam(Method):
             if self.proj_hidden < 0 or self.proj_dim < 1 or self.pred_hidden < 1:
                 raise ConfigError("method: proj_dim and pred_hidden must be positive, proj_hidden >= 0")
 
-    @classmethod
-    def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",))
-
     def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
         super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self)
         d = encoder.frame_dim
         h = cfg.proj_hidden or d
         self.projector = mlp([d, h, h, cfg.proj_dim], bias_last=False, last_norm="bn")

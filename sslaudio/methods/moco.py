@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslaudio.augment import ViewSampler, make_views
+from sslaudio.augment import make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import ViewMethod, embedding_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
@@ -38,7 +38,7 @@ def _check_temperature(t: float) -> None:
 
 
 @METHODS.register("moco-v2")
-class MoCoV2(Method):
+class MoCoV2(ViewMethod):
     """MoCo v2: query encoder + MLP head; key encoder = its momentum copy; a FIFO queue of keys.
 
     Head (`--mlp`): Linear(d, d) - ReLU - Linear(d, 128), no BN, as the official brute-force
@@ -76,20 +76,14 @@ class MoCoV2(Method):
                 raise ConfigError("method: moco-v2 needs proj_hidden >= 0, proj_dim >= 1, queue_size >= 1")
             _check_temperature(self.temperature)
 
-    @classmethod
-    def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",))
-
     def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
         super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self)  # 2 views: 1 crop augmented twice, or 2 crops
         d = encoder.frame_dim
         self.projector = mlp([d, cfg.proj_hidden or d, cfg.proj_dim], norm="none")
         self.key_encoder = make_teacher(encoder)
         self.key_projector = make_teacher(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.gather_fn: losses.GatherFn | None = None  # multi-process hook (see the class docstring)
         self._new_keys: Tensor | None = None  # this step's keys, enqueued by after_step
 
     def _keys(self, v: Tensor) -> Tensor:
@@ -136,7 +130,7 @@ class MoCoV2(Method):
 
 
 @METHODS.register("moco-v3")
-class MoCoV3(Method):
+class MoCoV3(ViewMethod):
     """MoCo v3: base encoder + projector + predictor; momentum encoder + projector; no queue.
 
     Heads (paper, sec. 4 and appendix): a 3-layer projector and a 2-layer predictor, hidden 4096,
@@ -172,13 +166,8 @@ class MoCoV3(Method):
                 raise ConfigError("method: moco-v3 needs positive proj_layers, proj_hidden, proj_dim, pred_hidden")
             _check_temperature(self.temperature)
 
-    @classmethod
-    def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",))
-
     def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
         super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self)  # 2 views: 1 crop augmented twice, or 2 crops
         d = encoder.frame_dim
         self.projector = mlp([d] + [cfg.proj_hidden] * (cfg.proj_layers - 1) + [cfg.proj_dim],
                              last_norm="bn", bias_last=False)
@@ -186,7 +175,6 @@ class MoCoV3(Method):
                              last_norm="bn" if cfg.pred_last_bn else None, bias_last=False)
         self.momentum_encoder = make_teacher(encoder)
         self.momentum_projector = make_teacher(self.projector)
-        self.gather_fn: losses.GatherFn | None = None  # multi-process hook (see the class docstring)
 
     def _online(self, v: Tensor) -> tuple[Tensor, Tensor]:
         z = self.projector(self.encoder.pool(self.encoder(v)))  # (B, P)

@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sslaudio.augment import ViewSampler, make_views
+from sslaudio.augment import make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import ViewMethod, embedding_std
 from sslaudio.methods.byol import clip_embedding
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
 
-class _TwoViewProjector(Method):
+class _TwoViewProjector(ViewMethod):
     """Shared body: views -> encoder -> pooled clip embedding -> projector (expander).
 
     Projector (both official codes): Linear - BN - ReLU for every hidden width, then a final
@@ -44,13 +44,8 @@ class _TwoViewProjector(Method):
             if not self.projector or min(self.projector) < 1:
                 raise ConfigError("method.projector: a non-empty list of positive widths")
 
-    @classmethod
-    def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",))
-
     def __init__(self, cfg, preset, frontend, encoder, masker=None):
         super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self)
         self.projector = mlp([encoder.frame_dim, *cfg.projector], bias_last=False)
 
     def project(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:

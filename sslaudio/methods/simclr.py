@@ -34,16 +34,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sslaudio.augment import ViewSampler, make_views
+from sslaudio.augment import make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import ViewMethod, embedding_std
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
 
 @METHODS.register("simclr")
-class SimCLR(Method):
+class SimCLR(ViewMethod):
     @dataclass
     class Config:
         proj_layers: int = 3  # SimCLR v2 (tf2/run.py num_proj_layers); v1 used 2
@@ -57,18 +57,11 @@ class SimCLR(Method):
             if self.temperature <= 0:
                 raise ConfigError(f"method.temperature must be positive, found {self.temperature}")
 
-    @classmethod
-    def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",))
-
     def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
         super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self)  # 2 views: 1 crop augmented twice, or 2 crops
         d = encoder.frame_dim
         hidden = cfg.proj_hidden or d
         self.projector = mlp([d] + [hidden] * (cfg.proj_layers - 1) + [cfg.proj_dim], last_norm="bn")
-        # Multi-process hook: a differentiable all-gather (losses.GatherFn); None = single process.
-        self.gather_fn: losses.GatherFn | None = None
 
     def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
         v1, v2 = make_views(self, batch["audio"], generator)  # (B, F, T) each
