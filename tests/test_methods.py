@@ -74,3 +74,19 @@ def test_transformer_encoders_export(name, fmt, tmp_path):
         warnings.simplefilter("ignore")
         r = export(bundle, fmt, tmp_path / f"m.{fmt}")  # raises if it disagrees with PyTorch
     assert r["dim"] == bundle.encoder.frame_dim and r["max_abs_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_bf16_autocast_step_is_finite(name):
+    """The CUDA path trains under bf16 autocast; the CPU autocast exercises the same dtype rules."""
+    p, m = small(name)
+    n = int(round(p.data.clip_seconds * p.data.sample_rate))
+    audio = torch.randn(4, p.data.segments, n) * 0.1
+    if hasattr(m.frontend, "estimate_stats"):
+        m.frontend.estimate_stats(audio[:, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m({"audio": audio}, 0, torch.Generator().manual_seed(0))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [q.grad for q in m.inference_encoder().parameters() if q.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
