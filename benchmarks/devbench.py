@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--layer", type=int, default=None, help="probe this encoder block (default: the output)")
+    ap.add_argument("--no-train", action="store_true", help="probe the existing runs in RUNS only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     pool = a.devbench / "pretrain_pool" / "audio"
@@ -58,21 +60,23 @@ def main() -> None:
         preset = load_preset(name, overrides)
         run = a.runs / name.replace("/", "_")
         t0 = time.time()
-        fit(preset, [str(pool)], run, resume=True, device=a.device, progress=False)
+        if not a.no_train:
+            fit(preset, [str(pool)], run, resume=True, device=a.device, progress=False)
         train_s = time.time() - t0
         log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-        row = {"steps": preset.train.steps, "train_s": round(train_s, 1), "first_loss": log[0]["loss"],
+        row = {"steps": log[-1]["step"], "train_s": round(train_s, 1), "first_loss": log[0]["loss"],
                "last_loss": log[-1]["loss"], "audio_h_per_s": sum(r["audio_h_per_s"] for r in log) / len(log)}
         for task in TASKS:
             labels = (a.probe_on or a.devbench) / task / "labels.csv"
             for kind, ckpt in (("ssl", str(run)), ("random", f"random:{name}")):
-                r = probe_ckpt(ckpt, labels, device=a.device, quiet=True)
+                r = probe_ckpt(ckpt, labels, device=a.device, quiet=True, layer=a.layer)
                 row[f"{task}_{kind}"] = r["accuracy"]
                 row[f"{task}_{kind}_knn"] = r["knn_accuracy"]
         results[name] = row
         print(json.dumps({name: row}), flush=True)
     a.runs.mkdir(parents=True, exist_ok=True)
-    (a.runs / "devbench_results.json").write_text(json.dumps(results, indent=1))
+    name = "devbench_results.json" if a.layer is None else f"devbench_results_layer{a.layer}.json"
+    (a.runs / name).write_text(json.dumps(results, indent=1))
     print(f"\ndevbench: pool {a.devbench}, probes {a.probe_on or a.devbench} (test accuracy of the linear probe; kNN in brackets)\n")
     print("| preset | steps | train s | loss first -> last | words SSL | words random | instr SSL | instr random |")
     print("|---|---|---|---|---|---|---|---|")

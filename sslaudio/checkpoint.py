@@ -8,6 +8,7 @@ in its metadata: everything `extract` / `probe` / `export` need.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -140,14 +141,35 @@ class EncoderBundle(nn.Module):
         self.encoder = encoder
         self.preset = preset
         self.needs_stats = needs_stats  # random-init baselines estimate frontend stats from their inputs
+        self.layer: int | None = None  # embed an intermediate block's output instead of the last
 
     @property
     def sample_rate(self) -> int:
         return self.preset.data.sample_rate
 
+    def set_layer(self, layer: int | None) -> "EncoderBundle":
+        """Use block `layer` (0-based, negative from the end; None: the encoder's output) for
+        embeddings, as SUPERB-style probes of speech models do."""
+        if layer is not None:
+            with torch.no_grad():
+                depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
+            if not -depth <= layer < depth:
+                raise CheckpointError(f"--layer {layer}: this encoder has {depth} layer(s) (0..{depth - 1})")
+        self.layer = layer
+        return self
+
+    def _probe_input(self) -> tuple[Tensor, Tensor]:
+        audio = torch.zeros(1, 4 * int(self.encoder.downsample), device=next(self.encoder.parameters()).device)
+        with torch.no_grad():
+            x, fl = self.frontend(audio)
+        return x, fl
+
     def forward(self, audio: Tensor, lengths: Tensor | None = None):
         x, frame_lengths = self.frontend(audio, lengths)
-        return self.encoder(x, frame_lengths)
+        if self.layer is None:
+            return self.encoder(x, frame_lengths)
+        out = self.encoder(x, frame_lengths, return_layers=True)
+        return dataclasses.replace(out, tokens=out.layers[self.layer])
 
     def embed(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,)."""

@@ -143,6 +143,8 @@ def extract(
     frames: bool = typer.Option(False, "--frames", help="Also write frame embeddings and timestamps."),
     fmt: str = typer.Option("safetensors", "--format", help="safetensors | npy"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
+    layer: Optional[int] = typer.Option(None, help="Embed this block's output (0-based; -1 the last) instead "
+                                                   "of the encoder's final output."),
     device: str = typer.Option("auto"),
 ):
     """Write clip (and frame) embeddings per input file, mirroring the input tree."""
@@ -155,7 +157,7 @@ def extract(
         if fmt not in ("safetensors", "npy"):
             raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
         dev = _device(device)
-        bundle = load_encoder(ckpt)
+        bundle = load_encoder(ckpt).set_layer(layer)
         items = scan_pairs(inputs)
         if not items:
             raise DataError(f"no audio files in {' '.join(inputs)}")
@@ -178,9 +180,10 @@ def probe(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds."),
+    layer: Optional[int] = typer.Option(None, help="Probe this block's output (0-based; -1 the last)."),
 ):
     """Linear and kNN probes on frozen clip embeddings; prints accuracy / F1 (or mAP)."""
-    res = probe_ckpt(ckpt, labels, batch_size, device, seed)
+    res = probe_ckpt(ckpt, labels, batch_size, device, seed, layer=layer)
     t = Table(title=f"probe: {ckpt} on {labels}")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -198,7 +201,7 @@ def probe(
 
 
 def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "auto", seed: int = 0,
-               quiet: bool = False) -> dict:
+               quiet: bool = False, layer: int | None = None) -> dict:
     import numpy as np
 
     from sslaudio.checkpoint import load_encoder
@@ -208,7 +211,7 @@ def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "aut
     with guard():
         dev = _device(device)
         rows = read_labels(labels)
-        bundle = load_encoder(ckpt)
+        bundle = load_encoder(ckpt).set_layer(layer)
         skipped = []
 
         def skip(p, r):
@@ -223,7 +226,7 @@ def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "aut
             raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
         X = np.stack([emb[r.path] for r in kept])
         res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed)
-        res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped))
+        res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped), layer=layer)
         return res
 
 

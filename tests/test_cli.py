@@ -116,3 +116,14 @@ def test_no_usable_input_exits_4(bad_dir, tmp_path):
     (bad_dir / "short.wav").unlink()  # too short to train on, but extraction pads it
     r = invoke("extract", "random:tiny/byol-a", bad_dir, "--out", tmp_path / "f")
     assert r.exit_code == 4 and "no usable audio" in r.output
+
+
+def test_probe_and_extract_an_intermediate_layer(labeled_dir, tmp_path):
+    out = tmp_path / "p.json"
+    r = invoke("probe", "random:tiny/m2d", labeled_dir / "labels.csv", "--layer", "1", "--json", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["layer"] == 1
+    r = invoke("extract", "random:tiny/m2d", labeled_dir / "a" / "000.wav", "--out", tmp_path / "f", "--layer", "-2")
+    assert r.exit_code == 0, r.output
+    r = invoke("probe", "random:tiny/m2d", labeled_dir / "labels.csv", "--layer", "9")
+    assert r.exit_code == 2 and "has 4 layer(s)" in r.output
