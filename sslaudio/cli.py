@@ -116,7 +116,7 @@ def pretrain(
             "run": summary["run"], "preset": preset, "steps": f"{summary['start_step']} -> {summary['steps']}",
             "files used / skipped": f"{summary['files']} / {summary['skipped']}",
             "device / precision": f"{summary['device']} / {summary['precision']}",
-            "time": f"{summary['time_s']:.1f} s", "last loss": _last_loss(Path(out_dir)),
+            "training time": f"{summary['time_s']:.1f} s", "last loss": _last_loss(Path(out_dir)),
             "encoder": str(Path(out_dir) / "export" / "encoder.safetensors")})
 
 

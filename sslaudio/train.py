@@ -189,7 +189,8 @@ class _progress:
 
     def __init__(self, enabled: bool, start: int, total: int):
         self.enabled = enabled and sys.stderr.isatty()
-        self.start, self.total = start, total
+        self.plain = enabled and not self.enabled  # not a terminal (nohup, CI): one line per log step
+        self.start, self.total, self.t0 = start, total, time.time()
         if self.enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -210,5 +211,7 @@ class _progress:
     def update(self, done: int, row: dict) -> None:
         if self.enabled:
             self.p.update(self.task, completed=done, loss=row["loss"], sps=row["steps_per_s"], ah=row["audio_h_per_s"])
-        elif os.environ.get("SSLAUDIO_LOG_STDERR"):
-            print(json.dumps(row), file=sys.stderr)
+        elif self.plain:
+            eta = (self.total - done) / max(row["steps_per_s"], 1e-9)
+            print(f"step {done}/{self.total}  loss {row['loss']:.4f}  {row['steps_per_s']:.2f} step/s  "
+                  f"{row['audio_h_per_s']:.3f} audio-h/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
