@@ -241,9 +241,6 @@ def export(
     from sslaudio.export import export as run_export
 
     with guard():
-        import warnings
-
-        warnings.filterwarnings("ignore")
         res = run_export(load_encoder(ckpt), fmt, out_file)
         _print_table("export", res)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def _tmp_in(path: Path) -> str:
 
 def export(bundle: EncoderBundle, fmt: str, out: Path, seconds: float = 1.0) -> dict:
     """Write the model to `out` atomically and return {"max_abs_diff", "dim", ...}."""
+    with warnings.catch_warnings():
+        # torch.jit's deprecation notices and the tracer's constant-shape notes are expected: the
+        # check in _export runs the exported model on another batch and length instead
+        warnings.simplefilter("ignore")
+        return _export(bundle, fmt, out, seconds)
+
+
+def _export(bundle: EncoderBundle, fmt: str, out: Path, seconds: float) -> dict:
     model = ClipEncoder(bundle).eval()
     sr = bundle.sample_rate
     g = torch.Generator().manual_seed(0)
@@ -98,15 +107,9 @@ def export(bundle: EncoderBundle, fmt: str, out: Path, seconds: float = 1.0) -> 
 
 
 def _onnx_export(model: nn.Module, example: Tensor, path: str) -> None:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example,), path, input_names=["audio"], output_names=["embedding"],
-                              dynamic_axes={"audio": {0: "batch", 1: "samples"}, "embedding": {0: "batch"}},
-                              opset_version=18, dynamo=False)
-        except TypeError:  # torch without the `dynamo` argument
-            torch.onnx.export(model, (example,), path, input_names=["audio"], output_names=["embedding"],
-                              dynamic_axes={"audio": {0: "batch", 1: "samples"}, "embedding": {0: "batch"}},
-                              opset_version=18)
+    kwargs = dict(input_names=["audio"], output_names=["embedding"], opset_version=18,
+                  dynamic_axes={"audio": {0: "batch", 1: "samples"}, "embedding": {0: "batch"}})
+    try:  # the TorchScript-based exporter handles our data-dependent checks as constants
+        torch.onnx.export(model, (example,), path, dynamo=False, **kwargs)
+    except TypeError:  # torch without the `dynamo` argument
+        torch.onnx.export(model, (example,), path, **kwargs)
