@@ -149,14 +149,15 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                     out = method(batch, step, gen)
                 loss = out["loss"]
                 optimizer.zero_grad(set_to_none=True)
-                if bool(torch.isfinite(loss)):
+                loss_value = float(loss.detach())  # the step's one host sync: finiteness and the log
+                if math.isfinite(loss_value):
                     nonfinite = 0
                     loss.backward()
                     if preset.optim.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(method.parameters(), preset.optim.grad_clip)
                     optimizer.step()
                     method.after_step(step, tc.steps)
-                    loss_sum, n_sum = loss_sum + float(loss.detach()), n_sum + 1
+                    loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
                 else:  # skip the update; the step still counts, so data order stays tied to it
                     nonfinite += 1
                     if nonfinite >= tc.max_nonfinite:

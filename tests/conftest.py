@@ -61,3 +61,19 @@ def bad_dir(tmp_path) -> Path:
     write_wav(tmp_path / "nan.wav", x, subtype="FLOAT")
     write_wav(tmp_path / "short.wav", np.zeros(100, dtype=np.float32))
     return tmp_path
+
+
+def run_steps(method, audio: torch.Tensor, steps: int, lr: float = 3e-3) -> list[dict]:
+    """Train `method` for `steps` AdamW steps on one fixed batch; the logged scalars per step.
+    Seeds follow the trainer's convention (global RNG and the method's generator per step)."""
+    opt = torch.optim.AdamW(method.param_groups(0.0), lr=lr)
+    hist = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        out = method({"audio": audio}, step, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        method.after_step(step, steps)
+        hist.append({k: float(v) for k, v in out.items()})
+    return hist

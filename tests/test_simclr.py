@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import run_steps
 from sslaudio.config import ConfigError, load_preset
 from sslaudio.methods import build_method
 from sslaudio.synth import CLASSES, clip
@@ -109,16 +110,7 @@ def test_short_run_lowers_the_loss_without_collapse():
     m = _method()
     audio = _synth_batch(1, 0)  # 8 clips, one per class
     m.frontend.estimate_stats(audio[:, 0])
-    opt = torch.optim.AdamW(m.param_groups(0.0), lr=3e-3)
-    hist = []
-    for step in range(30):
-        torch.manual_seed(step)
-        out = m({"audio": audio}, step, g(step))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        m.after_step(step, 30)
-        hist.append({k: v.item() for k, v in out.items()})
+    hist = run_steps(m, audio, 30)
     first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
     assert last < first - 0.3, (first, last)
     assert hist[-1]["emb_std"] > 0.1 / math.sqrt(16)  # healthy ~ 1/sqrt(D), collapse -> 0
