@@ -68,7 +68,8 @@ def main() -> None:
                "last_loss": log[-1]["loss"], "audio_h_per_s": sum(r["audio_h_per_s"] for r in log) / len(log)}
         for task in TASKS:
             labels = (a.probe_on or a.devbench) / task / "labels.csv"
-            for kind, ckpt in (("ssl", str(run)), ("random", f"random:{name}")):
+            # the run's resolved config, so --set overrides reach the random-init baseline too
+            for kind, ckpt in (("ssl", str(run)), ("random", f"random:{run / 'config.yaml'}")):
                 r = probe_ckpt(ckpt, labels, device=a.device, quiet=True, layer=a.layer)
                 row[f"{task}_{kind}"] = r["accuracy"]
                 row[f"{task}_{kind}_knn"] = r["knn_accuracy"]
