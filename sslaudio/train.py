@@ -168,7 +168,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                     now = time.time()
                     sps = n_sum / max(now - t_last, 1e-9)
                     row = {"step": done, "loss": loss_sum / n_sum, "lr": lr,
-                           **{k: float(v) for k, v in out.items() if k != "loss"},
+                           **{k: float(v.detach()) for k, v in out.items() if k != "loss"},
                            "steps_per_s": sps, "audio_h_per_s": sps * crop_h, "time": now - t0}
                     log.write(row)
                     bar.update(done, row)

@@ -75,5 +75,5 @@ def run_steps(method, audio: torch.Tensor, steps: int, lr: float = 3e-3) -> list
         out["loss"].backward()
         opt.step()
         method.after_step(step, steps)
-        hist.append({k: float(v) for k, v in out.items()})
+        hist.append({k: float(v.detach()) for k, v in out.items()})
     return hist
