@@ -61,9 +61,18 @@ def teacher_ffns_by_hand(m, projected: torch.Tensor) -> list[torch.Tensor]:
     """The teacher's transformer written out block by block on the unmasked projected features."""
     pos_conv = m.teacher["pos_conv"] if isinstance(m, Data2Vec2) else m.encoder.pos_conv
     h = m.teacher["norm"](projected + pos_conv(projected))
+    bias = None
+    if m.encoder.cfg.alibi:  # ALiBi: -slope_h * scale_h * |i - j|, slope_h = 2^(-8 (h + 1) / H)
+        B, T, H = h.shape[0], h.shape[1], m.encoder.cfg.heads
+        bias = torch.zeros(B, H, T, T)
+        for head in range(H):
+            slope = 2 ** (-8 * (head + 1) / H) * float(m.encoder.alibi_scale[head].clamp_min(0))
+            for i in range(T):
+                for j in range(T):
+                    bias[:, head, i, j] = -slope * abs(i - j)
     ffns = []
     for block in m.teacher["blocks"].blocks:
-        h, f = block(h)
+        h, f = block(h, None, bias)
         ffns.append(f)
     return ffns
 

@@ -24,6 +24,7 @@ VIT = {"name": "vit", "patch": [8, 4], "dim": 32, "depth": 2, "heads": 4}
 W2V = {"name": "conv_transformer", "conv_layers": TINY_CONV, "dim": 32, "depth": 2, "heads": 4,
        "ffn_dim": 64, "pos_conv_kernel": 16, "pos_conv_groups": 4}
 D2V = {**W2V, "extractor_mode": "layer", "pos_conv_depth": 5, "pos_conv_kernel": 15, "layer_norm_first": True}
+D2V2 = {**D2V, "layer_norm_first": False, "alibi": True}  # data2vec 2.0: ALiBi on top of conv positions
 
 
 def build(section: dict, seed: int = 0):
@@ -44,7 +45,7 @@ def crop(x, n):
     return x[..., :n]
 
 
-ENCS = pytest.mark.parametrize("section", [VIT, W2V, D2V], ids=["vit", "wav2vec2", "data2vec"])
+ENCS = pytest.mark.parametrize("section", [VIT, W2V, D2V, D2V2], ids=["vit", "wav2vec2", "data2vec", "data2vec2"])
 
 
 @ENCS
@@ -261,3 +262,37 @@ def test_block_returns_ffn_output_before_residual(norm_first):
 def test_bad_configs_raise_config_error(section, frontend, match):
     with pytest.raises(ConfigError, match=match):
         ENCODERS.build(section, "encoder", frontend=frontend)
+
+
+def test_alibi_slopes_and_bias_by_hand():
+    from sslaudio.encoders.layers import alibi_slopes
+
+    assert alibi_slopes(4) == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8])
+    # not a power of two: the 4-head slopes, then every other one of the 8-head slopes
+    assert alibi_slopes(6) == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+    enc = build(D2V2)
+    with torch.no_grad():
+        enc.alibi_scale.copy_(torch.tensor([1.0, 0.5, -1.0, 2.0]))  # a negative scale is clamped to 0
+    pos = torch.tensor([[0, 2, 5]])
+    bias = enc.attention_bias(pos)
+    for h, (slope, scale) in enumerate(zip([2**-2, 2**-4, 2**-6, 2**-8], [1.0, 0.5, 0.0, 2.0])):
+        for i in range(3):
+            for j in range(3):
+                assert float(bias[0, h, i, j]) == pytest.approx(-slope * scale * abs(int(pos[0, i]) - int(pos[0, j])))
+
+
+def test_alibi_keep_mode_uses_original_positions():
+    """fairseq masked_alibi: the bias of kept tokens is the full bias gathered at their positions."""
+    enc = build(D2V2)
+    T = 19
+    full = enc.attention_bias(torch.arange(T)[None])
+    keep = torch.tensor([[1, 4, 5, 11, 18]])
+    want = full[:, :, keep[0]][:, :, :, keep[0]]
+    assert torch.allclose(enc.attention_bias(keep), want)
+
+
+def test_alibi_scale_is_learned():
+    enc = build(D2V2).train()
+    x, lengths = batch(D2V2)
+    enc(x, lengths).tokens.sum().backward()
+    assert enc.alibi_scale.grad is not None and float(enc.alibi_scale.grad.abs().sum()) > 0

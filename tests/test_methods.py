@@ -58,7 +58,7 @@ def test_inference_encoder_embeds_longer_audio(name):
     assert times[-1] <= 2.5 + 1e-6 and torch.all(times[1:] > times[:-1])
 
 
-@pytest.mark.parametrize("name", ["tiny/m2d", "tiny/data2vec"])  # ViT and conv-transformer (CNN: test_cli)
+@pytest.mark.parametrize("name", ["tiny/m2d", "tiny/data2vec", "tiny/data2vec2"])  # ViT, conv-transformer, + ALiBi
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_transformer_encoders_export(name, fmt, tmp_path):
     import warnings

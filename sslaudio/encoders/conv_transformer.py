@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from sslaudio.config import ConfigError
 from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
 from sslaudio.encoders.layers import (WAV2VEC2_CONV_LAYERS, Block, ConvFeatureExtractor,
-                                      ConvPositionalEmbedding, TransformerStack, gather_tokens,
-                                      init_bert_, scale_grad, zero_padded)
+                                      ConvPositionalEmbedding, TransformerStack, alibi_bias, alibi_slopes,
+                                      gather_tokens, init_bert_, scale_grad, zero_padded)
 from sslaudio.registry import ENCODERS
 
 
@@ -59,6 +59,9 @@ class ConvTransformer(Encoder):
         pos_conv_groups: int = 16
         pos_conv_depth: int = 1  # data2vec: 5 layers sharing kernel 95 (19 each)
         feature_grad_mult: float = 1.0  # 0.1 for wav2vec 2.0 Base
+        # data2vec 2.0 audio: ALiBi attention bias with a learned per-head scale (init 1, clamped
+        # at 0), on top of the conv positions (fairseq use_alibi_encoder, learned_alibi_scale)
+        alibi: bool = False
 
         def __post_init__(self):
             if not self.conv_layers or any(len(c) != 3 or min(c) < 1 for c in self.conv_layers):
@@ -94,6 +97,9 @@ class ConvTransformer(Encoder):
         self.pos_conv = ConvPositionalEmbedding(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups,
                                                 cfg.pos_conv_depth)
         self.norm = nn.LayerNorm(cfg.dim)  # after positions (post-LN) or at the end (pre-LN)
+        if cfg.alibi:
+            self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(cfg.heads)), persistent=False)
+            self.alibi_scale = nn.Parameter(torch.ones(cfg.heads))
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = TransformerStack([
             Block(cfg.dim, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout,
@@ -129,6 +135,12 @@ class ConvTransformer(Encoder):
         """Centre in seconds of each frame's receptive field."""
         t = torch.arange(n_frames, dtype=torch.float64) * self.downsample + self.receptive_field / 2
         return t / self.sample_rate
+
+    def attention_bias(self, positions: Tensor) -> Tensor | None:
+        """(B, N) frame positions of the tokens -> (B, H, N, N) ALiBi bias, or None without ALiBi."""
+        if not self.cfg.alibi:
+            return None
+        return alibi_bias(positions, self.alibi_slopes * self.alibi_scale.clamp_min(0))
 
     # ---- forward ----
 
@@ -194,7 +206,12 @@ class ConvTransformer(Encoder):
             h = self.norm(h)
         h = self.dropout(h)
         attn_padding = padding if bool(padding.any()) else None
-        h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers)
+        bias = None
+        if self.cfg.alibi:  # positions of the kept frames in keep mode, 0..T-1 otherwise
+            pos = mask.keep_idx.to(h.device) if keep else \
+                torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
+            bias = self.attention_bias(pos)
+        h, layers, ffns = self.blocks(h, attn_padding, bias, return_layers=return_layers)
         if self.cfg.layer_norm_first:
             h = self.norm(h)
 

@@ -223,6 +223,27 @@ def sincos_pos_embed_2d_traced(dim: int, fg: int, tokens: Tensor) -> Tensor:
     return emb.reshape(-1, dim).to(tokens.dtype)
 
 
+def alibi_slopes(heads: int) -> list[float]:
+    """ALiBi head slopes (Press et al., ICLR 2022; fairseq `get_slopes`): a geometric sequence
+    starting at 2^(-8/n) for n a power of two, interleaved from 2n heads otherwise."""
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(heads).is_integer():
+        return pow2(heads)
+    closest = 2 ** math.floor(math.log2(heads))
+    return pow2(closest) + alibi_slopes(2 * closest)[0::2][: heads - closest]
+
+
+def alibi_bias(positions: Tensor, slopes: Tensor) -> Tensor:
+    """Symmetric ALiBi bias for (B, N) token positions and (H,) per-head slopes -> (B, H, N, N):
+    -slope_h * |pos_i - pos_j| (fairseq data2vec 2.0 `get_alibi`, dims=1, gathered by
+    `masked_alibi` for kept tokens)."""
+    dist = (positions[:, :, None] - positions[:, None, :]).abs().to(slopes.dtype)  # (B, N, N)
+    return -slopes[None, :, None, None] * dist[:, None]
+
+
 # --------------------------------------------------------------------------------------------
 # wav2vec 2.0 waveform encoder
 

@@ -20,9 +20,9 @@ frames (keep-mode mask); a light conv decoder fills the hidden frames with N(0, 
 (fairseq `decoder_input`), and predicts the targets at the hidden frames. With `ema_encoder_only:
 false` and `ema_local_encoder: false` the teacher EMA-tracks the positional conv, the LayerNorm and
 the blocks, and again reads the student's local (conv + projection) features.
-Not implemented: the official v2 audio model adds learned-scale ALiBi attention biases on top of
-the conv positions; our ConvTransformer has no hook for an attention bias, so we keep only the
-conv positional embedding (documented in presets/data2vec2.yaml).
+Positions: the conv positional embedding plus ALiBi attention biases with a learned per-head scale
+(encoder `alibi: true`, fairseq use_alibi_encoder / learned_alibi_scale); kept frames keep their
+original positions in the bias, and the teacher uses the student's bias over all frames.
 
 Both evaluate the student encoder (`inference_encoder` default). Loss: `losses.regression_loss`
 (loss_beta 0 => MSE, as the released configs; smooth-L1 otherwise), Σ_d / sqrt(D), mean over
@@ -128,7 +128,10 @@ class _TeacherStudent(Method):
         if not self.encoder.cfg.layer_norm_first:
             h = self.teacher["norm"](h)
         attn_padding = padding if bool(padding.any()) else None
-        _, _, ffns = self.teacher["blocks"](h, attn_padding, return_layers=True)
+        # ALiBi (data2vec 2.0): the student's bias over all frames, as fairseq's teacher reuses
+        # the student's local encoder and its learned alibi scale
+        bias = self.encoder.attention_bias(torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1))
+        _, _, ffns = self.teacher["blocks"](h, attn_padding, bias, return_layers=True)
         return ffns
 
     def targets(self, out: EncoderOut) -> Tensor:
