@@ -294,13 +294,14 @@ def demo(
             resume=True, device=str(dev))
         err.print("3/5 extracting embeddings ...")
         feats = out_dir / "features"
-        ex = run_extract(load_encoder(str(run)), scan_pairs([str(out_dir / "data" / "audio")]), feats, True,
+        bundle = load_encoder(str(run))  # for extraction and export
+        ex = run_extract(bundle, scan_pairs([str(out_dir / "data" / "audio")]), feats, True,
                          "safetensors", dev, 32, encoder_id=str(run))
         err.print("4/5 probing the pretrained and the random-init encoder ...")
         trained = probe_ckpt(str(run), labels, device=device)
         random_ = probe_ckpt(f"random:{preset}", labels, device=device)
         err.print("5/5 exporting ...")
-        exp = run_export(load_encoder(str(run)), "torchscript", out_dir / "encoder.torchscript.pt")
+        exp = run_export(bundle, "torchscript", out_dir / "encoder.torchscript.pt")
         t = Table(title=f"sslaudio demo: {preset} ({time.time() - t0:.0f} s)")
         for c in ("encoder", "linear acc", "macro F1", "kNN acc"):
             t.add_column(c, justify="right" if c != "encoder" else "left")

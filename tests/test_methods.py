@@ -27,13 +27,17 @@ def test_every_method_has_full_and_tiny_presets():
         assert (Path(__file__).parent.parent / "presets" / f"{n.split('/', 1)[1]}.yaml").is_file(), n
 
 
+def audio_batch(p, m) -> torch.Tensor:
+    """(4, segments, S) random crops for preset p; fits the frontend statistics (no-op if none)."""
+    audio = torch.randn(4, p.data.segments, int(round(p.data.clip_seconds * p.data.sample_rate))) * 0.1
+    m.frontend.estimate_stats(audio[:, 0])
+    return audio
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_one_step_is_finite_and_trains_the_encoder(name):
     p, m = small(name)
-    n = int(round(p.data.clip_seconds * p.data.sample_rate))
-    audio = torch.randn(4, p.data.segments, n) * 0.1
-    if hasattr(m.frontend, "estimate_stats"):
-        m.frontend.estimate_stats(audio[:, 0])
+    audio = audio_batch(p, m)
     out = m({"audio": audio}, 0, torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
     assert all(v.ndim == 0 for v in out.values()), "logged values must be scalars"
@@ -80,10 +84,7 @@ def test_transformer_encoders_export(name, fmt, tmp_path):
 def test_bf16_autocast_step_is_finite(name):
     """The CUDA path trains under bf16 autocast; the CPU autocast exercises the same dtype rules."""
     p, m = small(name)
-    n = int(round(p.data.clip_seconds * p.data.sample_rate))
-    audio = torch.randn(4, p.data.segments, n) * 0.1
-    if hasattr(m.frontend, "estimate_stats"):
-        m.frontend.estimate_stats(audio[:, 0])
+    audio = audio_batch(p, m)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m({"audio": audio}, 0, torch.Generator().manual_seed(0))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
