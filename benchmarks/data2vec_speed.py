@@ -3,13 +3,15 @@
 data2vec 2.0's claim (Baevski et al. 2023) is efficiency: the teacher (and the conv feature
 extractor) run once per clip for `clone_batch` K differently masked student copies, and the
 student encodes only the visible frames. This script builds both methods from their presets
-(tiny by default, `--size base` for the 12 x 768 paper models, whose encoders are identical),
+(the waveform tiny presets by default, `--size tiny-mel` for the log-mel ViT tiny presets,
+`--size base` for the 12 x 768 paper models, whose encoders are identical),
 trains N optimizer steps on random waveforms (forward + backward + AdamW step + EMA update), and
 prints steps/s, audio seconds/s (clips consumed) and masked student views/s (clips x K: the
 training examples a step learns from), each as a ratio to data2vec.
 
     OMP_NUM_THREADS=1 python benchmarks/data2vec_speed.py                # tiny presets
     OMP_NUM_THREADS=1 python benchmarks/data2vec_speed.py --batch 8 --steps 20
+    OMP_NUM_THREADS=1 python benchmarks/data2vec_speed.py --size tiny-mel --batch 16 --steps 20
     python benchmarks/data2vec_speed.py --size base --seconds 4 --batch 4 --device cuda
 
 `--batch` sets one batch size for both (default: each preset's own). Wall-clock rates are
@@ -65,9 +67,14 @@ def measure(preset_name: str, overrides: list[str], steps: int, warmup: int, dev
             "views_s": sps * B * K, "cpu_views_s": steps / cpu * B * K}
 
 
+PAIRS = {"tiny": ("tiny/data2vec-wave", "tiny/data2vec2-wave"), "tiny-mel": ("tiny/data2vec", "tiny/data2vec2"),
+         "base": ("data2vec", "data2vec2")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["tiny", "base"], default="tiny")
+    ap.add_argument("--size", choices=list(PAIRS), default="tiny",
+                    help="tiny: the waveform tiny presets; tiny-mel: the log-mel ViT ones; base: paper scale")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=0, help="one batch size for both (0: each preset's)")
@@ -76,13 +83,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    prefix = "tiny/" if args.size == "tiny" else ""
     common = [f"train.batch_size={args.batch}"] if args.batch else []
     if args.seconds:
         common.append(f"data.clip_seconds={args.seconds}")
     v2 = common + ([f"method.clone_batch={args.clone}"] if args.clone else [])
-    rows = [measure(prefix + "data2vec", common, args.steps, args.warmup, args.device),
-            measure(prefix + "data2vec2", v2, args.steps, args.warmup, args.device)]
+    v1_name, v2_name = PAIRS[args.size]
+    rows = [measure(v1_name, common, args.steps, args.warmup, args.device),
+            measure(v2_name, v2, args.steps, args.warmup, args.device)]
 
     base = rows[0]
     print(f"# {args.size} presets, device {args.device}, torch threads {torch.get_num_threads()}, "

@@ -53,7 +53,7 @@ def main() -> None:
             from throughput import measure
 
             sps = measure(name, "cpu" if a.device == "auto" and not torch.cuda.is_available() else
-                          ("cuda" if a.device == "auto" else a.device), 3, 1, overrides)["steps_per_s"]
+                          ("cuda" if a.device == "auto" else a.device), 10, 3, overrides)["steps_per_s"]
             overrides.append(f"train.steps={max(10, int(sps * 0.8 * a.minutes * 60))}")
         elif a.steps:
             overrides.append(f"train.steps={a.steps}")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from sslaudio.config import ConfigError, load_preset
@@ -86,18 +87,18 @@ def regression_by_hand(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # targets
 
 
-@pytest.mark.parametrize("name", ["data2vec", "data2vec2"])
+@pytest.mark.parametrize("name", ["data2vec-wave", "data2vec2-wave"])
 def test_targets_from_known_layers_match_loops(name, monkeypatch):
     m = method(name)
     B, T, D, L = 3, 11, m.encoder.dim, m.encoder.cfg.depth
     known = [torch.randn(B, T, D) * (i + 1) + i for i in range(L)]
-    monkeypatch.setattr(m, "teacher_layers", lambda out: known)
+    monkeypatch.setattr(m, "teacher_layers", lambda x, lengths, out: known)
     frame_padding = torch.zeros(B, T, dtype=torch.bool)
-    y = m.targets(type("Out", (), {"extra": {"frame_padding": frame_padding}})())
+    y = m.targets(None, None, type("Out", (), {"extra": {"frame_padding": frame_padding}})())
     assert torch.allclose(y, hand_targets(known, m.cfg.top_k), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["data2vec", "data2vec2"])
+@pytest.mark.parametrize("name", ["data2vec-wave", "data2vec2-wave"])
 def test_teacher_targets_equal_unmasked_student_at_init(name):
     """At init teacher == student, so the targets must be the student's own eval-mode FFN outputs on
     the unmasked input: the teacher sees unmasked frames through the encoder's transformer."""
@@ -107,14 +108,14 @@ def test_teacher_targets_equal_unmasked_student_at_init(name):
     m.eval()
     with torch.no_grad():
         out = m.encoder(wav, lengths, return_layers=True)
-        y = m.targets(out)
+        y = m.targets(wav, lengths, out)
         by_hand = hand_targets(teacher_ffns_by_hand(m, out.extra["projected"]), m.cfg.top_k)
     assert torch.allclose(y, hand_targets(out.extra["ffn"], m.cfg.top_k), atol=1e-4)
     assert torch.allclose(y, by_hand, atol=1e-4)
 
 
 def test_data2vec_loss_matches_hand_computation():
-    m = method("data2vec").eval()  # no dropout, so the hand computation replays the same graph
+    m = method("data2vec-wave").eval()  # no dropout, so the hand computation replays the same graph
     audio = tones(4, 0.5)
     out = m({"audio": audio}, 0, g(7))
     wav = m.features(audio[:, 0])
@@ -129,7 +130,7 @@ def test_data2vec_loss_matches_hand_computation():
 
 
 def test_data2vec2_loss_matches_hand_computation():
-    m = method("data2vec2").eval()
+    m = method("data2vec2-wave").eval()
     K = m.cfg.clone_batch
     audio = tones(2, 0.5)
     out = m({"audio": audio}, 0, g(7))
@@ -171,7 +172,7 @@ class Recorder:
         return self.mask
 
 
-@pytest.mark.parametrize("name", ["data2vec", "data2vec2"])
+@pytest.mark.parametrize("name", ["data2vec-wave", "data2vec2-wave"])
 def test_loss_ignores_predictions_at_visible_frames(name):
     """Offsetting the student's per-frame output (data2vec: encoder tokens before final_proj;
     2.0: decoder predictions) at visible frames leaves the loss bit-identical; at hidden ones not."""
@@ -187,12 +188,12 @@ def test_loss_ignores_predictions_at_visible_frames(name):
         def hook(module, args, output):
             if offset_at is None:
                 return output
-            if name == "data2vec":
+            if name == "data2vec-wave":
                 output.tokens = offset(output.tokens)
                 return output
             return offset(output)
 
-        handle = (m.encoder if name == "data2vec" else m.decoder).register_forward_hook(hook)
+        handle = (m.encoder if name == "data2vec-wave" else m.decoder).register_forward_hook(hook)
         torch.manual_seed(3)  # same dropout draws in every call
         loss = m({"audio": audio}, 0, g(5))["loss"]
         handle.remove()
@@ -207,7 +208,7 @@ def test_loss_ignores_predictions_at_visible_frames(name):
 # teacher isolation, EMA
 
 
-@pytest.mark.parametrize("name", ["data2vec", "data2vec2"])
+@pytest.mark.parametrize("name", ["data2vec-wave", "data2vec2-wave"])
 def test_gradients_reach_student_only_and_ema_is_exact(name):
     m = method(name).train()
     opt = torch.optim.AdamW(m.param_groups(0.01), lr=1e-3)
@@ -217,7 +218,7 @@ def test_gradients_reach_student_only_and_ema_is_exact(name):
     out["loss"].backward()
     for p in m.teacher.parameters():
         assert p.grad is None and not p.requires_grad
-    head = m.final_proj.weight if name == "data2vec" else m.decoder.proj.weight
+    head = m.final_proj.weight if name == "data2vec-wave" else m.decoder.proj.weight
     for p in (m.encoder.extractor.convs[0].weight, m.encoder.blocks.blocks[0].fc1.weight,
               m.encoder.pos_conv.convs[0].weight, head):
         assert p.grad is not None and float(p.grad.abs().sum()) > 0
@@ -230,7 +231,7 @@ def test_gradients_reach_student_only_and_ema_is_exact(name):
     student = dict(m.encoder.named_parameters())
     names = [n for n, _ in m.teacher.named_parameters()]
     # data2vec EMAs the transformer (norm + blocks) only; 2.0 also the positional conv
-    assert any(n.startswith("pos_conv") for n in names) == (name == "data2vec2")
+    assert any(n.startswith("pos_conv") for n in names) == (name == "data2vec2-wave")
     for n, old, new in zip(names, before, m.teacher.parameters()):
         want = old * tau + student[n].detach() * (1 - tau)
         assert torch.allclose(new, want, atol=1e-7, rtol=0), n
@@ -238,18 +239,18 @@ def test_gradients_reach_student_only_and_ema_is_exact(name):
 
 
 def test_teacher_stays_in_eval_mode():
-    m = method("data2vec")
+    m = method("data2vec-wave")
     m.train()
     assert m.encoder.training and not any(x.training for x in m.teacher.modules())
 
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="top_k"):
-        method("data2vec", "method.top_k=9")
+        method("data2vec-wave", "method.top_k=9")
     with pytest.raises(ConfigError, match="mode: keep"):
-        method("data2vec2", "masker.mode=replace", "masker.require_same_masks=true")
+        method("data2vec2-wave", "masker.mode=replace", "masker.require_same_masks=true")
     with pytest.raises(ConfigError, match="decoder_groups"):
-        method("data2vec2", "method.decoder_groups=5")
+        method("data2vec2-wave", "method.decoder_groups=5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def test_config_checks():
 
 
 def test_data2vec2_teacher_once_per_clip_student_on_clones():
-    m = method("data2vec2").train()
+    m = method("data2vec2-wave").train()
     K, B = m.cfg.clone_batch, 3
     seen = {"teacher": [], "student": []}
     m.teacher["blocks"].blocks[0].register_forward_hook(lambda mod, a, o: seen["teacher"].append(a[0].shape))
@@ -279,7 +280,7 @@ def test_data2vec2_teacher_once_per_clip_student_on_clones():
 # training
 
 
-@pytest.mark.parametrize("name,steps", [("data2vec", 30), ("data2vec2", 60)])
+@pytest.mark.parametrize("name,steps", [("data2vec-wave", 30), ("data2vec2-wave", 60)])
 def test_short_run_lowers_loss_without_collapse(name, steps):
     m = method(name, "method.ema.steps=1000", batch=8).train()
     opt = torch.optim.AdamW(m.param_groups(0.01), lr=2e-3)
@@ -297,7 +298,8 @@ def test_short_run_lowers_loss_without_collapse(name, steps):
     # the loss of predicting 0 (the targets' per-clip mean) for the final teacher's targets
     with torch.no_grad():
         wav = m.features(batch["audio"][:, 0])
-        y = m.targets(m.encoder(wav, torch.full((8,), wav.shape[1])))
+        lengths = torch.full((8,), wav.shape[-1])
+        y = m.targets(wav, lengths, m.encoder(wav, lengths))
     trivial = float(y.pow(2).sum(-1).mean() / math.sqrt(y.shape[-1]))
     assert last < 0.7 * first and last < 0.9 * trivial, (hist, trivial)
     # fairseq's own collapse guards (min_target_var 0.1, min_pred_var 0.01), and the spread of
@@ -316,7 +318,7 @@ def test_data2vec_resume_is_bit_identical(tmp_path):
     for i in range(6):
         x = 0.05 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t)
         sf.write(str(data / f"{i}.wav"), x.astype(np.float32), SR)
-    preset = load_preset("tiny/data2vec", ["train.steps=4", "train.ckpt_every=2", "train.batch_size=4",
+    preset = load_preset("tiny/data2vec-wave", ["train.steps=4", "train.ckpt_every=2", "train.batch_size=4",
                                            "train.log_every=1", "data.num_workers=0"])
     fit(preset, [str(data)], tmp_path / "a", device="cpu", progress=False)
     fit(preset, [str(data)], tmp_path / "b", device="cpu", progress=False)
@@ -328,3 +330,128 @@ def test_data2vec_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("teacher.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# on log-mel patches (ViT, the tiny presets): the EAT form
+
+
+def hand_layer_norm(y: torch.Tensor) -> torch.Tensor:
+    mean = y.mean(-1, keepdim=True)
+    return (y - mean) / torch.sqrt(((y - mean) ** 2).mean(-1, keepdim=True) + 1e-5)
+
+
+def mel_targets_by_hand(m, spec: torch.Tensor) -> torch.Tensor:
+    """At init the EMA teacher is a copy of the student ViT: the targets must be the student's own
+    eval-mode FFN outputs on the unmasked spectrogram, top-K instance-normed, then layer-normed
+    when the preset asks for it."""
+    with torch.no_grad():
+        ffns = m.encoder(spec, torch.full((spec.shape[0],), spec.shape[-1]), return_layers=True).extra["ffn"]
+    y = hand_targets(ffns, m.cfg.top_k)
+    return hand_layer_norm(y) if m.cfg.final_norm == "layer_norm" else y
+
+
+def grid_of(tokens: torch.Tensor, fg: int, tg: int) -> torch.Tensor:
+    """(N, Fg*Tg, D) row-major tokens -> (N, D, Fg, Tg) by explicit loops."""
+    out = torch.zeros(tokens.shape[0], tokens.shape[2], fg, tg)
+    for f in range(fg):
+        for t in range(tg):
+            out[:, :, f, t] = tokens[:, f * tg + t]
+    return out
+
+
+def decoder2d_by_hand(dec, x: torch.Tensor, fg: int, tg: int) -> torch.Tensor:
+    for conv, _ in zip(dec.convs, dec.norms):
+        h = F.conv2d(grid_of(x, fg, tg), conv.weight, conv.bias, padding=conv.kernel_size[0] // 2,
+                     groups=conv.groups)
+        h = torch.stack([h[:, :, f, t] for f in range(fg) for t in range(tg)], dim=1)  # back to tokens
+        h = F.gelu(hand_layer_norm(h))
+        x = h + x if h.shape[-1] == x.shape[-1] else h
+    return dec.proj(x)
+
+
+def test_mel_data2vec_loss_matches_hand_computation():
+    m = method("data2vec").eval()
+    audio = tones(4, 0.5)
+    out = m({"audio": audio}, 0, g(7))
+    spec = m.features(audio[:, 0])
+    mask = m.masker(m.encoder.token_grid(spec.shape), 4, None, g(7))
+    assert mask.mode == "replace" and 0 < int(mask.masked.sum()) < mask.masked.numel()
+    st = m.encoder(spec, torch.full((4,), spec.shape[-1]), mask=mask)
+    pred = m.final_proj(st.tokens[mask.masked])
+    y = mel_targets_by_hand(m, spec)
+    assert torch.allclose(out["loss"], regression_by_hand(pred, y[mask.masked]), atol=1e-5)
+
+
+def test_mel_data2vec2_loss_matches_hand_computation():
+    """EAT form: 2-D conv decoder over the patch grid, layer-normed targets, and the CLS loss."""
+    m = method("data2vec2").eval()
+    K, B = m.cfg.clone_batch, 2
+    assert m.cfg.cls_loss > 0 and m.cfg.final_norm == "layer_norm"
+    audio = tones(B, 0.5)
+    out = m({"audio": audio}, 0, g(7))
+    spec = m.features(audio[:, 0])
+    gen = g(7)
+    fg, tg = m.encoder.token_grid(spec.shape)
+    mask = m.masker((fg, tg), B * K, None, gen)
+    st = m.encoder(spec, torch.full((B,), spec.shape[-1]), mask=mask)
+    N, D = fg * tg, m.encoder.dim
+    noise = torch.randn((B * K, N - st.tokens.shape[1], D), generator=gen) * m.cfg.mask_noise_std
+    full = torch.zeros(B * K, N, D)
+    for r in range(B * K):
+        full[r, (~mask.masked[r]).nonzero().flatten()] = st.tokens[r]
+        full[r, mask.masked[r].nonzero().flatten()] = noise[r]
+    pred = decoder2d_by_hand(m.decoder, full, fg, tg)
+    assert torch.allclose(pred, m.decoder(full, None, (fg, tg)), atol=1e-5)
+    y = mel_targets_by_hand(m, spec)
+    y_k = torch.stack([y[r // K] for r in range(B * K)])
+    patch_loss = regression_by_hand(pred[mask.masked], y_k[mask.masked])
+    cls_target = torch.stack([y[r // K].mean(0) for r in range(B * K)])  # clip mean of the targets
+    cls_loss = regression_by_hand(st.extra["cls"], cls_target)
+    assert torch.allclose(out["cls_loss"], cls_loss, atol=1e-5)
+    assert torch.allclose(out["loss"], patch_loss + m.cfg.cls_loss * cls_loss, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["data2vec", "data2vec2"])
+def test_mel_gradients_reach_student_only_and_teacher_is_whole_vit_ema(name):
+    m = method(name).train()
+    out = m({"audio": tones(2, 0.5)}, 0, g(1))
+    out["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in m.teacher.parameters())
+    head = m.final_proj.weight if name == "data2vec" else m.decoder.proj.weight
+    for p in (m.encoder.patch_embed.proj.weight, m.encoder.blocks.blocks[0].fc1.weight, head):
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0
+    if name == "data2vec2":  # the CLS loss trains the CLS token
+        assert float(m.encoder.cls.grad.abs().sum()) > 0
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    before = {n: p.clone() for n, p in m.teacher.named_parameters()}
+    student = dict(m.encoder.named_parameters())
+    assert before.keys() == student.keys()  # EAT: every encoder weight has an EMA copy
+    m.after_step(10, 300)
+    tau = m.tau(10, 300)
+    for n, p in m.teacher.named_parameters():
+        assert torch.allclose(p, before[n] * tau + student[n].detach() * (1 - tau), atol=1e-6, rtol=0), n
+
+
+@pytest.mark.parametrize("name", ["data2vec", "data2vec2"])
+def test_mel_short_run_lowers_loss_without_collapse(name):
+    m = method(name, "method.ema.steps=1000", batch=8).train()
+    opt = torch.optim.AdamW(m.param_groups(0.01), lr=2e-3)
+    batch = {"audio": tones(8, 0.5, seed=1)}
+    hist = []
+    for step in range(40):
+        torch.manual_seed(step)
+        out = m(batch, step, g(step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        m.after_step(step, 40)
+        hist.append(float(out["loss"].detach()))
+    assert np.mean(hist[-3:]) < 0.7 * np.mean(hist[:3]), hist
+    assert float(out["target_var"]) > 0.1 and float(out["pred_var"]) > 0.05, out
+    assert float(out["frame_std"]) > 0.005, out
+
+
+def test_mel_config_checks():
+    with pytest.raises(ConfigError, match="cls_loss needs a CLS token"):
+        method("data2vec2", "encoder.cls_token=false")

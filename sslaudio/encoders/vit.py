@@ -30,7 +30,8 @@ class ViT(Encoder):
     """(B, F, T) log-mel -> (B, N, D) patch tokens.
 
     EncoderOut.extra: "grid" (Fg, Tg); "keep" (tokens were gathered by a keep mask);
-    "clone" (K, masks per input); "ffn" per-block FFN outputs (with return_layers);
+    "clone" (K, masks per input); "frame_padding" (B, N) padding of every token of one input,
+    before clones and keep masks; "ffn" per-block FFN outputs (with return_layers);
     "cls" (B, D) final CLS token when `cls_token` is on (tokens and layers never include it).
     """
 
@@ -138,6 +139,7 @@ class ViT(Encoder):
         # without lengths, no padding: built from the tokens so a traced graph stays length-free
         padding = torch.zeros_like(tokens[..., 0], dtype=torch.bool) if lengths is None else \
             self.token_padding(lengths, x.shape)
+        frame_padding = padding
 
         clone = 1
         if mask is not None:
@@ -173,7 +175,7 @@ class ViT(Encoder):
         y, layers, ffns = self.blocks(tokens, attn_padding if attn_padding.any() else None,
                                       return_layers=return_layers)
         y = self.norm(y)
-        extra = {"grid": grid, "keep": keep, "clone": clone}
+        extra = {"grid": grid, "keep": keep, "clone": clone, "frame_padding": frame_padding}
         if self.cls is not None:
             extra["cls"] = y[:, 0]
         if return_layers:

@@ -24,6 +24,16 @@ Positions: the conv positional embedding plus ALiBi attention biases with a lear
 (encoder `alibi: true`, fairseq use_alibi_encoder / learned_alibi_scale); kept frames keep their
 original positions in the bias, and the teacher uses the student's bias over all frames.
 
+On log-mel patches (encoder `vit`; the spectrogram-patch form of data2vec 2.0 is EAT: Chen, Liang,
+Ma, Zheng, Chen. "EAT: Self-Supervised Pre-Training with Efficient Audio Transformer", IJCAI 2024,
+official code github.com/cwx-worst-one/EAT, config/pretraining_AS2M.yaml): as EAT (fairseq
+`ema_local_encoder: true`, `ema_encoder_only: false`) the teacher is an EMA copy of the whole ViT
+(patch embedding and CLS token included) and encodes the unmasked spectrogram itself; the 2.0
+decoder is the 2-D grouped conv over the (freq, time) patch grid (fairseq `Decoder2d`), and
+`cls_loss` > 0 regresses the clip mean of the targets from the student's CLS token (EAT's
+utterance-level loss, weight 1; the data2vec 2.0 image config uses 0.01). data2vec (v1) on patches
+uses the same whole-ViT teacher with replace-mode masks.
+
 Both evaluate the student encoder (`inference_encoder` default). Loss: `losses.regression_loss`
 (loss_beta 0 => MSE, as the released configs; smooth-L1 otherwise), Σ_d / sqrt(D), mean over
 masked frames. Logged: target_var / pred_var (fairseq `compute_var`: mean over dimensions of the
@@ -46,6 +56,7 @@ from sslaudio.config import ConfigError
 from sslaudio.encoders.base import EncoderOut, masked_mean
 from sslaudio.encoders.conv_transformer import ConvTransformer
 from sslaudio.encoders.layers import gather_tokens, zero_padded
+from sslaudio.encoders.vit import ViT
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs, embedding_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
@@ -78,20 +89,22 @@ def _check_common(cfg, path: str) -> None:
 
 
 class _TeacherStudent(Method):
-    """Shared by data2vec and 2.0: the EMA teacher over the encoder's transformer part, its
-    targets from the student's unmasked projected features, and the EMA step."""
+    """Shared by data2vec and 2.0: the EMA teacher (the transformer part of a ConvTransformer, or a
+    whole ViT), its targets on the unmasked input, and the EMA step."""
 
-    ema_pos_conv: bool  # does the teacher keep its own EMA copy of the positional conv?
+    ema_pos_conv: bool  # waveform: does the teacher keep its own EMA copy of the positional conv?
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("waveform",), masker=True, segments=1)
+        return Needs(frontend=("waveform", "logmel"), masker=True, segments=1)
 
     def __init__(self, cfg, preset, frontend, encoder, masker=None, mask_mode: str = "replace"):
         super().__init__(cfg, preset, frontend, encoder, masker)
         name = preset.method.get("name", "data2vec")
-        if not isinstance(encoder, ConvTransformer):
-            raise ConfigError(f"method '{name}' needs encoder.name: conv_transformer")
+        if not isinstance(encoder, (ConvTransformer, ViT)):
+            raise ConfigError(f"method '{name}' needs encoder.name: conv_transformer (waveform) or "
+                              f"vit (log-mel patches)")
+        self.on_patches = isinstance(encoder, ViT)
         if cfg.top_k > encoder.cfg.depth:
             raise ConfigError(f"method.top_k {cfg.top_k} exceeds encoder.depth {encoder.cfg.depth}")
         if masker is None or getattr(masker.cfg, "mode", None) != mask_mode:
@@ -99,8 +112,10 @@ class _TeacherStudent(Method):
         self.teacher = make_teacher(self._student_parts())
         self.teacher.eval()
 
-    def _student_parts(self) -> nn.ModuleDict:
+    def _student_parts(self) -> nn.Module:
         """The student modules the teacher tracks (a fresh container, never registered)."""
+        if self.on_patches:  # EAT: the whole encoder, its patch embedding and CLS token included
+            return self.encoder
         parts = {"norm": self.encoder.norm, "blocks": self.encoder.blocks}
         if self.ema_pos_conv:
             parts = {"pos_conv": self.encoder.pos_conv, **parts}
@@ -118,13 +133,17 @@ class _TeacherStudent(Method):
         ema_update(self.teacher, self._student_parts(), self.tau(step, max_steps))
 
     @torch.no_grad()
-    def teacher_layers(self, out: EncoderOut) -> list[Tensor]:
-        """Per-block FFN outputs (B, T, D) of the teacher on the unmasked input, from the student's
-        projected conv features `out.extra["projected"]` (before input dropout and masking):
-        the transformer half of ConvTransformer.forward without a mask."""
-        x, padding = out.extra["projected"], out.extra["frame_padding"]
+    def teacher_layers(self, x: Tensor, lengths: Tensor, out: EncoderOut) -> list[Tensor]:
+        """Per-block FFN outputs (B, N, D) of the teacher on the unmasked input.
+
+        ViT: the EMA ViT encodes the spectrogram x itself. Waveform: from the student's projected
+        conv features `out.extra["projected"]` (before input dropout and masking), the transformer
+        half of ConvTransformer.forward without a mask."""
+        if self.on_patches:
+            return self.teacher(x, lengths, return_layers=True).extra["ffn"]
+        h, padding = out.extra["projected"], out.extra["frame_padding"]
         pos_conv = self.teacher["pos_conv"] if self.ema_pos_conv else self.encoder.pos_conv
-        h = zero_padded(x, padding) + pos_conv(x, padding)
+        h = zero_padded(h, padding) + pos_conv(h, padding)
         if not self.encoder.cfg.layer_norm_first:
             h = self.teacher["norm"](h)
         attn_padding = padding if bool(padding.any()) else None
@@ -134,19 +153,20 @@ class _TeacherStudent(Method):
         _, _, ffns = self.teacher["blocks"](h, attn_padding, bias, return_layers=True)
         return ffns
 
-    def targets(self, out: EncoderOut) -> Tensor:
-        """(B, T, D) float32: mean of the top-K teacher FFN outputs, each instance-normalised."""
+    def targets(self, x: Tensor, lengths: Tensor, out: EncoderOut) -> Tensor:
+        """(B, N, D) float32: mean of the top-K teacher FFN outputs, each instance-normalised."""
         padding = out.extra["frame_padding"]
-        return losses.average_top_k_layers(self.teacher_layers(out), self.cfg.top_k,
+        return losses.average_top_k_layers(self.teacher_layers(x, lengths, out), self.cfg.top_k,
                                            instance_norm=self.cfg.instance_norm_targets,
                                            final_norm=self.cfg.final_norm,
                                            padding=padding if bool(padding.any()) else None)
 
-    def _waveform(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """-> normalised waveform (B, S), lengths (B,), frame padding (B, T)."""
-        wav = self.features(batch["audio"][:, 0])
-        lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long, device=wav.device)
-        return wav, lengths, self.encoder.token_padding(lengths, wav.shape)
+    def _inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """-> frontend output x (normalised waveform (B, S) or log-mel (B, F, T)), lengths (B,),
+        token padding (B, N)."""
+        x = self.features(batch["audio"][:, 0])
+        lengths = torch.full((x.shape[0],), x.shape[-1], dtype=torch.long, device=x.device)
+        return x, lengths, self.encoder.token_padding(lengths, x.shape)
 
 
 @METHODS.register("data2vec")
@@ -170,11 +190,11 @@ class Data2Vec(_TeacherStudent):
         self.final_proj = nn.Linear(encoder.dim, encoder.dim)
 
     def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        wav, lengths, padding = self._waveform(batch)
-        mask = self.masker(self.encoder.token_grid(wav.shape), wav.shape[0], padding, generator)
-        out = self.encoder(wav, lengths, mask=mask)  # masked frames replaced by mask_emb
-        y = self.targets(out)  # (B, T, D), teacher on the unmasked input
-        sel = mask.masked.to(wav.device) & ~padding
+        x, lengths, padding = self._inputs(batch)
+        mask = self.masker(self.encoder.token_grid(x.shape), x.shape[0], padding, generator)
+        out = self.encoder(x, lengths, mask=mask)  # masked tokens replaced by the mask embedding
+        y = self.targets(x, lengths, out)  # (B, N, D), teacher on the unmasked input
+        sel = mask.masked.to(x.device) & ~padding
         pred = self.final_proj(out.tokens[sel])  # (M, D), masked frames only
         loss = losses.regression_loss(pred, y[sel], self.cfg.loss_beta)
         return {"loss": loss, "target_var": token_std(y[sel]), "pred_var": token_std(pred),
@@ -184,24 +204,32 @@ class Data2Vec(_TeacherStudent):
                 "ema_tau": torch.tensor(self.tau(step), device=loss.device)}
 
 
-class ConvDecoder1d(nn.Module):
-    """data2vec 2.0 audio decoder (fairseq modalities/modules.py `Decoder1d`): `layers` blocks of
-    grouped Conv1d (same padding) -> LayerNorm without affine -> GELU, each adding its input when
-    the widths match (so every block but a first one that changes width), then Linear back to the
-    input width. (N, T, D_in) -> (N, T, D_in)."""
+class ConvDecoder(nn.Module):
+    """data2vec 2.0 decoder (fairseq modalities/modules.py `Decoder1d` for audio frames,
+    `Decoder2d` for image / spectrogram patches, as EAT): `layers` blocks of grouped Conv1d over
+    time or Conv2d over the (freq, time) token grid (same padding) -> LayerNorm without affine ->
+    GELU, each adding its input when the widths match (so every block but a first one that
+    changes width), then Linear back to the input width. (N, T, D_in) or (N, Fg*Tg, D_in) in
+    row-major grid order -> the same shape."""
 
-    def __init__(self, in_dim: int, dim: int, layers: int, kernel: int, groups: int):
+    def __init__(self, in_dim: int, dim: int, layers: int, kernel: int, groups: int, ndim: int = 1):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv1d(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2,
-                                             groups=groups) for i in range(layers))
+        conv = nn.Conv1d if ndim == 1 else nn.Conv2d
+        self.ndim = ndim
+        self.convs = nn.ModuleList(conv(in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2,
+                                        groups=groups) for i in range(layers))
         self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(layers))
         self.proj = nn.Linear(dim, in_dim)
 
-    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
-        T = x.shape[1]
+    def forward(self, x: Tensor, padding: Tensor | None = None, grid: tuple[int, ...] | None = None) -> Tensor:
+        n, length = x.shape[0], x.shape[1]
+        shape = (length,) if self.ndim == 1 else tuple(grid)
+        if len(shape) != self.ndim or shape[0] * (shape[1] if self.ndim == 2 else 1) != length:
+            raise ValueError(f"decoder: {length} tokens do not fit the grid {shape}")
         for conv, norm in zip(self.convs, self.norms):
-            h = conv(zero_padded(x, padding).transpose(1, 2))[:, :, :T].transpose(1, 2)
-            h = F.gelu(norm(h))
+            h = zero_padded(x, padding).transpose(1, 2).reshape(n, -1, *shape)
+            h = conv(h)[(..., *(slice(0, s) for s in shape))]  # an even kernel pads one too many
+            h = F.gelu(norm(h.flatten(2).transpose(1, 2)))
             x = h + x if h.shape[-1] == x.shape[-1] else h
         return self.proj(x)
 
@@ -223,6 +251,7 @@ class Data2Vec2(_TeacherStudent):
         decoder_groups: int = 16
         decoder_input_dropout: float = 0.1
         mask_noise_std: float = 0.01  # hidden frames enter the decoder as N(0, std^2) noise
+        cls_loss: float = 0.0  # weight of the CLS -> clip-mean-target regression (ViT with cls_token)
         ema: EMAConfig = field(default_factory=lambda: EMAConfig(
             start=0.999, end=0.99999, schedule="linear", steps=75000))
 
@@ -238,14 +267,18 @@ class Data2Vec2(_TeacherStudent):
             if not 0.0 <= self.decoder_input_dropout < 1.0 or self.mask_noise_std < 0:
                 raise ConfigError("method.decoder_input_dropout must be in [0, 1) and "
                                   "method.mask_noise_std >= 0")
+            if self.cls_loss < 0:
+                raise ConfigError(f"method.cls_loss must be >= 0, found {self.cls_loss}")
 
     def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
         super().__init__(cfg, preset, frontend, encoder, masker, mask_mode="keep")
         if encoder.dim % cfg.decoder_groups:
             raise ConfigError(f"method.decoder_groups {cfg.decoder_groups} must divide "
                               f"encoder.dim {encoder.dim}")
-        self.decoder = ConvDecoder1d(encoder.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel,
-                                     cfg.decoder_groups)
+        if cfg.cls_loss > 0 and not (self.on_patches and encoder.cls is not None):
+            raise ConfigError("method.cls_loss needs a CLS token: encoder.name vit with cls_token: true")
+        self.decoder = ConvDecoder(encoder.dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel,
+                                   cfg.decoder_groups, ndim=2 if self.on_patches else 1)
 
     def decoder_input(self, tokens: Tensor, mask, generator: torch.Generator) -> Tensor:
         """Visible student tokens (N, K_vis, D) -> full sequence (N, T, D): input dropout, then
@@ -258,17 +291,25 @@ class Data2Vec2(_TeacherStudent):
         return gather_tokens(x, mask.restore_idx.to(x.device))
 
     def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        wav, lengths, padding = self._waveform(batch)
+        x, lengths, padding = self._inputs(batch)
         K = self.cfg.clone_batch
-        padding_k = padding.repeat_interleave(K, 0)  # (B*K, T), rows b*K + k
-        mask = self.masker(self.encoder.token_grid(wav.shape), wav.shape[0] * K, padding_k, generator)
-        out = self.encoder(wav, lengths, mask=mask)  # (B*K, visible, D); conv features computed once
-        y = self.targets(out).repeat_interleave(K, 0)  # teacher once per clip -> (B*K, T, D)
-        pred = self.decoder(self.decoder_input(out.tokens, mask, generator), padding_k)
-        sel = mask.masked.to(wav.device) & ~padding_k
-        loss = losses.regression_loss(pred[sel], y[sel], self.cfg.loss_beta)
-        return {"loss": loss, "target_var": token_std(y[sel]), "pred_var": token_std(pred[sel]),
+        padding_k = padding.repeat_interleave(K, 0)  # (B*K, N), rows b*K + k
+        grid = self.encoder.token_grid(x.shape)
+        mask = self.masker(grid, x.shape[0] * K, padding_k, generator)
+        out = self.encoder(x, lengths, mask=mask)  # (B*K, visible, D); local features computed once
+        y = self.targets(x, lengths, out)  # teacher once per clip: (B, N, D)
+        y_k = y.repeat_interleave(K, 0)
+        pred = self.decoder(self.decoder_input(out.tokens, mask, generator), padding_k, grid)
+        sel = mask.masked.to(x.device) & ~padding_k
+        loss = losses.regression_loss(pred[sel], y_k[sel], self.cfg.loss_beta)
+        logs = {}
+        if self.cfg.cls_loss > 0:  # EAT utterance loss / fairseq cls_loss: CLS -> mean target
+            clip_target = masked_mean(y, padding).repeat_interleave(K, 0)
+            cls = losses.regression_loss(out.extra["cls"], clip_target, self.cfg.loss_beta)
+            loss = loss + self.cfg.cls_loss * cls
+            logs["cls_loss"] = cls.detach()
+        return {"loss": loss, "target_var": token_std(y_k[sel]), "pred_var": token_std(pred[sel]),
                 "emb_std": embedding_std(masked_mean(out.tokens, out.padding)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
-                "ema_tau": torch.tensor(self.tau(step), device=loss.device)}
+                "ema_tau": torch.tensor(self.tau(step), device=loss.device), **logs}
