@@ -112,6 +112,8 @@ def pretrain(
         skipped = []
         summary = fit(p, data, out_dir, resume=resume, device=str(dev), progress=not quiet,
                       warn=lambda m: (skipped.append(m), err.print(f"[yellow]warning:[/yellow] {m}", highlight=False)))
+        if summary["rank"]:  # under torchrun, rank 0 reports
+            return
         _print_table("pretrain", {
             "run": summary["run"], "preset": preset, "steps": f"{summary['start_step']} -> {summary['steps']}",
             "files used / skipped": f"{summary['files']} / {summary['skipped']}",

@@ -124,10 +124,13 @@ class CropDataset(Dataset):
 
 
 class StepSampler(Sampler):
-    """Yields, for steps start..steps-1, the list of item keys of that step's batch."""
+    """Yields, for steps start..steps-1, the list of item keys of that step's batch (or of its
+    `shard`, this process's rows of the global batch under torchrun)."""
 
-    def __init__(self, n_files: int, batch_size: int, seed: int, start_step: int, steps: int):
+    def __init__(self, n_files: int, batch_size: int, seed: int, start_step: int, steps: int,
+                 shard: slice | None = None):
         self.n, self.b, self.seed, self.start, self.steps = n_files, batch_size, seed, start_step, steps
+        self.shard = shard or slice(None)
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -144,15 +147,15 @@ class StepSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for step in range(self.start, self.steps):
-            yield self.keys(step)
+            yield self.keys(step)[self.shard]
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
 
 
 def loader(dataset: CropDataset, batch_size: int, seed: int, start_step: int, steps: int,
-           num_workers: int) -> DataLoader:
-    sampler = StepSampler(len(dataset), batch_size, seed, start_step, steps)
+           num_workers: int, shard: slice | None = None) -> DataLoader:
+    sampler = StepSampler(len(dataset), batch_size, seed, start_step, steps, shard)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None)

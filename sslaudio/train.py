@@ -4,6 +4,9 @@ Learning rate and EMA momentum are pure functions of the step. Every random draw
 (seed, step): the batch (data.py), the augmentation / mask generator handed to the method, and the
 global torch RNG (dropout). A run stopped at step k and resumed therefore ends with the same
 weights as an uninterrupted one (bit-identical on the CPU).
+
+Under torchrun every process runs this loop on its shard of the global batch (distributed.py);
+rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from sslaudio import checkpoint
-from sslaudio.config import OptimConfig, Preset, dump_yaml
+from sslaudio import checkpoint, distributed
+from sslaudio.config import ConfigError, OptimConfig, Preset, dump_yaml
 from sslaudio.data import CropDataset, DataError, loader, sample_for_stats, scan, validate
 
 
@@ -89,19 +92,26 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     from sslaudio.methods import build_method
 
     run = Path(run_dir)
-    dev = pick_device(device)
+    world = distributed.from_env()
     tc, seed = preset.train, preset.seed
+    if tc.batch_size % world.size:
+        raise ConfigError(f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
+                          f"{world.size} processes")
+    dev = distributed.setup(world, device) if world.active else pick_device(device)
+    if not world.main:
+        warn, progress = (lambda m: None), False
     last = checkpoint.latest(run) if resume else None
     if last is not None:
         saved = json.loads((last / "state.json").read_text())
         if saved.get("identity") != preset.identity():
             raise RunMismatch(f"{run} holds a run with another configuration (see {run}/config.yaml); "
                               f"use the same preset and --set values, --no-resume, or a new --out")
-    elif run.exists() and not resume:
-        shutil.rmtree(run / "ckpt", ignore_errors=True)
-        (run / "log.jsonl").unlink(missing_ok=True)
-    run.mkdir(parents=True, exist_ok=True)
-    _atomic_text(run / "config.yaml", dump_yaml(preset))
+    if world.main:
+        if last is None and run.exists() and not resume:
+            shutil.rmtree(run / "ckpt", ignore_errors=True)
+            (run / "log.jsonl").unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        _atomic_text(run / "config.yaml", dump_yaml(preset))
 
     infos, skipped = validate(scan(inputs), preset.data.min_seconds, warn)
     if not infos:
@@ -110,6 +120,12 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
 
     torch.manual_seed(seed)
     method = build_method(preset).to(dev)
+    if world.active:
+        if hasattr(method, "gather_fn"):
+            method.gather_fn = distributed.gather_rows  # negatives / batch statistics of every process
+        if dev.type == "cuda":  # batch statistics over the global batch, as one big-batch process
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(method.param_groups(preset.optim.weight_decay), lr=preset.optim.lr,
                                   betas=preset.optim.betas, eps=preset.optim.eps)
     start = 0
@@ -124,16 +140,20 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     precision = tc.precision if tc.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     workers = min(preset.data.num_workers, os.cpu_count() or 1)
-    batches = loader(dataset, tc.batch_size, seed, start, tc.steps, workers)
-    log = _Log(run / "log.jsonl", start)
+    batches = loader(dataset, tc.batch_size, seed, start, tc.steps, workers, world.shard(tc.batch_size))
+    log = _Log(run / "log.jsonl", start) if world.main else None
     crop_h = tc.batch_size * preset.data.segments * preset.data.clip_seconds / 3600
     bar = _progress(progress, start, tc.steps)
     nonfinite, loss_sum, n_sum, t0, t_last, step = 0, 0.0, 0, time.time(), time.time(), start
-    state = {"skipped_files": len(skipped), "files": len(infos)}
+    state = {"skipped_files": len(skipped), "files": len(infos), "world_size": world.size}
+    rank = (world.rank,) if world.rank else ()  # rank 0 draws what a single process draws
 
-    def commit(at: int) -> None:
-        checkpoint.save(run, at, method, optimizer, preset, {**state, "nonfinite": nonfinite}, tc.keep_last)
-        checkpoint.export_encoder(run / "export" / "encoder.safetensors", method, preset)
+    def commit(at: int, check: bool = True) -> None:
+        if check:  # not on an interrupt: the other processes may be gone
+            distributed.check_in_sync(params, world)
+        if world.main:
+            checkpoint.save(run, at, method, optimizer, preset, {**state, "nonfinite": nonfinite}, tc.keep_last)
+            checkpoint.export_encoder(run / "export" / "encoder.safetensors", method, preset)
 
     method.train()
     try:
@@ -142,17 +162,19 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                 lr = lr_at(step, preset.optim, tc.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = preset.optim.lr if group.get("fix_lr") else lr  # SimSiam fix_pred_lr
-                torch.manual_seed(derive_seed(seed, step, 1))
-                gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2))
+                torch.manual_seed(derive_seed(seed, step, 1, *rank))
+                gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2, *rank))
                 batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
                 with autocast:
                     out = method(batch, step, gen)
                 loss = out["loss"]
                 optimizer.zero_grad(set_to_none=True)
-                loss_value = float(loss.detach())  # the step's one host sync: finiteness and the log
+                # the step's one host sync: finiteness (the same verdict on every process) and the log
+                loss_value = float(distributed.mean_scalar(loss.detach(), world))
                 if math.isfinite(loss_value):
                     nonfinite = 0
                     loss.backward()
+                    distributed.average_gradients(params, world)
                     if preset.optim.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(method.parameters(), preset.optim.grad_clip)
                     optimizer.step()
@@ -164,7 +186,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                         raise TrainingDiverged(f"loss was non-finite for {nonfinite} consecutive steps "
                                                f"(last at step {step}); try a lower optim.lr")
                 done = step + 1
-                if n_sum and (done % tc.log_every == 0 or done == tc.steps):
+                if n_sum and log is not None and (done % tc.log_every == 0 or done == tc.steps):
                     now = time.time()
                     sps = n_sum / max(now - t_last, 1e-9)
                     row = {"step": done, "loss": loss_sum / n_sum, "lr": lr,
@@ -177,12 +199,15 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                     commit(done)
     except KeyboardInterrupt:
         if step > start:
-            commit(step)  # the last fully finished step, so the run resumes from there
+            commit(step, check=False)  # the last fully finished step, so the run resumes from there
         raise
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+        distributed.teardown(world)
     return {"run": str(run), "steps": tc.steps, "start_step": start, "files": len(infos),
-            "skipped": len(skipped), "time_s": time.time() - t0, "device": str(dev), "precision": precision}
+            "skipped": len(skipped), "time_s": time.time() - t0, "device": str(dev), "precision": precision,
+            "world_size": world.size, "rank": world.rank}
 
 
 class _progress:

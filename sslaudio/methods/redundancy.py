@@ -7,6 +7,10 @@ VICReg: Bardes, Ponce, LeCun, "VICReg: Variance-Invariance-Covariance Regulariza
 Self-Supervised Learning", ICLR 2022; official code github.com/facebookresearch/vicreg
 (main_vicreg.py).
 
+Several processes: both official codes use SyncBatchNorm and compute the loss on the global batch
+(Barlow Twins all-reduces the cross-correlation, VICReg gathers the embeddings); here `gather_fn`
+gathers the projections and the trainer converts BatchNorm to SyncBatchNorm on CUDA.
+
 Both are symmetric (no predictor, no stop-gradient, no EMA): each view goes through the same
 encoder and projector in its own forward pass, as both official `forward(y1, y2)` do. Views come
 from `sslaudio.augment.ViewSampler` (data.segments 1: one crop augmented twice; 2: two crops).
@@ -49,9 +53,14 @@ class _TwoViewProjector(ViewMethod):
         self.projector = mlp([encoder.frame_dim, *cfg.projector], bias_last=False)
 
     def project(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(B, P) projections of the two views; under torchrun, every process's rows (the official
+        code's all-reduced cross-correlation / FullGatherLayer), so the batch statistics are global."""
         v1, v2 = make_views(self, batch["audio"], generator)
-        return (self.projector(clip_embedding(self.encoder, v1)),
-                self.projector(clip_embedding(self.encoder, v2)))  # (B, P) each
+        z1 = self.projector(clip_embedding(self.encoder, v1))
+        z2 = self.projector(clip_embedding(self.encoder, v2))
+        if self.gather_fn is not None:
+            z1, z2 = self.gather_fn(z1)[0], self.gather_fn(z2)[0]
+        return z1, z2
 
 
 @METHODS.register("barlow-twins")
