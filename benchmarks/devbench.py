@@ -6,7 +6,8 @@
 
 For each preset: `sslaudio pretrain OUT/pretrain_pool/audio` into RUNS/<preset>, then the linear /
 kNN probe of `words` and `instrument_family` (fit on train, hyper-parameters picked on valid,
-reported on test) for the pretrained encoder and for `random:<preset>`. A budget in minutes sets
+reported on test) and the frame-level linear probe of `sound_events` (frame micro-F1 at 100 ms, as
+devbench's own baseline) for the pretrained encoder and for `random:<preset>`. A budget in minutes sets
 train.steps from a short timing of the preset on this machine. Prints a Markdown table and writes
 RUNS/devbench_results.json. Make the data with ../shared/devbench/make_devbench.py first.
 """
@@ -25,7 +26,7 @@ from sslaudio.cli import probe_ckpt
 from sslaudio.config import load_preset
 from sslaudio.train import fit
 
-TASKS = ("words", "instrument_family")
+TASKS = ("words", "instrument_family", "sound_events")
 
 
 def main() -> None:
@@ -71,21 +72,28 @@ def main() -> None:
             # the run's resolved config, so --set overrides reach the random-init baseline too
             for kind, ckpt in (("ssl", str(run)), ("random", f"random:{run / 'config.yaml'}")):
                 r = probe_ckpt(ckpt, labels, device=a.device, quiet=True, layer=a.layer)
-                row[f"{task}_{kind}"] = r["accuracy"]
-                row[f"{task}_{kind}_knn"] = r["knn_accuracy"]
+                if task == "sound_events":  # frame micro-F1 at 100 ms (files.csv beside the labels)
+                    row[f"{task}_{kind}"], row[f"{task}_{kind}_map"] = r["f1"], r["map"]
+                else:
+                    row[f"{task}_{kind}"] = r["accuracy"]
+                    row[f"{task}_{kind}_knn"] = r["knn_accuracy"]
         results[name] = row
         print(json.dumps({name: row}), flush=True)
     a.runs.mkdir(parents=True, exist_ok=True)
     name = "devbench_results.json" if a.layer is None else f"devbench_results_layer{a.layer}.json"
     (a.runs / name).write_text(json.dumps(results, indent=1))
-    print(f"\ndevbench: pool {a.devbench}, probes {a.probe_on or a.devbench} (test accuracy of the linear probe; kNN in brackets)\n")
-    print("| preset | steps | train s | loss first -> last | words SSL | words random | instr SSL | instr random |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\ndevbench: pool {a.devbench}, probes {a.probe_on or a.devbench} (test accuracy of the linear probe, "
+          f"kNN in brackets; sound_events: frame micro-F1, frame mAP in brackets)\n")
+    print("| preset | steps | train s | loss first -> last | words SSL | words random | instr SSL | instr random "
+          "| events SSL | events random |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
               f"{r['words_ssl']:.3f} ({r['words_ssl_knn']:.3f}) | {r['words_random']:.3f} ({r['words_random_knn']:.3f}) | "
               f"{r['instrument_family_ssl']:.3f} ({r['instrument_family_ssl_knn']:.3f}) | "
-              f"{r['instrument_family_random']:.3f} ({r['instrument_family_random_knn']:.3f}) |")
+              f"{r['instrument_family_random']:.3f} ({r['instrument_family_random_knn']:.3f}) | "
+              f"{r['sound_events_ssl']:.3f} ({r['sound_events_ssl_map']:.3f}) | "
+              f"{r['sound_events_random']:.3f} ({r['sound_events_random_map']:.3f}) |")
 
 
 if __name__ == "__main__":

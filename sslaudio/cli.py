@@ -183,14 +183,21 @@ def probe(
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds."),
     layer: Optional[int] = typer.Option(None, help="Probe this block's output (0-based; -1 the last)."),
+    files: Optional[Path] = typer.Option(None, "--files", help="Sound event detection: CSV path[,split] of "
+                                         "every clip (default: files.csv beside LABELS if there)."),
+    frame_hop: float = typer.Option(0.1, "--frame-hop", min=0.01, help="Sound event detection: seconds per "
+                                    "scored frame."),
 ):
-    """Linear and kNN probes on frozen clip embeddings; prints accuracy / F1 (or mAP)."""
-    res = probe_ckpt(ckpt, labels, batch_size, device, seed, layer=layer)
+    """Linear and kNN probes on frozen clip embeddings; prints accuracy / F1 (or mAP).
+
+    LABELS with onset,offset columns (seconds) is a sound event detection task: a frame-level
+    linear probe on frame embeddings, reporting frame micro-F1 (`f1`), `f1_macro` and `map`."""
+    res = probe_ckpt(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop)
     t = Table(title=f"probe: {ckpt} on {labels}")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k in ("accuracy", "f1", "map", "knn_accuracy", "valid", "protocol", "n_files", "skipped", "n_classes", "dim",
-              "lr", "weight_decay", "epochs"):
+    for k in ("accuracy", "f1", "f1_macro", "map", "knn_accuracy", "valid", "threshold", "protocol", "n_files",
+              "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs"):
         if k in res:
             v = res[k]
             t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -203,16 +210,18 @@ def probe(
 
 
 def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "auto", seed: int = 0,
-               quiet: bool = False, layer: int | None = None) -> dict:
+               quiet: bool = False, layer: int | None = None, files: Path | None = None,
+               frame_hop: float = 0.1) -> dict:
     import numpy as np
 
     from sslaudio.checkpoint import load_encoder
     from sslaudio.features import embed_files
-    from sslaudio.probe import ProbeError, evaluate, read_labels
+    from sslaudio.probe import ProbeError, evaluate, is_event_csv, read_labels
 
     with guard():
         dev = _device(device)
-        rows = read_labels(labels)
+        events = is_event_csv(labels)
+        rows = None if events else read_labels(labels)
         bundle = load_encoder(ckpt).set_layer(layer)
         skipped = []
 
@@ -220,6 +229,10 @@ def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "aut
             skipped.append(p)
             if not quiet:
                 err.print(f"[yellow]warning:[/yellow] skip {p}: {r}", highlight=False)
+
+        if events:
+            return _probe_events(bundle, labels, files, frame_hop, dev, batch_size, seed, skip, skipped) | \
+                {"checkpoint": ckpt, "layer": layer}
 
         emb = {e.path: e.clip for e in embed_files(bundle, [(r.path, r.rel) for r in rows], dev, False, batch_size,
                                                    on_skip=skip)}
@@ -230,6 +243,28 @@ def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "aut
         res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed)
         res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped), layer=layer)
         return res
+
+
+def _probe_events(bundle, labels: Path, files: Path | None, hop: float, dev, batch_size: int, seed: int,
+                  skip, skipped: list) -> dict:
+    from sslaudio.features import embed_files
+    from sslaudio.probe import ProbeError, evaluate_events, frame_targets, read_events, to_grid
+
+    clips = read_events(labels, files)
+    classes = sorted({lab for f in clips for _, _, lab in f.events})
+    if len(classes) < 2:
+        raise ProbeError("need at least two event classes to probe", code=4)
+    cidx = {c: i for i, c in enumerate(classes)}
+    emb = {e.path: e for e in embed_files(bundle, [(f.path, f.rel) for f in clips], dev, True, batch_size,
+                                          on_skip=skip)}
+    kept = [f for f in clips if f.path in emb]
+    if len(kept) < 5:
+        raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
+    grids = [to_grid(emb[f.path].frames, emb[f.path].times, emb[f.path].seconds, hop) for f in kept]
+    targets = [frame_targets(f.events, len(g), hop, cidx) for f, g in zip(kept, grids)]
+    res = evaluate_events(grids, targets, [f.split for f in kept], classes, seed)
+    res.update(labels=str(labels), skipped=len(skipped), frame_hop=hop, classes=classes)
+    return res
 
 
 @app.command(epilog="Example: sslaudio export runs/byola --format onnx --out byola.onnx")

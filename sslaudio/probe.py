@@ -5,7 +5,8 @@ training split's statistics; fit a linear classifier on train; pick its learning
 decay and epoch count on valid; report test once. Without a split column, stratified 5-fold
 cross-validation, each fold picking its hyper-parameters on a stratified 20 % of its training part.
 Single-label tasks report `accuracy` and macro `f1`; multi-label tasks (labels joined by ';')
-report `map` (mean average precision over classes) and micro `f1` at a threshold picked on valid.
+report `map` (mean average precision over classes), micro `f1` and `f1_macro` at a threshold picked
+on valid. Sound event detection (strong labels with onset / offset) is at the end of this module.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def micro_f1(pred: np.ndarray, Y: np.ndarray) -> float:
     return float(2 * tp / max(1, pred.sum() + Y.sum()))
 
 
+def macro_f1_multilabel(pred: np.ndarray, Y: np.ndarray) -> float:
+    """Mean over the classes present in Y (or predicted) of each class's F1."""
+    f1s = [micro_f1(pred[:, c], Y[:, c]) for c in range(Y.shape[1]) if Y[:, c].any() or pred[:, c].any()]
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
 # -- linear probe ----------------------------------------------------------------------------------
 
 LRS = (1e-3, 1e-2)
@@ -172,7 +179,8 @@ def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool,
     if multilabel:
         p_va, p_te = 1 / (1 + np.exp(-s_va)), 1 / (1 + np.exp(-s_te))
         thr = max(np.arange(0.05, 0.95, 0.05), key=lambda t: micro_f1(p_va >= t, yva))
-        out.update(map=mean_average_precision(s_te, yte), f1=micro_f1(p_te >= thr, yte), threshold=float(thr))
+        out.update(map=mean_average_precision(s_te, yte), f1=micro_f1(p_te >= thr, yte),
+                   f1_macro=macro_f1_multilabel(p_te >= thr, yte), threshold=float(thr))
     else:
         pred = s_te.argmax(1)
         out.update(accuracy=accuracy(pred, yte), f1=macro_f1(pred, yte, n_classes))
@@ -253,4 +261,173 @@ def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | No
         res[key] = float(np.mean(vals))
         if key in ("accuracy", "f1", "map", "knn_accuracy"):
             res[f"{key}_std"] = float(np.std(vals))
+    return res
+
+
+# -- sound event detection (frame-level) -----------------------------------------------------------
+#
+# DCASE-style strong labels: a CSV of events `path,onset,offset,label[,split]` (seconds), plus the
+# list of every clip (`path[,split]`, so clips without events count too; by default `files.csv`
+# beside the labels when it exists, else the clips named in the labels). Protocol of devbench and
+# the DCASE frame-based metrics: frame embeddings are averaged onto a fixed grid (100 ms by default;
+# when the encoder's frames are coarser, each grid frame takes the encoder frame at its centre); a
+# grid frame is positive for a class when that class's events cover at least half of it; one
+# sigmoid per class on the standardised frame embedding (linear, the grid of `_fit_linear`), its
+# hyper-parameters picked on valid frame mAP and one global threshold on valid micro-F1; test
+# reports frame micro `f1`, `f1_macro` over classes, and frame `map`.
+
+
+@dataclass
+class EventFile:
+    path: str
+    rel: str
+    split: str | None
+    events: list[tuple[float, float, str]]
+
+
+def is_event_csv(csv_path: str | Path) -> bool:
+    """True when the CSV's header has onset and offset columns (a sound event detection task)."""
+    try:
+        with Path(csv_path).open(newline="") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    cols = [c.strip() for c in first.replace("\t", ",").split(",")]
+    return "onset" in cols and "offset" in cols
+
+
+def _csv_rows(p: Path, need: tuple[str, ...]) -> tuple[list[str], list[dict]]:
+    if not p.is_file():
+        raise ProbeError(f"{p}: no such file")
+    try:
+        with p.open(newline="") as f:
+            first = f.readline()
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter="\t" if "\t" in first else ",")
+            cols = reader.fieldnames or []
+            if any(c not in cols for c in need):
+                raise ProbeError(f"{p}: needs columns {','.join(need)}; found {cols}")
+            return cols, list(reader)
+    except UnicodeDecodeError:
+        raise ProbeError(f"{p}: not a UTF-8 CSV file") from None
+
+
+def read_events(csv_path: str | Path, files_csv: str | Path | None = None) -> list[EventFile]:
+    p = Path(csv_path)
+    _, rows = _csv_rows(p, ("path", "onset", "offset", "label"))
+    files: dict[str, EventFile] = {}
+
+    def full(rel: str, base: Path) -> str:
+        return str(Path(rel) if Path(rel).is_absolute() else base.parent / rel)
+
+    def split_of(r: dict, where: str) -> str | None:
+        s = (r.get("split") or "").strip() or None
+        if s is not None and s not in SPLITS:
+            raise ProbeError(f"{where}: split must be one of {', '.join(SPLITS)}, found '{s}'")
+        return s
+
+    if files_csv is None and (p.parent / "files.csv").is_file() and p.name != "files.csv":
+        files_csv = p.parent / "files.csv"
+    if files_csv is not None:
+        fp = Path(files_csv)
+        _, frows = _csv_rows(fp, ("path",))
+        for i, r in enumerate(frows, start=2):
+            rel = (r.get("path") or "").strip()
+            if not rel:
+                raise ProbeError(f"{fp}:{i}: empty path")
+            files[full(rel, fp)] = EventFile(full(rel, fp), rel, split_of(r, f"{fp}:{i}"), [])
+    for i, r in enumerate(rows, start=2):
+        rel, label = (r.get("path") or "").strip(), (r.get("label") or "").strip()
+        try:
+            on, off = float(r["onset"]), float(r["offset"])
+        except (TypeError, ValueError):
+            raise ProbeError(f"{p}:{i}: onset and offset must be numbers (seconds)") from None
+        if not rel or not label or not (0 <= on < off):
+            raise ProbeError(f"{p}:{i}: needs a path, a label and 0 <= onset < offset")
+        key = full(rel, p)
+        if key not in files:
+            if files_csv is not None:
+                raise ProbeError(f"{p}:{i}: {rel} is not in {files_csv}")
+            files[key] = EventFile(key, rel, split_of(r, f"{p}:{i}"), [])
+        files[key].events.append((on, off, label))
+    out = list(files.values())
+    if not any(f.events for f in out):
+        raise ProbeError(f"{p}: no events", code=4)
+    if any(f.split is None for f in out) and any(f.split is not None for f in out):
+        raise ProbeError(f"{p}: some files have a split and some do not")
+    return out
+
+
+def frame_targets(events: list[tuple[float, float, str]], n_frames: int, hop: float,
+                  cidx: dict[str, int]) -> np.ndarray:
+    """(n_frames, C) 0/1: frame k = [k hop, (k + 1) hop) is positive for a class when that class's
+    events (their union) cover at least half of it."""
+    cover = np.zeros((n_frames, len(cidx)))
+    starts = np.arange(n_frames) * hop
+    for c in range(len(cidx)):
+        spans = sorted((on, off) for on, off, lab in events if cidx[lab] == c)
+        merged: list[list[float]] = []
+        for on, off in spans:  # union of overlapping events of one class
+            if merged and on <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], off)
+            else:
+                merged.append([on, off])
+        for on, off in merged:
+            cover[:, c] += np.clip(np.minimum(starts + hop, off) - np.maximum(starts, on), 0, None)
+    return (cover >= hop / 2 - 1e-9).astype(np.int64)
+
+
+def to_grid(frames: np.ndarray, times: np.ndarray, seconds: float, hop: float) -> np.ndarray:
+    """Encoder frames (T, D) at centre `times` -> (n_grid, D) on a `hop` grid over `seconds`:
+    the mean of the encoder frames whose centre falls in each grid frame, or the encoder frame
+    nearest its centre when none does."""
+    n = max(1, int(np.floor(seconds / hop + 1e-9)))
+    idx = np.floor(times / hop + 1e-9).astype(int)
+    sums = np.zeros((n, frames.shape[1]))
+    counts = np.zeros(n)
+    ok = (idx >= 0) & (idx < n)
+    np.add.at(sums, idx[ok], frames[ok])
+    np.add.at(counts, idx[ok], 1)
+    centres = (np.arange(n) + 0.5) * hop
+    nearest = np.abs(times[None, :] - centres[:, None]).argmin(1)
+    return np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], frames[nearest])
+
+
+def evaluate_events(grids: list[np.ndarray], targets: list[np.ndarray], splits: list[str | None],
+                    classes: list[str], seed: int = 0) -> dict:
+    """Frame-level linear SED probe on per-file grid embeddings and 0/1 targets (see above)."""
+    n = len(grids)
+    res = {"n_files": n, "n_classes": len(classes), "dim": int(grids[0].shape[1]), "task": "sound_event_detection"}
+
+    def stack(ix) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate([grids[i] for i in ix]), np.concatenate([targets[i] for i in ix])
+
+    def one(tr, va, te) -> dict:
+        (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = stack(tr), stack(va), stack(te)
+        r = linear_probe(Xtr, Ytr, Xva, Yva, Xte, Yte, len(classes), multilabel=True, seed=seed)
+        return {**r, "frames_train": int(len(Xtr))}
+
+    if splits[0] is not None:
+        sp = np.array(splits)
+        tr, va, te = (np.flatnonzero(sp == s) for s in SPLITS)
+        if len(tr) == 0 or len(te) == 0:
+            raise ProbeError("the split column needs train and test files", code=4)
+        if len(va) == 0:
+            rng = np.random.default_rng(seed)
+            perm = rng.permutation(tr)
+            va, tr = np.sort(perm[: max(1, len(tr) // 5)]), np.sort(perm[max(1, len(tr) // 5):])
+        res.update(protocol="train/valid/test", **one(tr, va, te))
+        return res
+    if n < 10:
+        raise ProbeError(f"only {n} files: too few for 5-fold cross-validation", code=4)
+    perm = np.random.default_rng(seed).permutation(n)
+    folds = [np.sort(perm[k::5]) for k in range(5)]
+    per = []
+    for k in range(5):
+        rest = np.concatenate([folds[j] for j in range(5) if j != k])
+        va, tr = rest[: max(1, len(rest) // 5)], rest[max(1, len(rest) // 5):]
+        per.append(one(tr, va, folds[k]))
+    res["protocol"] = "5-fold cross-validation over files"
+    for key in per[0]:
+        res[key] = float(np.mean([p[key] for p in per]))
     return res
