@@ -363,3 +363,233 @@ def regression_loss(pred: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:
         per_elem = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
     per_token = per_elem.sum(dim=-1) / math.sqrt(d)
     return per_token.sum() / max(per_token.numel(), 1)
+
+
+@_fp32
+def apc_l1_loss(pred: Tensor, frames: Tensor, shift: int, padding: Tensor | None = None) -> Tensor:
+    """APC: mean absolute error between the prediction made at step t and the frame `shift` steps on.
+
+    Chung, Hsu, Tang & Glass 2019, "An Unsupervised Autoregressive Model for Speech Representation
+    Learning", eq. 1 (L1 over the predicted frames); official train_apc.py
+    `nn.L1Loss()(model(x[:, :-n]), x[:, n:])`. Pairs (t, t + n) count where step t + n is valid,
+    and the mean runs over those pairs and the F bins. The official mean also covers the padded
+    tail of shorter utterances; here padding is excluded, so an item scores the same in any batch.
+
+    pred: (B, T, F) the method's prediction at every step t. frames: (B, T, F) the input frames
+    (the targets, detached here). shift: n >= 1. padding: (B, T) bool, True at padded steps.
+    Returns a () loss.
+    """
+    if pred.dim() != 3 or pred.shape != frames.shape:
+        raise ValueError(f"apc_l1_loss: expected pred and frames of one (B, T, F) shape, "
+                         f"found {tuple(pred.shape)} and {tuple(frames.shape)}")
+    if shift < 1:
+        raise ValueError(f"apc_l1_loss: shift must be >= 1, found {shift}")
+    B, T, n_bins = pred.shape
+    if T <= shift:
+        raise ValueError(f"apc_l1_loss: {T} frames leave no target {shift} steps ahead")
+    if padding is not None and tuple(padding.shape) != (B, T):
+        raise ValueError(f"apc_l1_loss: expected padding ({B}, {T}), found {tuple(padding.shape)}")
+    err = (pred[:, :T - shift].float() - frames[:, shift:].detach().float()).abs()  # (B, T - n, F)
+    if padding is None:
+        return err.mean()
+    valid = ~padding[:, shift:]  # (B, T - n): the target step t + n is a real frame
+    if not bool(valid.any()):
+        raise ValueError(f"apc_l1_loss: no item is longer than shift {shift} frames")
+    return err.masked_fill(~valid.unsqueeze(-1), 0.0).sum() / (valid.sum() * n_bins)
+
+
+@_fp32
+def cpc_info_nce(pred: Tensor, positive: Tensor, negatives: Tensor, valid: Tensor | None = None) -> LossOut:
+    """CPC InfoNCE: each prediction W_k c_t must pick its true future z_{t+k} among negatives.
+
+    van den Oord, Li & Vinyals 2018, "Representation Learning with Contrastive Predictive Coding",
+    eq. 4; facebookresearch/CPC_audio cpc/criterion/criterion.py `CPCUnsupersivedCriterion`: the
+    score of a candidate z is mean_d (W_k c_t)_d z_d (`(locC * candidates[k]).mean(dim=3)`: the
+    dot product over D), the positive sits at index 0 of the candidates, the loss per k is the
+    cross-entropy with label 0 averaged over anchors, and the negatives are drawn once per anchor
+    and shared by every k (`sampleClean`). CPC_audio sums the K losses; this is their mean.
+
+    pred: (K, N, D) predictions W_k c_t of N anchors for offsets k = 1..K.
+    positive: (K, N, D) the true z_{t+k}. negatives: (N, M, D) shared by the K offsets.
+    valid: (N,) bool, False for anchors to leave out (padding), or None.
+    terms: acc (mean over k of the fraction of anchors that score the positive highest) and
+    acc_<k> for every offset k = 1..K.
+    """
+    if pred.dim() != 3 or pred.shape != positive.shape:
+        raise ValueError(f"cpc_info_nce: expected pred and positive of one (K, N, D) shape, "
+                         f"found {tuple(pred.shape)} and {tuple(positive.shape)}")
+    K, N, D = pred.shape
+    if negatives.dim() != 3 or negatives.shape[0] != N or negatives.shape[2] != D:
+        raise ValueError(f"cpc_info_nce: expected negatives ({N}, M, {D}), found {tuple(negatives.shape)}")
+    if valid is not None and tuple(valid.shape) != (N,):
+        raise ValueError(f"cpc_info_nce: expected valid ({N},), found {tuple(valid.shape)}")
+    pred, positive, negatives = pred.float(), positive.float(), negatives.float()
+    pos = (pred * positive).sum(-1, keepdim=True)  # (K, N, 1)
+    neg = torch.einsum("knd,nmd->knm", pred, negatives)  # (K, N, M)
+    logits = torch.cat([pos, neg], dim=-1) / D  # (K, N, 1 + M), positive at index 0
+    labels = torch.zeros(K * N, dtype=torch.long, device=pred.device)
+    ce = F.cross_entropy(logits.reshape(K * N, -1), labels, reduction="none").view(K, N)
+    hit = (logits.argmax(dim=-1) == 0).float()  # (K, N); a tie goes to index 0, as torch.max
+    if valid is None:
+        loss_k, acc_k = ce.mean(dim=1), hit.mean(dim=1)
+    else:
+        n = valid.sum()
+        if not bool(n > 0):
+            raise ValueError("cpc_info_nce: no valid anchor")
+        w = valid.float()
+        loss_k, acc_k = (ce * w).sum(dim=1) / n, (hit * w).sum(dim=1) / n
+    terms = {"acc": acc_k.mean().detach(), **{f"acc_{k + 1}": acc_k[k].detach() for k in range(K)}}
+    return LossOut(loss_k.mean(), terms)
+
+
+@_fp32
+def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "l1") -> Tensor:
+    """Masked acoustic model loss: the mean over the selected elements of |pred - target| ("l1")
+    or (pred - target)^2 ("mse"); every other element is ignored.
+
+    Mockingjay (Liu et al., ICASSP 2020) and TERA (Liu, Li, Lee, TASLP 2021); s3prl
+    pretrain/mockingjay/pretrain_expert.py `TransformerForMaskedAcousticModel`:
+    `nn.L1Loss()(pred.masked_select(mask_label), target.masked_select(mask_label))` (L1 in the
+    released configs, MSE as the option). The mask selects single elements, so TERA's frequency
+    band (some bins of a frame) counts bin by bin. No selected element gives a loss of 0.
+
+    pred, target: (..., F) reconstructions and original features (target detached).
+    mask: bool of the same shape, True where the loss applies. Returns a () float32 loss.
+    """
+    if pred.shape != target.shape or mask.shape != pred.shape:
+        raise ValueError(f"masked_reconstruction_loss: expected pred, target and mask of one shape, "
+                         f"found {tuple(pred.shape)}, {tuple(target.shape)} and {tuple(mask.shape)}")
+    if kind not in ("l1", "mse"):
+        raise ValueError(f"masked_reconstruction_loss: kind={kind!r}; use 'l1' or 'mse'")
+    diff = pred.float() - target.detach().float()
+    per_elem = diff.abs() if kind == "l1" else diff.pow(2)
+    m = mask.to(per_elem.dtype)
+    return (per_elem * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _dist_entropy(p: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy (nats) of distributions along `dim`; 0 log 0 = 0."""
+    return -torch.special.xlogy(p, p).sum(dim=dim)
+
+
+@_fp32
+def dino_loss(student: Tensor, teacher: Tensor, center: Tensor, teacher_temp: float = 0.04,
+              student_temp: float = 0.1) -> LossOut:
+    """DINO: the student's distribution of every crop predicts the teacher's of every other global crop.
+
+    Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers", eq. 3 and
+    Alg. 1; facebookresearch/dino `main_dino.py` `DINOLoss`. Teacher p_t = softmax((t - center) /
+    teacher_temp), detached; student log p_s = log_softmax(s / student_temp). For every pair
+    (teacher global crop i, student crop v) with v != i: mean over the batch of
+    -Σ_k p_t[i] log p_s[v]; the loss is the mean over the pairs (the official total / n_loss_terms).
+    Updating the centre (momentum 0.9 on the batch mean of the raw teacher outputs) is the
+    method's job.
+
+    student: (V, N, K) head outputs of the V crops, the G global crops first.
+    teacher: (G, N, K) teacher head outputs of the global crops, G <= V; detached here.
+    center: (K,) the running centre of the teacher outputs.
+    terms: teacher_entropy (mean over the teacher rows of H(p_t): 0 for one-hot collapse) and
+      teacher_mean_entropy (H of the batch-mean p_t: log K for uniform collapse, when
+      teacher_entropy is log K too).
+    """
+    if student.dim() != 3 or teacher.dim() != 3 or teacher.shape[1:] != student.shape[1:]:
+        raise ValueError(f"dino_loss: expected student (V, N, K) and teacher (G, N, K), "
+                         f"found {tuple(student.shape)} and {tuple(teacher.shape)}")
+    V, N, K = student.shape
+    G = teacher.shape[0]
+    if not 1 <= G <= V or V < 2:
+        raise ValueError(f"dino_loss: needs 1 <= G <= V global teacher crops and V >= 2 student crops, "
+                         f"found G={G}, V={V}")
+    if center.shape[-1] != K or center.numel() != K:
+        raise ValueError(f"dino_loss: expected a ({K},) center, found {tuple(center.shape)}")
+    log_ps = F.log_softmax(student.float() / student_temp, dim=-1)  # (V, N, K)
+    pt = F.softmax((teacher.detach().float() - center.detach().float().reshape(K)) / teacher_temp, dim=-1)
+    cross = -(pt.reshape(G, N * K) @ log_ps.reshape(V, N * K).T) / N  # (G, V) mean CE of each pair
+    pairs = torch.arange(G, device=student.device)[:, None] != torch.arange(V, device=student.device)[None]
+    loss = cross[pairs].mean()
+    terms = {"teacher_entropy": _dist_entropy(pt).mean().detach(),
+             "teacher_mean_entropy": _dist_entropy(pt.reshape(G * N, K).mean(dim=0)).detach()}
+    return LossOut(loss, terms)
+
+
+@_fp32
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3,
+             gather_fn: GatherFn | None = None) -> Tensor:
+    """SwAV equipartitioned soft assignments of N samples to K prototypes (Sinkhorn-Knopp).
+
+    Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
+    Assignments", eq. 3 and sec. 3.1; facebookresearch/swav `main_swav.py` `distributed_sinkhorn`:
+    Q = exp(scores / ε)ᵀ (K, B), Q /= ΣQ, then `iterations` times: each prototype's row scaled to
+    sum 1/K, each sample's column scaled to sum 1/B; finally Q *= B and back to (B, K). So every
+    returned row (a sample's assignment) sums to exactly 1, and every column (a prototype's load)
+    sums to about B/K (exactly after infinitely many iterations). Computed in the log domain
+    (each normalisation a logsumexp subtraction): the same numbers, but exp(scores / ε) can neither
+    overflow nor underflow to an all-zero row for scores far from [-1, 1].
+
+    scores: (N, K) scores (SwAV: cosines of embeddings and prototypes), detached here.
+    gather_fn: with several processes, maps the local (N, K) block to (every process's rows,
+      offset); the iterations then run over all of them (what the official all_reduce of the sums
+      does) and the local rows are returned. None: one process.
+    Returns (N, K) float32 assignments, no gradient.
+    """
+    if scores.dim() != 2 or scores.shape[0] < 1:
+        raise ValueError(f"sinkhorn: expected (N, K) scores with N >= 1, found {tuple(scores.shape)}")
+    if epsilon <= 0 or iterations < 0:
+        raise ValueError(f"sinkhorn: epsilon must be positive and iterations >= 0, found {epsilon}, {iterations}")
+    with torch.no_grad():
+        local = scores.detach().float()
+        rows, offset = _gather("sinkhorn", local, gather_fn)
+        B, K = rows.shape
+        log_q = rows / epsilon
+        log_q = log_q - torch.logsumexp(log_q.flatten(), dim=0)  # the whole matrix sums to 1
+        for _ in range(iterations):
+            log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(K)  # prototypes: 1/K
+            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(B)  # samples: 1/B
+        q = torch.exp(log_q + math.log(B))  # each sample's assignment sums to 1
+        return q[offset:offset + local.shape[0]]
+
+
+@_fp32
+def swav_loss(scores: Tensor, crops_for_assign: Sequence[int] = (0, 1), temperature: float = 0.1,
+              epsilon: float = 0.05, iterations: int = 3, queue_scores: Tensor | None = None,
+              gather_fn: GatherFn | None = None) -> LossOut:
+    """SwAV swapped prediction: the codes q of one crop are predicted from every other crop.
+
+    Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
+    Assignments", eq. 1-2; facebookresearch/swav `main_swav.py` `train`. For each crop i in
+    `crops_for_assign`: q_i = sinkhorn(scores_i) (with the queue's scores prepended, then the
+    batch's rows kept), and sub-loss_i = mean over the crops v != i of the batch mean of
+    -Σ_k q_i log softmax(scores_v / τ); the loss is the mean of the sub-losses.
+
+    scores: (V, N, K) prototype scores of the V crops (cosines: L2-normalised embeddings against
+      L2-normalised prototypes). queue_scores: (A, L, K) scores of the queued embeddings of each
+      assigned crop, or None. gather_fn: see `sinkhorn`.
+    terms: q_entropy (mean over samples of H(q): 0 for hard codes) and q_mean_entropy (H of the
+      batch-mean q, log K under perfect equipartition), both averaged over the assigned crops.
+    """
+    if scores.dim() != 3 or scores.shape[0] < 2:
+        raise ValueError(f"swav_loss: expected (V, N, K) scores of V >= 2 crops, found {tuple(scores.shape)}")
+    V, N, K = scores.shape
+    assign = list(crops_for_assign)
+    if not assign or len(set(assign)) != len(assign) or not all(0 <= i < V for i in assign):
+        raise ValueError(f"swav_loss: crops_for_assign {assign} must be distinct crop indices in [0, {V})")
+    if queue_scores is not None and (queue_scores.dim() != 3 or queue_scores.shape[0] != len(assign)
+                                     or queue_scores.shape[2] != K):
+        raise ValueError(f"swav_loss: expected queue_scores ({len(assign)}, L, {K}), "
+                         f"found {tuple(queue_scores.shape)}")
+    log_p = F.log_softmax(scores.float() / temperature, dim=-1)  # (V, N, K)
+    others = torch.ones(V, dtype=torch.bool, device=scores.device)
+    loss, h, h_mean = 0.0, 0.0, 0.0
+    for a, i in enumerate(assign):
+        s = scores[i]
+        if queue_scores is not None:
+            s = torch.cat([queue_scores[a], s])
+        q = sinkhorn(s, epsilon, iterations, gather_fn)[-N:]  # (N, K), this batch's rows
+        cross = -(log_p * q).sum(dim=-1).mean(dim=-1)  # (V,) batch-mean CE of every crop against q
+        mask = others.clone()
+        mask[i] = False
+        loss = loss + cross[mask].mean()
+        h = h + _dist_entropy(q).mean()
+        h_mean = h_mean + _dist_entropy(q.mean(dim=0))
+    A = len(assign)
+    return LossOut(loss / A, {"q_entropy": (h / A).detach(), "q_mean_entropy": (h_mean / A).detach()})

@@ -1,0 +1,176 @@
+"""Frame-level transformer on log-mel frames: the Mockingjay / TERA encoder.
+
+Liu, Yang, Chi, Hsu, Lee. "Mockingjay: Unsupervised Speech Representation Learning with Deep
+Bidirectional Transformer Encoders", ICASSP 2020; Liu, Li, Lee. "TERA: Self-Supervised Learning of
+Transformer Encoder Representation for Speech", IEEE/ACM TASLP 2021. Official code: s3prl
+(github.com/s3prl/s3prl) s3prl/upstream/mockingjay/model.py (`TransformerModel`,
+`TransformerInputRepresentations`, BERT-style post-LN `TransformerLayer`) and
+s3prl/pretrain/mockingjay/task.py (`fast_position_encoding`).
+
+(B, F, T) log-mel -> optional stacking of `downsample` consecutive frames into one (B, T // r,
+F * r) vector per token (s3prl `downsample_rate`; the frames left over at the end are dropped)
+-> Linear (F * r -> D) + fixed sinusoidal positions -> LayerNorm -> dropout -> L post-LN BERT
+blocks -> (B, T // r, D). Positions are the interleaved sin / cos table of s3prl
+(`get_sinusoid_table`: dim 2i sin, 2i + 1 cos, angle pos / 10000^(2i / D)), computed for any length
+(s3prl caps it at MAX_SEQLEN 3000). Padded frames are left out of attention, so a padded batch gives
+each item's own result.
+
+Masks: Mockingjay and TERA alter the input frames themselves (zeros, other frames, a zeroed
+frequency band, noise), so the method corrupts the spectrogram and calls the encoder without a
+`Mask`; this encoder rejects one. With `return_layers`, `layers` holds the output of every block
+(s3prl's `output_all_encoded_layers` also lists the input representation before the first block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sslaudio.config import ConfigError
+from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.layers import Block, TransformerStack, init_bert_, sincos_1d
+from sslaudio.registry import ENCODERS
+
+
+def sinusoid_positions(n: Tensor | int, dim: int) -> Tensor:
+    """s3prl's position table for positions 0..n-1 -> (n, dim) float64 on the CPU:
+    [sin(p w_0), cos(p w_0), sin(p w_1), cos(p w_1), ...] with w_i = 1 / 10000^(2i / dim)."""
+    table = sincos_1d(dim, torch.arange(n))  # (n, dim): [sin | cos] blocks, same frequencies
+    return table.reshape(-1, 2, dim // 2).transpose(1, 2).reshape(-1, dim)
+
+
+_POS_CACHE: dict[tuple, Tensor] = {}
+
+
+@ENCODERS.register("frame_transformer")
+class FrameTransformer(Encoder):
+    """(B, F, T) log-mel -> (B, T // downsample, D) frame tokens.
+
+    EncoderOut.extra: "lengths" (B,) valid tokens; "ffn" per-block FFN outputs (with return_layers).
+    """
+
+    @dataclass
+    class Config:
+        dim: int = 768  # s3prl hidden_size
+        depth: int = 3  # num_hidden_layers (Mockingjay / TERA Base)
+        heads: int = 12  # num_attention_heads
+        ffn_dim: int = 3072  # intermediate_size
+        downsample: int = 1  # frames stacked per token (s3prl downsample_rate)
+        dropout: float = 0.1  # hidden_dropout_prob: input representation, attention and FFN outputs
+        attention_dropout: float = 0.1  # attention_probs_dropout_prob
+        norm_eps: float = 1e-12  # layer_norm_eps
+
+        def __post_init__(self):
+            if self.depth < 1 or self.heads < 1 or self.ffn_dim < 1:
+                raise ConfigError("encoder.depth, encoder.heads and encoder.ffn_dim must be >= 1")
+            if self.dim % self.heads:
+                raise ConfigError(f"encoder.dim {self.dim} must be divisible by encoder.heads {self.heads}")
+            if self.dim % 2:
+                raise ConfigError(f"encoder.dim {self.dim} must be even (sinusoidal positions)")
+            if self.downsample < 1:
+                raise ConfigError(f"encoder.downsample must be >= 1 (frames per token), found {self.downsample}")
+            for key in ("dropout", "attention_dropout"):
+                if not 0.0 <= getattr(self, key) < 1.0:
+                    raise ConfigError(f"encoder.{key} must be in [0, 1), found {getattr(self, key)}")
+            if self.norm_eps <= 0:
+                raise ConfigError(f"encoder.norm_eps must be positive, found {self.norm_eps}")
+
+    def __init__(self, cfg: "FrameTransformer.Config", frontend):
+        super().__init__()
+        self.cfg = cfg
+        self.n_freq = int(frontend.out_channels)
+        if self.n_freq < 2:
+            raise ConfigError("encoder.name: 'frame_transformer' reads spectrogram frames; use a "
+                              "spectrogram frontend (frontend.name: logmel)")
+        self.stack = cfg.downsample
+        self.input_dim = self.n_freq * self.stack
+        self.dim = cfg.dim
+        self.frame_dim = cfg.dim
+        self.downsample = int(frontend.hop) * self.stack
+        self.sample_rate = int(frontend.sample_rate)
+
+        self.input_proj = nn.Linear(self.input_dim, cfg.dim)  # s3prl spec_transform
+        self.input_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = TransformerStack([
+            Block(cfg.dim, cfg.heads, cfg.ffn_dim, dropout=cfg.dropout,
+                  attention_dropout=cfg.attention_dropout, norm_first=False, norm_eps=cfg.norm_eps)
+            for _ in range(cfg.depth)])
+        init_bert_(self)  # s3prl init_Transformer_weights: Linear N(0, 0.02), zero bias, unit LayerNorm
+
+    # ---- helpers for methods ----
+
+    def stack_frames(self, x: Tensor) -> Tensor:
+        """(B, F, T) -> (B, T // r, F * r): r consecutive frames concatenated per token, frame by
+        frame ([f_0 bins, f_1 bins, ...], s3prl `down_sample_frames`); left-over frames dropped."""
+        h = x.transpose(1, 2)  # (B, T, F)
+        r = self.stack
+        if r == 1:
+            return h
+        n = h.shape[1] // r
+        return h[:, : n * r].reshape(h.shape[0], -1, r * h.shape[2])
+
+    def unstack_frames(self, h: Tensor) -> Tensor:
+        """Inverse of `stack_frames`: (B, N, F * r) -> (B, F, N * r)."""
+        return h.reshape(h.shape[0], -1, self.n_freq).transpose(1, 2)
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """(B,) valid frames -> (B,) valid tokens."""
+        return torch.div(lengths, self.stack, rounding_mode="floor")
+
+    def frame_times(self, n_frames: int) -> Tensor:
+        """Centre in seconds of each token: the mean centre of its stacked frames, frame i of the
+        centred STFT being centred at i * hop."""
+        hop = self.downsample // self.stack
+        idx = torch.arange(n_frames, dtype=torch.float64) * self.stack + (self.stack - 1) / 2
+        return idx * hop / self.sample_rate
+
+    def positions(self, n: int, like: Tensor) -> Tensor:
+        """(n, D) positions in the dtype and device of `like`; cached outside tracing."""
+        if torch.jit.is_tracing():  # export: built from the traced length
+            return sinusoid_positions(n, self.dim).to(device=like.device, dtype=like.dtype)
+        key = (int(n), self.dim, str(like.device), like.dtype)
+        if key not in _POS_CACHE:
+            if len(_POS_CACHE) > 64:
+                _POS_CACHE.clear()
+            _POS_CACHE[key] = sinusoid_positions(int(n), self.dim).to(device=like.device, dtype=like.dtype)
+        return _POS_CACHE[key]
+
+    # ---- forward ----
+
+    def _check(self, x: Tensor, lengths: Tensor) -> None:
+        if x.dim() != 3 or x.shape[1] != self.n_freq:
+            raise ValueError(f"frame_transformer: expected input (B, {self.n_freq}, T), found {tuple(x.shape)}")
+        if lengths.shape != (x.shape[0],):
+            raise ValueError(f"frame_transformer: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
+        r = self.stack
+        if x.shape[-1] < r or bool((lengths < r).any()):
+            raise ValueError(f"frame_transformer: every input needs at least {r} frame(s) (one token of "
+                             f"encoder.downsample frames), found lengths {lengths.tolist()} with "
+                             f"{x.shape[-1]} frames in x")
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None,
+                return_layers: bool = False) -> EncoderOut:
+        if mask is not None:
+            raise ValueError("frame_transformer takes no Mask: Mockingjay / TERA alter the input frames "
+                             "themselves (the method corrupts x and calls the encoder without a mask)")
+        if lengths is None:  # every item spans the whole input
+            self._check(x, torch.full((x.shape[0],), x.shape[-1], dtype=torch.long))
+        else:
+            self._check(x, lengths)
+        h = self.stack_frames(x)  # (B, N, F * r)
+        n = h.shape[1]
+        h = self.input_proj(h)  # (B, N, D)
+        h = self.input_dropout(self.input_norm(h + self.positions(n, h)))
+        padding, token_lengths = None, None
+        if lengths is not None:
+            token_lengths = self.output_lengths(lengths.to(h.device))
+            padding = lengths_to_padding(token_lengths, n)  # (B, N)
+        attn_padding = padding if padding is not None and bool(padding.any()) else None
+        h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers)
+        extra = {"lengths": token_lengths}
+        if return_layers:
+            extra["ffn"] = ffns
+        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None, extra=extra)

@@ -1,0 +1,326 @@
+"""Mockingjay / TERA (sslaudio/methods/mpc.py) and the frame transformer
+(sslaudio/encoders/frame_transformer.py): the encoder's padding, positions and export, the s3prl
+alteration procedure's statistics, the masked L1 loss against explicit loops, a short run."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from sslaudio.checkpoint import EncoderBundle
+from sslaudio.config import ConfigError, load_preset
+from sslaudio.encoders.frame_transformer import sinusoid_positions
+from sslaudio.frontends import build_frontend
+from sslaudio.masking import Mask
+from sslaudio.methods import build_method, losses
+from sslaudio.methods.mpc import TERA, Mockingjay, alter
+from sslaudio.registry import ENCODERS, METHODS
+from sslaudio.synth import CLASSES, clip
+from tests.conftest import run_steps
+
+SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.ffn_dim=64", "train.batch_size=4"]
+
+
+def g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _method(name="tiny/mockingjay", extra=()):
+    torch.manual_seed(0)
+    return build_method(load_preset(name, SMALL + list(extra)))
+
+
+def _encoder(extra=()):
+    p = load_preset("tiny/mockingjay", SMALL + list(extra))
+    torch.manual_seed(0)
+    return ENCODERS.build(p.encoder, "encoder", frontend=build_frontend(p.frontend, 16000)).eval()
+
+
+def _audio(n=4, seconds=1.5):
+    return torch.stack([torch.from_numpy(clip(CLASSES[i % len(CLASSES)], 70 + i, seconds=seconds))
+                        for i in range(n)]).float()
+
+
+# -- encoder ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stack", [1, 2])
+def test_padded_batch_equals_each_item_alone(stack):
+    enc = _encoder([f"encoder.downsample={stack}"])
+    x = torch.randn(2, 80, 40)
+    with torch.no_grad():
+        out = enc(x, torch.tensor([40, 25]), return_layers=True)
+        alone = enc(x[1:, :, :25], torch.tensor([25]), return_layers=True)
+    n = 25 // stack
+    assert out.tokens.shape == (2, 40 // stack, 32) and alone.tokens.shape == (1, n, 32)
+    assert out.padding[1].tolist() == [False] * n + [True] * (40 // stack - n)
+    assert torch.allclose(out.tokens[1, :n], alone.tokens[0], atol=1e-5)
+    for a, b in zip(out.layers, alone.layers):
+        assert torch.allclose(a[1, :n], b[0], atol=1e-5)
+    frames, lengths = enc.to_frames(out)
+    assert lengths.tolist() == [40 // stack, n]
+    assert enc.downsample == 160 * stack
+
+
+def test_positions_are_s3prl_table_for_any_length():
+    D = 6
+    table = sinusoid_positions(5, D)
+    for p in range(5):
+        for j in range(D):
+            angle = p / 10000 ** (2 * (j // 2) / D)  # s3prl get_sinusoid_table
+            want = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+            assert table[p, j].item() == pytest.approx(want, abs=1e-12)
+    long = sinusoid_positions(3500, 32)  # s3prl stops at MAX_SEQLEN 3000; here any length
+    assert torch.equal(long[:151], sinusoid_positions(151, 32))
+    enc = _encoder()
+    with torch.no_grad():  # 4 s, longer than the 1.5 s training crops: finite, one token per frame
+        out = enc(torch.randn(1, 80, 401))
+        alone = enc(torch.randn(1, 80, 401))
+    assert out.tokens.shape == (1, 401, 32) and torch.isfinite(out.tokens).all()
+    assert torch.equal(enc.positions(401, out.tokens)[:151], enc.positions(151, out.tokens))
+    assert not torch.allclose(out.tokens, alone.tokens)
+
+
+def test_encoder_rejects_masks_and_short_or_wrong_input():
+    enc = _encoder(["encoder.downsample=3"])
+    x = torch.randn(1, 80, 10)
+    with pytest.raises(ValueError, match="no Mask"):
+        enc(x, mask=Mask.from_masked(torch.zeros(1, 3, dtype=torch.bool), "replace"))
+    with pytest.raises(ValueError, match="at least 3 frame"):
+        enc(torch.randn(1, 80, 2))
+    with pytest.raises(ValueError, match="at least 3 frame"):
+        enc(torch.randn(2, 80, 10), torch.tensor([10, 2]))
+    with pytest.raises(ValueError, match=r"expected input \(B, 80, T\)"):
+        enc(torch.randn(1, 64, 10))
+    assert enc(x, return_layers=True).layers[-1] is not None  # 3 // 3 tokens: fine
+
+
+def test_stacking_round_trips():
+    enc = _encoder(["encoder.downsample=3"])
+    x = torch.randn(2, 80, 10)
+    h = enc.stack_frames(x)
+    assert h.shape == (2, 3, 240)
+    assert torch.equal(h[0, 1, :80], x[0, :, 3]) and torch.equal(h[0, 1, 80:160], x[0, :, 4])
+    assert torch.equal(enc.unstack_frames(h), x[:, :, :9])
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export(fmt, tmp_path):
+    from sslaudio.export import export
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    for stack in (1, 2):
+        p = load_preset("tiny/tera", SMALL + [f"encoder.downsample={stack}"])
+        torch.manual_seed(0)
+        frontend = build_frontend(p.frontend, 16000)
+        bundle = EncoderBundle(frontend, ENCODERS.build(p.encoder, "encoder", frontend=frontend), p).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = export(bundle, fmt, tmp_path / f"m{stack}.{fmt}")  # raises if it disagrees with PyTorch
+        assert r["dim"] == 32 and r["max_abs_diff"] < 1e-3
+
+
+# -- alteration -------------------------------------------------------------------------------
+
+def _runs(row):
+    """Maximal runs of True in a list -> [(start, length)]."""
+    runs, start = [], None
+    for i, v in enumerate(row + [False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def test_time_masking_selects_15_percent_in_spans_of_7_with_80_10_10_dice():
+    B, N, C = 2000, 151, 4
+    x = torch.randn(B, N, C, generator=g(1))
+    a = alter(x, torch.full((B,), N), C, g(2))
+    sel = a.selected
+    counts = sel.sum(1)
+    # round(151 * 0.15 / 7) = 3 spans of 7: 21 frames, fewer where spans overlap
+    assert int(counts.max()) == 21 and int(counts.min()) >= 9
+    assert 0.125 < float(sel.float().mean()) <= 21 / 151
+    for row in sel[:200].tolist():
+        assert all(length >= 7 for _, length in _runs(row))
+    # starts in [0, len - 8] (s3prl valid_start_max = len - 7 - 1): the last frame is never selected
+    assert sel[:, 0].any() and sel[:, N - 2].any() and not sel[:, N - 1].any()
+    assert torch.equal(a.label, sel[:, :, None].expand(-1, -1, C))
+    # unselected frames untouched (no frequency band, no noise)
+    assert torch.equal(a.x[~sel], x[~sel])
+
+    kinds = {"zero": 0, "same": 0, "swap": 0}
+    for b in range(B):
+        s = sel[b]
+        if bool((a.x[b, s] == 0).all()):
+            kinds["zero"] += 1
+            assert float(a.dice[b]) < 0.8
+        elif torch.equal(a.x[b], x[b]):
+            kinds["same"] += 1
+        else:
+            kinds["swap"] += 1
+            assert 0.8 <= float(a.dice[b]) < 0.9
+            # every selected frame is another frame of the same utterance, a span copied in order
+            src = [int((x[b] == a.x[b, t]).all(1).nonzero()[0]) for t in s.nonzero()[:, 0].tolist()]
+            assert max(src) <= N - 2
+            i = 0
+            for start, length in _runs(s.tolist()):
+                if length == 7:  # a span that overlaps no other: its 7 source frames are consecutive
+                    assert src[i:i + 7] == list(range(src[i], src[i] + 7))
+                i += length
+    assert abs(kinds["zero"] / B - 0.8) < 0.03
+    assert abs(kinds["same"] / B - 0.1) < 0.025 and abs(kinds["swap"] / B - 0.1) < 0.025
+
+
+def test_span_count_follows_pythons_round_and_padding():
+    # spans of 1 never overlap, so the selected count is the span count: min(round(len * p), len - 1)
+    lengths = torch.arange(1, 120)
+    x = torch.randn(len(lengths), 119, 2)
+    a = alter(x, lengths, 2, g(3), mask_proportion=0.15, mask_consecutive=1)
+    want = [min(round(L * 0.15 / 1), max(L - 2, 0) + 1) for L in lengths.tolist()]
+    assert a.selected.sum(1).tolist() == want
+    beyond = torch.arange(119)[None, :] >= lengths[:, None]
+    assert not (a.selected & beyond).any() and not (a.label & beyond[:, :, None]).any()
+
+
+def test_frequency_band_width_and_position_follow_s3prl():
+    B, N, F = 3000, 30, 80
+    x = torch.randn(B, N, F, generator=g(4))
+    lengths = torch.full((B,), N)
+    lengths[0] = 20
+    a = alter(x, lengths, F, g(5), mask_frequency=0.2)
+    width = a.band.sum(1)
+    assert int(width.max()) == 16 and int(width.min()) == 0  # U{0..int(80 * 0.2)}
+    assert abs(float(width.float().mean()) - 8.0) < 0.3
+    assert set(width.tolist()) == set(range(17))
+    for row in a.band[:300].tolist():
+        runs = _runs(row)
+        assert len(runs) <= 1  # one contiguous band
+        if runs:
+            start, w = runs[0]
+            assert start + w <= F - 1  # s3prl's start is randperm(F - width): the top bin stays
+    assert not a.band[:, F - 1].any() and a.band[:, 0].any()
+    band = a.band[:, None, :].expand(-1, N, -1)
+    assert (a.x[band] == 0).all()  # zeroed in every frame
+    keep = ~band & ~a.selected[:, :, None]
+    assert torch.equal(a.x[keep], x[keep])
+    valid = torch.arange(N)[None, :, None] < lengths[:, None, None]
+    assert torch.equal(a.label, (a.selected[:, :, None] | band) & valid)
+
+
+def test_noise_is_one_dice_per_batch_of_std_0_2():
+    x = torch.zeros(8, 50, 10)
+    hits = 0
+    for s in range(200):
+        a = alter(x, torch.full((8,), 50), 10, g(s), mask_proportion=0.0, noise_proportion=0.15)
+        if bool((a.x != 0).any()):
+            hits += 1
+            assert abs(float(a.x.std()) - 0.2) < 0.02 and bool((a.x != 0).all())
+        assert a.label.all()  # nothing masked: every valid element is reconstructed (s3prl)
+    assert 15 <= hits <= 45  # Binomial(200, 0.15): mean 30, sd 5
+
+
+# -- loss -------------------------------------------------------------------------------------
+
+def test_masked_reconstruction_loss_matches_hand_computation():
+    pred = torch.randn(2, 3, 4, generator=g(6), requires_grad=True)
+    target = torch.randn(2, 3, 4, generator=g(7), requires_grad=True)
+    mask = torch.rand(2, 3, 4, generator=g(8)) < 0.4
+    for kind in ("l1", "mse"):
+        total, count = 0.0, 0
+        for p_, t_, m_ in zip(pred.flatten().tolist(), target.flatten().tolist(),
+                              mask.flatten().tolist()):
+            if m_:
+                total += abs(p_ - t_) if kind == "l1" else (p_ - t_) ** 2
+                count += 1
+        got = losses.masked_reconstruction_loss(pred, target, mask, kind)
+        assert got.item() == pytest.approx(total / count, rel=1e-6)
+    s3prl = torch.nn.L1Loss()(pred.masked_select(mask), target.masked_select(mask))  # s3prl's form
+    loss = losses.masked_reconstruction_loss(pred, target, mask)
+    assert loss.item() == pytest.approx(s3prl.item(), rel=1e-6)
+    loss.backward()
+    assert target.grad is None and pred.grad is not None  # the original frames are targets only
+    none = losses.masked_reconstruction_loss(pred, pred, torch.zeros_like(mask))
+    assert none.item() == 0.0
+    with pytest.raises(ValueError, match="one shape"):
+        losses.masked_reconstruction_loss(pred, pred, mask[:, :2])
+
+
+@pytest.mark.parametrize("name", ["tiny/mockingjay", "tiny/tera"])
+def test_method_loss_matches_explicit_loops(name):
+    m = _method(name).eval()  # no dropout: the forward is a function of the generator only
+    audio = _audio(2)
+    m.frontend.estimate_stats(audio)
+    out = m({"audio": audio[:, None]}, 0, g(9))
+    with torch.no_grad():
+        x = m.features(audio)  # (2, 80, 151)
+        target = m.encoder.stack_frames(x)
+        B, N, C = target.shape
+        lengths = torch.full((B,), N)
+        a = m.alter(target, lengths, g(9))  # the method's first draws
+        pred = m.head(m.encoder(m.encoder.unstack_frames(a.x), lengths).tokens)
+    total, count = 0.0, 0
+    P, T, L = pred.tolist(), target.tolist(), a.label.tolist()
+    for b in range(B):
+        for n in range(N):
+            for c in range(C):
+                if L[b][n][c]:
+                    total += abs(P[b][n][c] - T[b][n][c])
+                    count += 1
+    assert count == int(a.label.sum()) > 0
+    assert out["loss"].item() == pytest.approx(total / count, rel=1e-5)
+    assert out["altered_frac"].item() == pytest.approx(float(a.selected.float().mean()))
+    if name == "tiny/tera":
+        assert a.band.any() and count > int(a.selected.sum()) * C
+    else:
+        assert count == int(a.selected.sum()) * C
+
+
+def test_loss_ignores_unaltered_positions():
+    m = _method("tiny/tera").eval()
+    audio = _audio(2)
+    m.frontend.estimate_stats(audio)
+    with torch.no_grad():
+        target = m.encoder.stack_frames(m.features(audio))
+        a = m.alter(target, torch.full((2,), target.shape[1]), g(10))
+    pred = torch.randn(target.shape, generator=g(11), requires_grad=True)
+    loss = losses.masked_reconstruction_loss(pred, target, a.label)
+    perturbed = pred.detach() + 100.0 * (~a.label).float()
+    assert losses.masked_reconstruction_loss(perturbed, target, a.label).item() == loss.item()
+    loss.backward()
+    assert (pred.grad[~a.label] == 0).all() and (pred.grad[a.label] != 0).all()
+    moved = pred.detach() + 1.0 * a.label.float()
+    assert losses.masked_reconstruction_loss(moved, target, a.label).item() != loss.item()
+
+
+# -- method -----------------------------------------------------------------------------------
+
+def test_registered_names_and_config_errors():
+    assert METHODS.get("mockingjay") is Mockingjay and METHODS.get("tera") is TERA
+    assert TERA.Config().mask_frequency == 0.2 and Mockingjay.Config().mask_frequency == 0.0
+    bad = [["method.mask_proportion=1.0"], ["method.zero_prob=0.95"], ["method.mask_consecutive=0"],
+           ["method.mask_frequency=-0.1"], ["method.noise_proportion=2.0"], ["method.loss=l2"],
+           ["encoder.heads=3"], ["encoder.downsample=0"], ["encoder.dropout=1.0"]]
+    for extra in bad:
+        with pytest.raises(ConfigError):
+            _method("tiny/mockingjay", extra)
+    with pytest.raises(ConfigError, match="frame_transformer"):
+        _method("tiny/mockingjay", ["encoder={name: vit, dim: 32, depth: 1, heads: 2}"])
+    with pytest.raises(ConfigError, match="masker"):
+        _method("tiny/mockingjay", ["masker={name: block}"])
+
+
+def test_short_run_lowers_loss_without_collapse():
+    m = _method("tiny/tera", ["encoder.dropout=0.0", "encoder.attention_dropout=0.0"]).train()
+    audio = _audio(4)
+    m.frontend.estimate_stats(audio)
+    hist = run_steps(m, audio[:, None], steps=40, lr=3e-3)
+    first = sum(h["loss"] for h in hist[:5]) / 5
+    last = sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert hist[-1]["emb_std"] > 0.5 * hist[0]["emb_std"] and hist[-1]["emb_std"] > 0.02
+    assert all(0.05 < h["altered_frac"] < 0.15 for h in hist)
