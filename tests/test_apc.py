@@ -2,7 +2,6 @@
 method against a hand-unrolled GRU, causality (no peeking), padded batches, short inputs, export,
 config errors and a short run that lowers the loss without collapse."""
 
-import copy
 import math
 
 import numpy as np

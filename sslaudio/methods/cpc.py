@@ -84,8 +84,8 @@ class CPC(Method):
             raise ConfigError("method cpc needs encoder.name: cpc (conv features + GRU context)")
         if masker is not None:
             raise ConfigError("method cpc takes no masker; remove the 'masker' section")
-        samples = int(round(preset.data.clip_seconds * preset.data.sample_rate))
-        frames = int(encoder.output_lengths(torch.tensor([samples]))[0])
+        samples = round(preset.data.clip_seconds * preset.data.sample_rate)
+        frames = encoder.output_lengths(torch.tensor([samples])).item()
         if frames <= cfg.n_predicts:
             raise ConfigError(f"method.n_predicts {cfg.n_predicts} needs crops of more than "
                               f"{cfg.n_predicts} frames; data.clip_seconds gives {frames}")
