@@ -2,7 +2,6 @@
 method's loss on its own sub-modules, the exact centre and EMA updates, no gradient to the
 teacher, the frozen last layer, the schedules, config errors and a short run without collapse."""
 
-import copy
 import math
 
 import numpy as np

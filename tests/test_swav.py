@@ -3,7 +3,6 @@ swav_loss against explicit loops (with and without a queue), the method's loss o
 sub-modules, normalised prototypes, frozen prototypes, the FIFO queue and when it is used, config
 errors and a short run without collapse."""
 
-import copy
 import math
 
 import numpy as np
@@ -117,7 +116,7 @@ def test_swav_loss_matches_explicit_loops(with_queue):
     assert {"q_entropy", "q_mean_entropy"} == set(terms)
     q0 = losses.sinkhorn(scores[0] if queue is None else torch.cat([queue[0], scores[0]]), 0.05, 3)[-3:]
     q1 = losses.sinkhorn(scores[1] if queue is None else torch.cat([queue[1], scores[1]]), 0.05, 3)[-3:]
-    ent = lambda p: -(p * p.log()).sum(-1)  # noqa: E731
+    ent = lambda p: -(p * p.log()).sum(-1)
     assert terms["q_entropy"].item() == pytest.approx(((ent(q0).mean() + ent(q1).mean()) / 2).item(), rel=1e-5)
     assert terms["q_mean_entropy"].item() == pytest.approx(((ent(q0.mean(0)) + ent(q1.mean(0))) / 2).item(),
                                                            rel=1e-5)
@@ -180,11 +179,11 @@ def test_queue_fills_fifo_from_its_start_step_and_is_used_once_full(monkeypatch)
     audio = torch.zeros(4, 1, 10)
     assert m.queue.shape == (2, 8, 16) and "queue" in m.state_dict() and "queue_count" in m.state_dict()
     for step in (0, 1):  # before queue_start_step: neither filled nor used
-        out = m(dict(audio=audio), step, g())
+        out = m({"audio": audio}, step, g())
         m.after_step(step, 10)
         assert out["queue_used"].item() == 0.0 and int(m.queue_count) == 0 and not m.queue.any()
     z2, _ = _scores(m, views)
-    out = m(dict(audio=audio), 2, g())
+    out = m({"audio": audio}, 2, g())
     m.after_step(2, 10)
     assert out["queue_used"].item() == 0.0 and int(m.queue_count) == 4  # half full: not used yet
     assert torch.allclose(m.queue[0, :4], z2[:4], atol=1e-6) and torch.allclose(m.queue[1, :4], z2[4:8], atol=1e-6)
@@ -192,7 +191,7 @@ def test_queue_fills_fifo_from_its_start_step_and_is_used_once_full(monkeypatch)
     views[0].add_(0.5)  # new rows for the next step
     views[1].add_(0.5)
     z3, _ = _scores(m, views)
-    out = m(dict(audio=audio), 3, g())
+    out = m({"audio": audio}, 3, g())
     m.after_step(3, 10)
     assert out["queue_used"].item() == 0.0 and int(m.queue_count) == 8
     # newest rows first, the older ones pushed back (official queue[i, bs:] = queue[i, :-bs])
@@ -200,7 +199,7 @@ def test_queue_fills_fifo_from_its_start_step_and_is_used_once_full(monkeypatch)
     assert torch.allclose(m.queue[1], torch.cat([z3[4:8], z2[4:8]]), atol=1e-6)
     queue = m.queue.clone()
     z4, scores = _scores(m, views)
-    out = m(dict(audio=audio), 4, g())
+    out = m({"audio": audio}, 4, g())
     assert out["queue_used"].item() == 1.0  # full: its scores join Sinkhorn
     queue_scores = queue @ m.prototypes.weight.detach().T
     assert out["loss"].item() == pytest.approx(_hand_swav(scores, [0, 1], 0.1, 0.05, 3, queue_scores), rel=1e-5)

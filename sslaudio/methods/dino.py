@@ -17,8 +17,10 @@ teacher view with every other student view. As the official `MultiCropWrapper`, 
 length go through the encoder as one batch (globals together, locals together: BatchNorm
 statistics per group) and the head takes all clip embeddings at once. The official teacher is built
 without stochastic depth (the student has drop_path 0.1); our CNN's analogue is its dropout, so
-the teacher's dropout is switched off. Evaluation uses the teacher (the official eval scripts load
-the `teacher` weights; `eval_teacher: false` gives the student).
+the teacher's dropout is switched off. The head's MLP can take BatchNorm (official
+`use_bn_in_head`, off by default for ViTs); the presets turn it on for the CNN (presets/dino.yaml
+says why). Evaluation uses the teacher (the official eval scripts load the `teacher` weights;
+`eval_teacher: false` gives the student).
 
 Centre: a (K,) buffer (checkpointed), updated after the step with momentum 0.9 towards the batch
 mean of the raw teacher outputs (under several processes the mean over all of them, through
