@@ -26,8 +26,7 @@ import time
 
 import torch
 
-from sslaudio.config import load_preset
-from sslaudio.methods import build_method
+from sslaudio.build import build_method, load_preset
 
 
 def measure(preset_name: str, overrides: list[str], steps: int, warmup: int, device: str) -> dict:

@@ -5,8 +5,9 @@
     python benchmarks/devbench.py /work/devbench-full --presets tiny/byol-a --minutes 10 --runs runs/devbench
 
 For each preset: `sslaudio pretrain OUT/pretrain_pool/audio` into RUNS/<preset>, then the linear /
-kNN probe of `words` and `instrument_family` (fit on train, hyper-parameters picked on valid,
-reported on test) and the frame-level linear probe of `sound_events` (frame micro-F1 at 100 ms, as
+kNN probe of `words`, `instrument_family`, `speaker_id` and `pitch_class` (fit on train,
+hyper-parameters picked on valid, reported on test; a task missing from the devbench folder is
+skipped) and the frame-level linear probe of `sound_events` (frame micro-F1 at 100 ms, as
 devbench's own baseline) for the pretrained encoder and for `random:<preset>`. A budget in minutes sets
 train.steps from a short timing of the preset on this machine. Prints a Markdown table and writes
 RUNS/devbench_results.json. Make the data with ../shared/devbench/make_devbench.py first.
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from sslaudio.cli import probe_ckpt
-from sslaudio.config import load_preset
+from sslaudio.build import load_preset
+from sslaudio.evaluation import probe_checkpoint
 from sslaudio.train import fit
 
-TASKS = ("words", "instrument_family", "sound_events")
+TASKS = ("words", "instrument_family", "speaker_id", "pitch_class", "sound_events")
 
 
 def main() -> None:
@@ -62,16 +63,18 @@ def main() -> None:
         run = a.runs / name.replace("/", "_")
         t0 = time.time()
         if not a.no_train:
-            fit(preset, [str(pool)], run, resume=True, device=a.device, progress=False)
+            fit(preset, [str(pool)], run, resume=True, device=a.device)
         train_s = time.time() - t0
         log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
         row = {"steps": log[-1]["step"], "train_s": round(train_s, 1), "first_loss": log[0]["loss"],
                "last_loss": log[-1]["loss"], "audio_h_per_s": sum(r["audio_h_per_s"] for r in log) / len(log)}
         for task in TASKS:
             labels = (a.probe_on or a.devbench) / task / "labels.csv"
+            if not labels.is_file():  # devbench builds before dev-1.1 lack speaker_id, pitch_class
+                continue
             # the run's resolved config, so --set overrides reach the random-init baseline too
             for kind, ckpt in (("ssl", str(run)), ("random", f"random:{run / 'config.yaml'}")):
-                r = probe_ckpt(ckpt, labels, device=a.device, quiet=True, layer=a.layer)
+                r = probe_checkpoint(ckpt, labels, device=a.device, layer=a.layer)
                 if task == "sound_events":  # frame micro-F1 at 100 ms (files.csv beside the labels)
                     row[f"{task}_{kind}"], row[f"{task}_{kind}_map"] = r["f1"], r["map"]
                 else:
@@ -84,16 +87,16 @@ def main() -> None:
     (a.runs / name).write_text(json.dumps(results, indent=1))
     print(f"\ndevbench: pool {a.devbench}, probes {a.probe_on or a.devbench} (test accuracy of the linear probe, "
           f"kNN in brackets; sound_events: frame micro-F1, frame mAP in brackets)\n")
-    print("| preset | steps | train s | loss first -> last | words SSL | words random | instr SSL | instr random "
-          "| events SSL | events random |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    tasks = [t for t in TASKS if any(f"{t}_ssl" in r for r in results.values())]
+    print("| preset | steps | train s | loss first -> last | " + " | ".join(f"{t} SSL | {t} random" for t in tasks)
+          + " |")
+    print("|---" * (4 + 2 * len(tasks)) + "|")
+    second = {t: "_map" if t == "sound_events" else "_knn" for t in tasks}
     for name, r in results.items():
+        cells = [f"{r.get(f'{t}_{k}', float('nan')):.3f} ({r.get(f'{t}_{k}{second[t]}', float('nan')):.3f})"
+                 for t in tasks for k in ("ssl", "random")]
         print(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
-              f"{r['words_ssl']:.3f} ({r['words_ssl_knn']:.3f}) | {r['words_random']:.3f} ({r['words_random_knn']:.3f}) | "
-              f"{r['instrument_family_ssl']:.3f} ({r['instrument_family_ssl_knn']:.3f}) | "
-              f"{r['instrument_family_random']:.3f} ({r['instrument_family_random_knn']:.3f}) | "
-              f"{r['sound_events_ssl']:.3f} ({r['sound_events_ssl_map']:.3f}) | "
-              f"{r['sound_events_random']:.3f} ({r['sound_events_random_map']:.3f}) |")
+              + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

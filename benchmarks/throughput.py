@@ -17,8 +17,8 @@ from contextlib import nullcontext
 
 import torch
 
-from sslaudio.config import list_presets, load_preset
-from sslaudio.methods import build_method
+from sslaudio.build import build_method, load_preset
+from sslaudio.config import list_presets
 
 
 def measure(name: str, device: str, steps: int, warmup: int, overrides: list[str]) -> dict:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.numpy import load_file
 
-from sslaudio.checkpoint import load_encoder
-from sslaudio.config import load_preset
+from sslaudio.build import load_preset
+from sslaudio.inference import load_encoder
 from sslaudio.data import scan_pairs
 from sslaudio.features import extract
 from sslaudio.synth import make_dataset
@@ -21,7 +21,7 @@ make_dataset(work / "data", per_class=(10, 2, 4), unlabeled=40)
 
 # 1. pretrain (any preset; --set style overrides as a list)
 preset = load_preset("tiny/byol-a", ["train.steps=50", "train.log_every=10"])
-fit(preset, [str(work / "data" / "unlabeled")], work / "run", progress=False)
+fit(preset, [str(work / "data" / "unlabeled")], work / "run")
 
 # 2. embed tensors directly: frontend + encoder in one module
 bundle = load_encoder(str(work / "run"))

@@ -20,15 +20,10 @@ of mel power P standardised by dataset-wide scalars. A power gain of g dB adds g
 0.2303 g to ln P, i.e. 0.2303 g / std to x: with the AudioSet std of about 4.6, an offset of 0.1 is
 about 2 dB. exp(x) is (P / e^mean)^(1 / std), a compressed power; mixup and noise add there.
 
-The view API (for every method that compares views of a clip)
---------------------------------------------------------------
-    self.views = ViewSampler.for_method(self)  # = ViewSampler(preset.views or [],
-                                               #   self.spec_shape(), preset.data.segments)
-    ...
-    views = make_views(self, batch["audio"], generator)  # list of (B, F, T) log-mels, no grad
-
+The view sampler (`sslaudio.methods.base.ViewMethod` holds one and calls it)
+---------------------------------------------------------------------------
 `batch["audio"]` is (B, V, S) with V = preset.data.segments independent random crops of one file.
-`ViewSampler.for_method(self, MultiCrop(global_crops=n))` gives n global views:
+`ViewSampler(preset.views, crop shape, V, MultiCrop(global_crops=n))` gives n global views:
   V == 1: the one crop augmented n times (BYOL-A: the same segment, two augmentations);
   V == n: crop i augmented once for view i (different segments of the same recording are
           positives: COLA, ATST-Clip);
@@ -49,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, build_component
 from sslaudio.registry import AUGMENTS
 
 
@@ -286,7 +281,8 @@ class ViewChain(nn.Module):
 
     def __init__(self, sections: list[dict], shape: tuple[int, int]):
         super().__init__()
-        self.augs = nn.ModuleList(AUGMENTS.build(s, f"views[{i}]", shape=shape) for i, s in enumerate(sections))
+        self.augs = nn.ModuleList(build_component(AUGMENTS, s, f"views[{i}]", shape=shape)
+                                  for i, s in enumerate(sections))
 
     def forward(self, x: Tensor, g: torch.Generator) -> Tensor:
         for aug in self.augs:
@@ -362,11 +358,6 @@ class ViewSampler(nn.Module):
             local = crops.local_augment if crops.local_augment is not None else augment
             self.local_chain = ViewChain(local, (shape[0], crops.local_frames))
 
-    @classmethod
-    def for_method(cls, method: nn.Module, crops: MultiCrop | None = None) -> "ViewSampler":
-        """The sampler of a method's preset: its `views` chain, crop shape and data.segments."""
-        return cls(method.preset.views or [], method.spec_shape(), method.preset.data.segments, crops)
-
     @torch.no_grad()
     def forward(self, x: Tensor, g: torch.Generator) -> list[Tensor]:
         if x.ndim != 4:
@@ -381,14 +372,6 @@ class ViewSampler(nn.Module):
         for j in range(self.crops.local_crops):
             views.append(self.local_chain(random_time_crop(x[:, j % V], self.crops.local_frames, g), g))
         return views
-
-
-def make_views(method: nn.Module, audio: Tensor, generator: torch.Generator) -> list[Tensor]:
-    """batch["audio"] (B, V, S) -> the method's views: its frontend (`method.features`, no grad)
-    on every crop, then its `method.views` ViewSampler."""
-    B, V = audio.shape[:2]
-    x = method.features(audio.flatten(0, 1))  # (B * V, F, T)
-    return method.views(x.unflatten(0, (B, V)), generator)
 
 
 def normalize_batch(x: Tensor) -> Tensor:

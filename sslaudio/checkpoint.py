@@ -3,12 +3,12 @@
 RUN/ckpt/step-000001000/{model.safetensors, optim.safetensors, state.json} is written in a
 hidden temp folder and renamed into place, so a step folder exists only once it is complete.
 RUN/export/encoder.safetensors holds the frontend + inference encoder, with the resolved preset
-in its metadata: everything `extract` / `probe` / `export` need.
+in its metadata: everything `extract` / `probe` / `export` need. This module is storage only;
+`inference.py` turns these files into a model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from sslaudio import __version__
-from sslaudio.config import Preset, build_preset, load_preset
+from sslaudio.atomic import atomic_write
+from sslaudio.config import Preset
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 ENCODER_FORMAT = "sslaudio-encoder/1"
@@ -33,18 +34,11 @@ class CheckpointError(Exception):
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata=metadata))
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:  # one open for the tensors and the metadata
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
@@ -74,7 +68,9 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta:
     for name, v in meta.get("scalars", {}).items():
         idx, k = name.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = [{("constant_lr" if k == "fix_lr" else k): v for k, v in g.items()}  # fix_lr: sslaudio <= 0.1.0
+              for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 # -- run folders --------------------------------------------------------------------------------
@@ -122,116 +118,15 @@ def save(run_dir: Path, step: int, method: nn.Module, optimizer: torch.optim.Opt
 def load_step(step_dir: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict, dict]:
     """-> (model tensors, optimizer tensors, optimizer meta, state.json)."""
     state = json.loads((step_dir / "state.json").read_text())
-    model, _ = _read(step_dir / "model.safetensors")
-    optim, meta = _read(step_dir / "optim.safetensors")
+    model, _ = read_tensors(step_dir / "model.safetensors")
+    optim, meta = read_tensors(step_dir / "optim.safetensors")
     return model, optim, json.loads(meta["optim"]), state
 
 
 # -- exported encoders --------------------------------------------------------------------------
-
-class EncoderBundle(nn.Module):
-    """Frontend + encoder: waveform in, clip and frame embeddings out."""
-
-    def __init__(self, frontend: nn.Module, encoder: nn.Module, preset: Preset, needs_stats: bool = False):
-        super().__init__()
-        self.frontend = frontend
-        self.encoder = encoder
-        self.preset = preset
-        self.needs_stats = needs_stats  # random-init baselines estimate frontend stats from their inputs
-        self.layer: int | None = None  # embed an intermediate block's output instead of the last
-
-    @property
-    def sample_rate(self) -> int:
-        return self.preset.data.sample_rate
-
-    def set_layer(self, layer: int | None) -> "EncoderBundle":
-        """Use block `layer` (0-based, negative from the end; None: the encoder's output) for
-        embeddings, as SUPERB-style probes of speech models do."""
-        if layer is not None:
-            with torch.no_grad():
-                depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
-            if not -depth <= layer < depth:
-                raise CheckpointError(f"--layer {layer}: this encoder has {depth} layer(s) (0..{depth - 1})")
-        self.layer = layer
-        return self
-
-    def _probe_input(self) -> tuple[Tensor, Tensor]:
-        audio = torch.zeros(1, 4 * int(self.encoder.downsample), device=next(self.encoder.parameters()).device)
-        with torch.no_grad():
-            x, fl = self.frontend(audio)
-        return x, fl
-
-    def forward(self, audio: Tensor, lengths: Tensor | None = None):
-        x, frame_lengths = self.frontend(audio, lengths)
-        if self.layer is None:
-            return self.encoder(x, frame_lengths)
-        out = self.encoder(x, frame_lengths, return_layers=True)
-        return dataclasses.replace(out, tokens=out.layers[self.layer])
-
-    def embed(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,)."""
-        out = self(audio, lengths)
-        frames, frame_lengths = self.encoder.to_frames(out)
-        return self.encoder.pool(out), frames, frame_lengths
-
 
 def export_encoder(path: Path, method: nn.Module, preset: Preset) -> None:
     tensors = {f"frontend.{k}": v for k, v in method.frontend.state_dict().items()}
     tensors.update({f"encoder.{k}": v for k, v in method.inference_encoder().state_dict().items()})
     _atomic_save(tensors, Path(path), {"format": ENCODER_FORMAT, "config": json.dumps(preset.to_dict()),
                                        "sslaudio": __version__})
-
-
-def _bundle_from_preset(preset: Preset) -> EncoderBundle:
-    from sslaudio.frontends import build_frontend
-    from sslaudio.registry import ENCODERS, load_components
-
-    load_components()
-    frontend = build_frontend(preset.frontend, preset.data.sample_rate)
-    encoder = ENCODERS.build(preset.encoder, "encoder", frontend=frontend)
-    return EncoderBundle(frontend, encoder, preset)
-
-
-def _preset_from_meta(meta: dict, where: Path) -> Preset:
-    try:
-        return build_preset(json.loads(meta["config"]))
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{where}: no sslaudio config in its metadata") from None
-
-
-def load_encoder(spec: str) -> EncoderBundle:
-    """A run folder (latest step), a step folder, an exported encoder file, or `random:PRESET`."""
-    if spec.startswith("random:"):
-        preset = load_preset(spec[len("random:"):])
-        torch.manual_seed(preset.seed)
-        bundle = _bundle_from_preset(preset)
-        bundle.needs_stats = True
-        return bundle.eval()
-    p = Path(spec)
-    if p.is_dir() and (p / "export" / "encoder.safetensors").is_file() and latest(p) is None:
-        p = p / "export" / "encoder.safetensors"
-    elif p.is_dir() and latest(p) is not None:
-        p = latest(p)
-    if p.is_file():
-        tensors, meta = _read(p)
-        if meta.get("format") != ENCODER_FORMAT:
-            raise CheckpointError(f"{p}: not an sslaudio encoder file")
-        bundle = _bundle_from_preset(_preset_from_meta(meta, p))
-        _load_into(bundle, tensors, p)
-        return bundle.eval()
-    if p.is_dir() and (p / "model.safetensors").is_file():
-        from sslaudio.methods import build_method
-
-        tensors, meta = _read(p / "model.safetensors")
-        preset = _preset_from_meta(meta, p)
-        method = build_method(preset)
-        _load_into(method, tensors, p)
-        return EncoderBundle(method.frontend, method.inference_encoder(), preset).eval()
-    raise CheckpointError(f"{spec}: not a run folder, step folder, encoder file or random:PRESET")
-
-
-def _load_into(module: nn.Module, tensors: dict[str, Tensor], where: Path) -> None:
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")

@@ -7,7 +7,6 @@ Exit codes: 0 ok, 2 usage or configuration error (one line naming the bad option
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -74,14 +73,50 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-def _device(name: str):
-    from sslaudio.config import ConfigError
-    from sslaudio.train import pick_device
+def _warn_skip(path: str, reason: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] skip {path}: {reason}", highlight=False)
 
-    try:
-        return pick_device(name)
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+
+class _Progress:
+    """train.fit's on_log: a rich progress bar with loss, steps/s, audio-hours/s and ETA on a terminal,
+    one plain line per logged step on stderr otherwise (nohup, CI); silent when disabled.
+
+        with _Progress(not quiet) as bar:
+            fit(..., on_log=bar)
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.plain = enabled and not self.enabled  # not a terminal: one line per log step
+        self.p = None
+        self.total = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        if self.p is not None:
+            self.p.__exit__(*a)
+            self.p = None
+
+    def __call__(self, done: int, total: int, row: dict | None) -> None:
+        if row is None:  # training starts at step `done` of `total`
+            self.total = total
+            if self.enabled and self.p is None:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+                self.p = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                  TextColumn("loss {task.fields[loss]:.4f}  {task.fields[sps]:.2f} step/s  "
+                                             "{task.fields[ah]:.3f} audio-h/s"), TimeRemainingColumn())
+                self.task = self.p.add_task("train", total=total, completed=done, loss=float("nan"), sps=0.0, ah=0.0)
+                self.p.__enter__()
+        elif self.p is not None:
+            self.p.update(self.task, completed=done, loss=row["loss"], sps=row["steps_per_s"],
+                          ah=row["audio_h_per_s"])
+        elif self.plain:
+            eta = (self.total - done) / max(row["steps_per_s"], 1e-9)
+            print(f"step {done}/{self.total}  loss {row['loss']:.4f}  {row['steps_per_s']:.2f} step/s  "
+                  f"{row['audio_h_per_s']:.3f} audio-h/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
 
 @app.command(epilog="Example: sslaudio pretrain ./audio --preset tiny/byol-a --out runs/byola --steps 300")
@@ -98,8 +133,8 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Pretrain an encoder on unlabeled audio; writes RUN/config.yaml, log.jsonl, ckpt/, export/."""
-    from sslaudio.config import load_preset
-    from sslaudio.train import fit
+    from sslaudio.build import load_preset
+    from sslaudio.train import fit, resolve_device
 
     with guard():
         overrides = list(set_)
@@ -108,10 +143,12 @@ def pretrain(
         if batch_size is not None:
             overrides.append(f"train.batch_size={batch_size}")
         p = load_preset(preset, overrides)
-        dev = _device(device)
+        dev = resolve_device(device)
         skipped = []
-        summary = fit(p, data, out_dir, resume=resume, device=str(dev), progress=not quiet,
-                      warn=lambda m: (skipped.append(m), err.print(f"[yellow]warning:[/yellow] {m}", highlight=False)))
+        with _Progress(not quiet) as bar:
+            summary = fit(p, data, out_dir, resume=resume, device=str(dev), on_log=bar,
+                          warn=lambda m: (skipped.append(m),
+                                          err.print(f"[yellow]warning:[/yellow] {m}", highlight=False)))
         if summary["rank"]:  # under torchrun, rank 0 reports
             return
         _print_table("pretrain", {
@@ -150,23 +187,23 @@ def extract(
     device: str = typer.Option("auto"),
 ):
     """Write clip (and frame) embeddings per input file, mirroring the input tree."""
-    from sslaudio.checkpoint import load_encoder
+    from sslaudio.inference import load_encoder
     from sslaudio.config import ConfigError
     from sslaudio.data import DataError, scan_pairs
     from sslaudio.features import extract as run_extract
+    from sslaudio.train import resolve_device
 
     with guard():
         if fmt not in ("safetensors", "npy"):
             raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
-        dev = _device(device)
+        dev = resolve_device(device)
         bundle = load_encoder(ckpt).set_layer(layer)
         items = scan_pairs(inputs)
         if not items:
             raise DataError(f"no audio files in {' '.join(inputs)}")
         to_stdout = out_dir == "-"
         summary = run_extract(bundle, items, None if to_stdout else Path(out_dir), frames, fmt, dev, batch_size,
-                              encoder_id=ckpt,
-                              on_skip=lambda p, r: err.print(f"[yellow]warning:[/yellow] skip {p}: {r}", highlight=False))
+                              encoder_id=ckpt, on_skip=_warn_skip)
         if summary["written"] == 0:
             raise DataError(f"no usable audio file ({summary['skipped']} skipped)")
         msg = f"{summary['written']} files -> {out_dir} (dim {summary['clip_dim']}), {summary['skipped']} skipped, {summary['time_s']:.1f} s"
@@ -192,7 +229,12 @@ def probe(
 
     LABELS with onset,offset columns (seconds) is a sound event detection task: a frame-level
     linear probe on frame embeddings, reporting frame micro-F1 (`f1`), `f1_macro` and `map`."""
-    res = probe_ckpt(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop)
+    from sslaudio.atomic import atomic_text
+    from sslaudio.evaluation import probe_checkpoint
+
+    with guard():
+        res = probe_checkpoint(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop,
+                               on_skip=_warn_skip)
     t = Table(title=f"probe: {ckpt} on {labels}")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -203,68 +245,7 @@ def probe(
             t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(t)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, json_out)
-
-
-def probe_ckpt(ckpt: str, labels: Path, batch_size: int = 16, device: str = "auto", seed: int = 0,
-               quiet: bool = False, layer: int | None = None, files: Path | None = None,
-               frame_hop: float = 0.1) -> dict:
-    import numpy as np
-
-    from sslaudio.checkpoint import load_encoder
-    from sslaudio.features import embed_files
-    from sslaudio.probe import ProbeError, evaluate, is_event_csv, read_labels
-
-    with guard():
-        dev = _device(device)
-        events = is_event_csv(labels)
-        rows = None if events else read_labels(labels)
-        bundle = load_encoder(ckpt).set_layer(layer)
-        skipped = []
-
-        def skip(p, r):
-            skipped.append(p)
-            if not quiet:
-                err.print(f"[yellow]warning:[/yellow] skip {p}: {r}", highlight=False)
-
-        if events:
-            return _probe_events(bundle, labels, files, frame_hop, dev, batch_size, seed, skip, skipped) | \
-                {"checkpoint": ckpt, "layer": layer}
-
-        emb = {e.path: e.clip for e in embed_files(bundle, [(r.path, r.rel) for r in rows], dev, False, batch_size,
-                                                   on_skip=skip)}
-        kept = [r for r in rows if r.path in emb]
-        if len(kept) < 10:
-            raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
-        X = np.stack([emb[r.path] for r in kept])
-        res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed)
-        res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped), layer=layer)
-        return res
-
-
-def _probe_events(bundle, labels: Path, files: Path | None, hop: float, dev, batch_size: int, seed: int,
-                  skip, skipped: list) -> dict:
-    from sslaudio.features import embed_files
-    from sslaudio.probe import ProbeError, evaluate_events, frame_targets, read_events, to_grid
-
-    clips = read_events(labels, files)
-    classes = sorted({lab for f in clips for _, _, lab in f.events})
-    if len(classes) < 2:
-        raise ProbeError("need at least two event classes to probe", code=4)
-    cidx = {c: i for i, c in enumerate(classes)}
-    emb = {e.path: e for e in embed_files(bundle, [(f.path, f.rel) for f in clips], dev, True, batch_size,
-                                          on_skip=skip)}
-    kept = [f for f in clips if f.path in emb]
-    if len(kept) < 5:
-        raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
-    grids = [to_grid(emb[f.path].frames, emb[f.path].times, emb[f.path].seconds, hop) for f in kept]
-    targets = [frame_targets(f.events, len(g), hop, cidx) for f, g in zip(kept, grids)]
-    res = evaluate_events(grids, targets, [f.split for f in kept], classes, seed)
-    res.update(labels=str(labels), skipped=len(skipped), frame_hop=hop, classes=classes)
-    return res
+        atomic_text(json_out, json.dumps(res, indent=1))
 
 
 @app.command(epilog="Example: sslaudio export runs/byola --format onnx --out byola.onnx")
@@ -274,7 +255,7 @@ def export(
     out_file: Path = typer.Option(..., "--out", "-o", help="Output file."),
 ):
     """A deployable waveform -> clip-embedding model, checked against PyTorch."""
-    from sslaudio.checkpoint import load_encoder
+    from sslaudio.inference import load_encoder
     from sslaudio.export import export as run_export
 
     with guard():
@@ -285,7 +266,8 @@ def export(
 @app.command("presets")
 def presets_cmd():
     """List every preset: method, encoder, input and a one-line description."""
-    from sslaudio.config import ConfigError, list_presets, load_preset
+    from sslaudio.build import load_preset
+    from sslaudio.config import ConfigError, list_presets
 
     with guard():
         t = Table(title="presets")
@@ -311,13 +293,14 @@ def demo(
     device: str = typer.Option("auto"),
 ):
     """Generate a toy labeled dataset, pretrain on it, extract, probe vs random init, export."""
-    from sslaudio.checkpoint import load_encoder
-    from sslaudio.config import load_preset
+    from sslaudio.inference import load_encoder
+    from sslaudio.build import load_preset
     from sslaudio.data import scan_pairs
+    from sslaudio.evaluation import probe_checkpoint
     from sslaudio.export import export as run_export
     from sslaudio.features import extract as run_extract
     from sslaudio.synth import make_dataset
-    from sslaudio.train import fit
+    from sslaudio.train import fit, resolve_device
 
     with guard():
         t0 = time.time()
@@ -325,18 +308,19 @@ def demo(
         labels = make_dataset(out_dir / "data")
         run = out_dir / "run"
         p = load_preset(preset, [f"train.steps={steps}"] if steps else [])
-        dev = _device(device)
+        dev = resolve_device(device)
         err.print(f"2/5 pretraining {preset} for {p.train.steps} steps on {dev} ...")
-        fit(p, [str(out_dir / "data" / "audio" / "train"), str(out_dir / "data" / "unlabeled")], run,
-            resume=True, device=str(dev))
+        with _Progress(True) as bar:
+            fit(p, [str(out_dir / "data" / "audio" / "train"), str(out_dir / "data" / "unlabeled")], run,
+                resume=True, device=str(dev), on_log=bar)
         err.print("3/5 extracting embeddings ...")
         feats = out_dir / "features"
         bundle = load_encoder(str(run))  # for extraction and export
         ex = run_extract(bundle, scan_pairs([str(out_dir / "data" / "audio")]), feats, True,
                          "safetensors", dev, 32, encoder_id=str(run))
         err.print("4/5 probing the pretrained and the random-init encoder ...")
-        trained = probe_ckpt(str(run), labels, device=device)
-        random_ = probe_ckpt(f"random:{preset}", labels, device=device)
+        trained = probe_checkpoint(str(run), labels, device=device, on_skip=_warn_skip)
+        random_ = probe_checkpoint(f"random:{preset}", labels, device=device, on_skip=_warn_skip)
         err.print("5/5 exporting ...")
         exp = run_export(bundle, "torchscript", out_dir / "encoder.torchscript.pt")
         t = Table(title=f"sslaudio demo: {preset} ({time.time() - t0:.0f} s)")

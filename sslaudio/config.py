@@ -2,8 +2,10 @@
 
 Every component owns a small `Config` dataclass. `parse(cls, data, path)` turns a plain dict into
 that dataclass and refuses unknown keys (suggesting the closest valid name) and values of the
-wrong type, naming the dotted path at fault. Errors are `ConfigError`, which the CLI prints as one
-line with exit code 2.
+wrong type, naming the dotted path at fault; `build_component(registry, section, path, **deps)`
+does the same for a component section and builds the registered class. Errors are `ConfigError`,
+which the CLI prints as one line with exit code 2. The preset tree read here is checked as a whole
+(components and the method's needs) by `sslaudio.build.load_preset`.
 """
 
 from __future__ import annotations
@@ -115,6 +117,25 @@ def parse(cls: type, data: Any, path: str = "") -> Any:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def component_config(registry: Any, section: Any, path: str) -> tuple[type, Any]:
+    """A component section {name: ..., **fields} -> (the class `registry` holds under that name,
+    its Config parsed strictly from the fields)."""
+    if not isinstance(section, dict) or "name" not in section:
+        raise ConfigError(f"{path}: needs a 'name' (one of {', '.join(registry.names())})")
+    fields = dict(section)
+    try:
+        cls = registry.get(fields.pop("name"))
+    except LookupError as e:
+        raise ConfigError(f"{path}.name: {e}") from None
+    return cls, parse(cls.Config, fields, path)
+
+
+def build_component(registry: Any, section: Any, path: str, **deps: Any) -> Any:
+    """Parse a component section (see `component_config`) and build it with `deps`."""
+    cls, cfg = component_config(registry, section, path)
+    return cls(cfg, **deps)
 
 
 def to_dict(obj: Any) -> Any:
@@ -286,21 +307,14 @@ def load_preset_dict(name_or_path: str) -> dict:
     return data
 
 
-def build_preset(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
-    """Defaults <- preset dict <- `--set` overrides, validated strictly (components included)."""
+def preset_tree(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
+    """Defaults <- preset dict <- `--set` overrides, the top-level tree parsed strictly (component
+    sections are checked by `sslaudio.build.validate`)."""
     data = copy.deepcopy(data)
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value)
-    preset = parse(Preset, data)
-    from sslaudio.registry import validate_components  # late import: registries import config
-
-    validate_components(preset)
-    return preset
-
-
-def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
-    return build_preset(load_preset_dict(name_or_path), overrides)
+    return parse(Preset, data)
 
 
 def dump_yaml(preset: Preset) -> str:

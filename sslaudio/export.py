@@ -7,16 +7,15 @@ checked against the PyTorch module on random audio of a length other than the on
 from __future__ import annotations
 
 import copy
-import os
 import warnings
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sslaudio.checkpoint import EncoderBundle
+from sslaudio.atomic import atomic_write
+from sslaudio.inference import EncoderBundle
 
 
 class ExportError(Exception):
@@ -47,13 +46,6 @@ class _AcceptInt16(nn.Module):
         return self.inner(audio.to(torch.float32))
 
 
-def _tmp_in(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
 def export(bundle: EncoderBundle, fmt: str, out: Path, seconds: float = 1.0) -> dict:
     """Write the model to `out` atomically and return {"max_abs_diff", "dim", ...}."""
     with warnings.catch_warnings():
@@ -71,8 +63,10 @@ def _export(bundle: EncoderBundle, fmt: str, out: Path, seconds: float) -> dict:
     check = 0.1 * torch.randn(3, int(1.37 * seconds * sr), generator=g)  # other batch and length
     with torch.no_grad():  # the reference is the PyTorch path extraction uses (torch.stft)
         ref = bundle.encoder.pool(bundle(check))
-    tmp = _tmp_in(out)
-    try:
+    diff = None
+
+    def write(tmp: str) -> None:  # an ExportError here leaves `out` as it was
+        nonlocal diff
         if fmt == "torchscript":
             with torch.no_grad():
                 traced = torch.jit.trace(model, example, check_trace=False)
@@ -99,9 +93,8 @@ def _export(bundle: EncoderBundle, fmt: str, out: Path, seconds: float) -> dict:
         tol = 1e-3 * max(1.0, float(ref.abs().max()))
         if not diff <= tol:
             raise ExportError(f"exported model disagrees with PyTorch: max abs diff {diff:.3g} > {tol:.3g}")
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    atomic_write(out, write)
     return {"format": fmt, "out": str(out), "dim": int(ref.shape[1]), "max_abs_diff": diff,
             "checked_on": list(check.shape)}
 

@@ -1,17 +1,16 @@
 """Embedding extraction: clip (D,) and frame (T, D) features for whole files, in bounded memory.
 
-Files of equal length are batched (so no padding changes any result); files longer than
-`chunk_seconds` are encoded chunk by chunk, with the clip statistics (mean / max over frames)
-accumulated as running values. Each output file is written atomically; FEATS/manifest.jsonl,
+Files of equal length are batched (so no padding changes any result) and pooled by the encoder's
+own `pool`; files longer than `chunk_seconds` are encoded chunk by chunk, with the encoder's clip
+statistics accumulated over the chunks (`encoders.base.ClipPool`). Frame timestamps are the
+encoder's `frame_times` (receptive-field centres), offset by each chunk's start. Each output file is written atomically; FEATS/manifest.jsonl,
 errors.jsonl and summary.json describe the run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from sslaudio.atomic import atomic_write
 from sslaudio.audio import AudioError, AudioInfo, blocks, load, probe
-from sslaudio.checkpoint import EncoderBundle
 from sslaudio.data import CropDataset, sample_for_stats
+from sslaudio.encoders.base import ClipPool
+from sslaudio.inference import EncoderBundle
 
 
 @dataclass
@@ -35,26 +36,6 @@ class Embedding:
     frames: np.ndarray | None  # (T, D)
     times: np.ndarray | None  # (T,) seconds, frame centres
     seconds: float
-
-
-class _Pool:
-    """Running clip statistics over frames arriving in chunks."""
-
-    def __init__(self, stats: tuple[str, ...]):
-        self.stats, self.sum, self.n, self.max = stats, None, 0, None
-
-    def add(self, frames: torch.Tensor) -> None:  # (T, D)
-        s = frames.sum(0)
-        m = frames.amax(0)
-        self.sum = s if self.sum is None else self.sum + s
-        self.max = m if self.max is None else torch.maximum(self.max, m)
-        self.n += frames.shape[0]
-
-    def value(self) -> torch.Tensor:
-        out = 0
-        for s in self.stats:
-            out = out + (self.sum / max(self.n, 1) if s == "mean" else self.max)
-        return out
 
 
 def _min_samples(bundle: EncoderBundle) -> int:
@@ -89,7 +70,6 @@ def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: tor
     bundle.to(device).eval()
     fit_stats_if_needed(bundle, list(infos.values()), device)
     enc = bundle.encoder
-    hop_s = enc.downsample / sr
     chunk = max(1, int(chunk_seconds * sr / enc.downsample)) * enc.downsample  # whole frames per chunk
     groups: dict[tuple[int, int], list[tuple[str, str]]] = defaultdict(list)
     long_files = []
@@ -108,11 +88,11 @@ def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: tor
             audio = torch.nn.functional.pad(audio, (0, _min_samples(bundle) - audio.shape[-1]))
         return bundle.embed(audio.to(device))
 
-    def finish(path, rel, pool, frame_list, seconds) -> Embedding:
-        clip = pool.value().float().cpu().numpy()
+    def finish(path, rel, clip, frame_list, time_list, seconds) -> Embedding:
+        clip = clip.float().cpu().numpy()
         if frames:
             f = torch.cat(frame_list).float().cpu().numpy()
-            return Embedding(path, rel, clip, f, (np.arange(len(f)) + 0.5) * hop_s, seconds)
+            return Embedding(path, rel, clip, f, np.concatenate(time_list), seconds)
         return Embedding(path, rel, clip, None, None, seconds)
 
     for key in sorted(groups):
@@ -128,38 +108,25 @@ def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: tor
             if not part:
                 continue
             n = min(a.shape[0] for a in audio)
-            _, fr, flen = run(torch.stack([a[:n] for a in audio]))
+            clips, fr, flen = run(torch.stack([a[:n] for a in audio]))
             for j, (path, rel) in enumerate(part):
-                pool = _Pool(enc.clip_pool)
-                f = fr[j, : int(flen[j])]
-                pool.add(f)
-                yield finish(path, rel, pool, [f], n / sr)
+                t = int(flen[j])
+                yield finish(path, rel, clips[j], [fr[j, :t]], [enc.frame_times(t).numpy()], n / sr)
     for path, rel in long_files:
-        pool, frame_list, total = _Pool(enc.clip_pool), [], 0
+        pool, frame_list, time_list, total = ClipPool(enc.clip_pool), [], [], 0
         try:
-            for _, x in blocks(path, sr, chunk / sr):
+            for start, x in blocks(path, sr, chunk / sr):
                 _, fr, flen = run(x[None])
                 f = fr[0, : int(flen[0])]
                 pool.add(f)
                 if frames:
                     frame_list.append(f.cpu())
+                    time_list.append(enc.frame_times(f.shape[0]).numpy() + start / sr)
                 total += x.shape[0]
         except AudioError as e:
             on_skip(path, str(e))
             continue
-        yield finish(path, rel, pool, frame_list, total / sr)
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield finish(path, rel, pool.value(), frame_list, time_list, total / sr)
 
 
 def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str]) -> list[str]:
@@ -172,7 +139,7 @@ def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str])
             tensors["frames"] = np.ascontiguousarray(e.frames, dtype=np.float32)
             tensors["timestamps"] = e.times.astype(np.float32)
         target = base.with_name(base.name + ".safetensors")
-        _atomic(target, lambda t: save_file(tensors, t, metadata={**meta, "source": e.path}))
+        atomic_write(target, lambda t: save_file(tensors, t, metadata={**meta, "source": e.path}))
         return [str(target.relative_to(out_dir))]
     written = []
     arrays = [("", e.clip)] + ([(".frames", e.frames), (".timestamps", e.times)] if e.frames is not None else [])
@@ -183,7 +150,7 @@ def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str])
             with open(t, "wb") as f:
                 np.save(f, arr.astype(np.float32))
 
-        _atomic(target, write)
+        atomic_write(target, write)
         written.append(str(target.relative_to(out_dir)))
     return written
 
@@ -222,6 +189,7 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, rows in (("manifest.jsonl", manifest), ("errors.jsonl", errors)):
-            _atomic(out_dir / name, lambda t, rows=rows: Path(t).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-        _atomic(out_dir / "summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=1)))
+            atomic_write(out_dir / name,
+                         lambda t, rows=rows: Path(t).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        atomic_write(out_dir / "summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=1)))
     return summary

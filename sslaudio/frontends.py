@@ -13,7 +13,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, build_component
 from sslaudio.registry import FRONTENDS
 
 
@@ -146,4 +146,4 @@ class Waveform(Frontend):
 
 
 def build_frontend(section: dict, sample_rate: int) -> Frontend:
-    return FRONTENDS.build(section, "frontend", sample_rate=sample_rate)
+    return build_component(FRONTENDS, section, "frontend", sample_rate=sample_rate)

@@ -13,11 +13,12 @@ writes the same bytes.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from sslaudio.atomic import atomic_write
 
 CLASSES = ("saw", "square", "bell", "noise_band", "chirp", "pulses", "pluck", "tremolo")
 SR = 16000
@@ -92,10 +93,7 @@ def clip(label: str, seed: int, seconds: float = 1.0) -> np.ndarray:
 
 
 def _write(path: Path, x: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    sf.write(str(tmp), x, SR, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sf.write(tmp, x, SR, subtype="PCM_16", format="WAV"), mode=0o666)
 
 
 def make_dataset(out: str | Path, per_class: tuple[int, int, int] = (40, 10, 20), unlabeled: int = 200,
@@ -119,10 +117,12 @@ def make_dataset(out: str | Path, per_class: tuple[int, int, int] = (40, 10, 20)
             label = CLASSES[u % len(CLASSES)]
             _write(path, clip(label, seed * 1_000_003 + 500_000 + u, seconds=float(np.random.default_rng(u).uniform(1, 3))))
     labels = out / "labels.csv"
-    tmp = labels.with_name(".labels.csv.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
-        w.writerows(rows)
-    os.replace(tmp, labels)
+
+    def write_labels(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "split"])
+            w.writerows(rows)
+
+    atomic_write(labels, write_labels, mode=0o666)
     return labels

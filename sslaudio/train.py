@@ -15,14 +15,16 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from sslaudio import checkpoint, distributed
+from sslaudio.build import build_method
+from sslaudio.atomic import atomic_text
 from sslaudio.config import ConfigError, OptimConfig, Preset, dump_yaml
 from sslaudio.data import CropDataset, DataError, loader, sample_for_stats, scan, validate
 
@@ -62,10 +64,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def resolve_device(name: str) -> torch.device:
+    """pick_device for a user-given --device: a bad name is a ConfigError (one line, exit code 2)."""
+    try:
+        return pick_device(name)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 class _Log:
@@ -75,7 +79,7 @@ class _Log:
         # drop lines past the checkpoint we resume from, so the log matches the weights
         if path.is_file():
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-            _atomic_text(path, "".join(ln + "\n" for ln in keep))
+            atomic_text(path, "".join(ln + "\n" for ln in keep))
         self.f = path.open("a")
 
     def write(self, row: dict) -> None:
@@ -87,10 +91,13 @@ class _Log:
 
 
 def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = True, device: str = "auto",
-        progress: bool = True, warn=None) -> dict:
-    """Train `preset` on the audio in `inputs` into `run_dir`. Returns a summary dict."""
-    from sslaudio.methods import build_method
+        on_log: Callable[[int, int, dict | None], None] | None = None, warn=None) -> dict:
+    """Train `preset` on the audio in `inputs` into `run_dir`. Returns a summary dict.
 
+    on_log(start_step, total_steps, None) is called once before the first step, then
+    on_log(done, total_steps, row) at every logged step with the row written to log.jsonl
+    (rank 0 only under torchrun). The method is built (so its components are checked) before any
+    data is scanned or any file written."""
     run = Path(run_dir)
     world = distributed.from_env()
     tc, seed = preset.train, preset.seed
@@ -99,7 +106,9 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                           f"{world.size} processes")
     dev = distributed.setup(world, device) if world.active else pick_device(device)
     if not world.main:
-        warn, progress = (lambda m: None), False
+        warn, on_log = (lambda m: None), None
+    torch.manual_seed(seed)
+    method = build_method(preset).to(dev)
     last = checkpoint.latest(run) if resume else None
     if last is not None:
         saved = json.loads((last / "state.json").read_text())
@@ -111,18 +120,15 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
             shutil.rmtree(run / "ckpt", ignore_errors=True)
             (run / "log.jsonl").unlink(missing_ok=True)
         run.mkdir(parents=True, exist_ok=True)
-        _atomic_text(run / "config.yaml", dump_yaml(preset))
+        atomic_text(run / "config.yaml", dump_yaml(preset))
 
     infos, skipped = validate(scan(inputs), preset.data.min_seconds, warn)
     if not infos:
         raise DataError(f"no usable audio file in {' '.join(inputs)} ({len(skipped)} skipped)")
     dataset = CropDataset(infos, preset.data.sample_rate, preset.data.clip_seconds, preset.data.segments, seed)
 
-    torch.manual_seed(seed)
-    method = build_method(preset).to(dev)
     if world.active:
-        if hasattr(method, "gather_fn"):
-            method.gather_fn = distributed.gather_rows  # negatives / batch statistics of every process
+        method.gather_fn = distributed.gather_rows  # negatives / batch statistics of every process
         if dev.type == "cuda":  # batch statistics over the global batch, as one big-batch process
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     params = [p for p in method.parameters() if p.requires_grad]
@@ -135,7 +141,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
         checkpoint.load_optimizer(optimizer, optim_t, optim_meta)
         start = state["step"]
     else:
-        method.frontend.estimate_stats(sample_for_stats(dataset, preset.data.norm_samples, seed).to(dev))
+        method.prepare(sample_for_stats(dataset, preset.data.norm_samples, seed).to(dev))
 
     precision = tc.precision if tc.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -143,7 +149,6 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     batches = loader(dataset, tc.batch_size, seed, start, tc.steps, workers, world.shard(tc.batch_size))
     log = _Log(run / "log.jsonl", start) if world.main else None
     crop_h = tc.batch_size * preset.data.segments * preset.data.clip_seconds / 3600
-    bar = _progress(progress, start, tc.steps)
     nonfinite, loss_sum, n_sum, t0, t_last, step = 0, 0.0, 0, time.time(), time.time(), start
     state = {"skipped_files": len(skipped), "files": len(infos), "world_size": world.size}
     rank = (world.rank,) if world.rank else ()  # rank 0 draws what a single process draws
@@ -156,47 +161,49 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
             checkpoint.export_encoder(run / "export" / "encoder.safetensors", method, preset)
 
     method.train()
+    if on_log is not None:
+        on_log(start, tc.steps, None)
     try:
-        with bar:
-            for step, batch in enumerate(batches, start=start):
-                lr = lr_at(step, preset.optim, tc.steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = preset.optim.lr if group.get("fix_lr") else lr  # SimSiam fix_pred_lr
-                torch.manual_seed(derive_seed(seed, step, 1, *rank))
-                gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2, *rank))
-                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-                with autocast:
-                    out = method(batch, step, gen)
-                loss = out["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                # the step's one host sync: finiteness (the same verdict on every process) and the log
-                loss_value = float(distributed.mean_scalar(loss.detach(), world))
-                if math.isfinite(loss_value):
-                    nonfinite = 0
-                    loss.backward()
-                    distributed.average_gradients(params, world)
-                    if preset.optim.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(method.parameters(), preset.optim.grad_clip)
-                    optimizer.step()
-                    method.after_step(step, tc.steps)
-                    loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
-                else:  # skip the update; the step still counts, so data order stays tied to it
-                    nonfinite += 1
-                    if nonfinite >= tc.max_nonfinite:
-                        raise TrainingDiverged(f"loss was non-finite for {nonfinite} consecutive steps "
-                                               f"(last at step {step}); try a lower optim.lr")
-                done = step + 1
-                if n_sum and log is not None and (done % tc.log_every == 0 or done == tc.steps):
-                    now = time.time()
-                    sps = n_sum / max(now - t_last, 1e-9)
-                    row = {"step": done, "loss": loss_sum / n_sum, "lr": lr,
-                           **{k: float(v.detach()) for k, v in out.items() if k != "loss"},
-                           "steps_per_s": sps, "audio_h_per_s": sps * crop_h, "time": now - t0}
-                    log.write(row)
-                    bar.update(done, row)
-                    loss_sum, n_sum, t_last = 0.0, 0, now
-                if done % tc.ckpt_every == 0 or done == tc.steps:
-                    commit(done)
+        for step, batch in enumerate(batches, start=start):
+            lr = lr_at(step, preset.optim, tc.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = preset.optim.lr if group.get("constant_lr") else lr
+            torch.manual_seed(derive_seed(seed, step, 1, *rank))
+            gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2, *rank))
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            with autocast:
+                out = method(batch, step, gen, tc.steps)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            # the step's one host sync: finiteness (the same verdict on every process) and the log
+            loss_value = float(distributed.mean_scalar(loss.detach(), world))
+            if math.isfinite(loss_value):
+                nonfinite = 0
+                loss.backward()
+                distributed.average_gradients(params, world)
+                if preset.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), preset.optim.grad_clip)
+                optimizer.step()
+                method.after_step(step, tc.steps)
+                loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
+            else:  # skip the update; the step still counts, so data order stays tied to it
+                nonfinite += 1
+                if nonfinite >= tc.max_nonfinite:
+                    raise TrainingDiverged(f"loss was non-finite for {nonfinite} consecutive steps "
+                                           f"(last at step {step}); try a lower optim.lr")
+            done = step + 1
+            if n_sum and log is not None and (done % tc.log_every == 0 or done == tc.steps):
+                now = time.time()
+                sps = n_sum / max(now - t_last, 1e-9)
+                row = {"step": done, "loss": loss_sum / n_sum, "lr": lr,
+                       **{k: float(v.detach()) for k, v in out.items() if k != "loss"},
+                       "steps_per_s": sps, "audio_h_per_s": sps * crop_h, "time": now - t0}
+                log.write(row)
+                if on_log is not None:
+                    on_log(done, tc.steps, row)
+                loss_sum, n_sum, t_last = 0.0, 0, now
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                commit(done)
     except KeyboardInterrupt:
         if step > start:
             commit(step, check=False)  # the last fully finished step, so the run resumes from there
@@ -209,35 +216,3 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
             "skipped": len(skipped), "time_s": time.time() - t0, "device": str(dev), "precision": precision,
             "world_size": world.size, "rank": world.rank}
 
-
-class _progress:
-    """A rich progress bar with loss, steps/s, audio-hours/s and ETA; silent when disabled."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.plain = enabled and not self.enabled  # not a terminal (nohup, CI): one line per log step
-        self.start, self.total, self.t0 = start, total, time.time()
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.p = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                              TextColumn("loss {task.fields[loss]:.4f}  {task.fields[sps]:.2f} step/s  "
-                                         "{task.fields[ah]:.3f} audio-h/s"), TimeRemainingColumn())
-            self.task = self.p.add_task("train", total=total, completed=start, loss=float("nan"), sps=0.0, ah=0.0)
-
-    def __enter__(self):
-        if self.enabled:
-            self.p.__enter__()
-        return self
-
-    def __exit__(self, *a):
-        if self.enabled:
-            self.p.__exit__(*a)
-
-    def update(self, done: int, row: dict) -> None:
-        if self.enabled:
-            self.p.update(self.task, completed=done, loss=row["loss"], sps=row["steps_per_s"], ah=row["audio_h_per_s"])
-        elif self.plain:
-            eta = (self.total - done) / max(row["steps_per_s"], 1e-9)
-            print(f"step {done}/{self.total}  loss {row['loss']:.4f}  {row['steps_per_s']:.2f} step/s  "
-                  f"{row['audio_h_per_s']:.3f} audio-h/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)

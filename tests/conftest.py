@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic audio folders written with soundfile (no downloads)."""
+"""Shared fixtures (small synthetic audio folders written with soundfile, no downloads) and the
+helpers the test files share: generators, tiny methods, synthetic batches, fixed views, short runs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from sslaudio.build import build_method, load_preset  # noqa: E402
+from sslaudio.methods.base import ViewMethod  # noqa: E402
 from sslaudio.synth import CLASSES, SR, clip  # noqa: E402
 
 
@@ -63,17 +66,84 @@ def bad_dir(tmp_path) -> Path:
     return tmp_path
 
 
-def run_steps(method, audio: torch.Tensor, steps: int, lr: float = 3e-3) -> list[dict]:
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with `seed`: what the tests hand to methods, maskers and augmentations."""
+    return torch.Generator().manual_seed(seed)
+
+
+def run_steps(method, audio: torch.Tensor, steps: int, lr: float = 3e-3, weight_decay: float = 0.0) -> list[dict]:
     """Train `method` for `steps` AdamW steps on one fixed batch; the logged scalars per step.
     Seeds follow the trainer's convention (global RNG and the method's generator per step)."""
-    opt = torch.optim.AdamW(method.param_groups(0.0), lr=lr)
+    opt = torch.optim.AdamW(method.param_groups(weight_decay), lr=lr)
     hist = []
     for step in range(steps):
         torch.manual_seed(step)
-        out = method({"audio": audio}, step, torch.Generator().manual_seed(step))
+        out = method({"audio": audio}, step, gen(step), steps)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         method.after_step(step, steps)
         hist.append({k: float(v.detach()) for k, v in out.items()})
     return hist
+
+
+def build_tiny(name: str, *overrides: str, seed: int = 0):
+    """The method of preset `tiny/NAME` (NAME may carry the `tiny/` already) with `--set` overrides,
+    its weights drawn right after torch.manual_seed(seed)."""
+    preset = load_preset(name if name.startswith("tiny/") else f"tiny/{name}", list(overrides))
+    torch.manual_seed(seed)
+    return build_method(preset)
+
+
+def synth_clips(n: int, seconds: float, seed: int = 0) -> torch.Tensor:
+    """(n, S) float32 clips of sslaudio.synth, cycling through the classes; clip i from seed + i."""
+    return torch.stack([torch.from_numpy(clip(CLASSES[i % len(CLASSES)], seed + i, seconds=seconds))
+                        for i in range(n)]).float()
+
+
+def synth_batch(n_per_class: int, seconds: float, seed: int = 0) -> torch.Tensor:
+    """(n_per_class * classes, 1, S): n_per_class rounds of one clip per class; the k-th clip of
+    class i from seed + 100 i + k."""
+    clips = [clip(c, seed + 100 * i + k, seconds=seconds) for k in range(n_per_class) for i, c in enumerate(CLASSES)]
+    return torch.from_numpy(np.stack(clips)).float().unsqueeze(1)
+
+
+def random_views(method, B: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Random log-mel views of the shapes the method's view sampler makes: its global crops (two
+    for a two-view method), then its local crops, all drawn from one generator in that order."""
+    F_, T = method.spec_shape()
+    crops, g = getattr(method.cfg, "crops", None), gen(seed)
+    n_global, n_local = (crops.global_crops, crops.local_crops) if crops is not None else (2, 0)
+    return ([torch.randn(B, F_, T, generator=g) for _ in range(n_global)]
+            + [torch.randn(B, F_, crops.local_frames, generator=g) for _ in range(n_local)])
+
+
+def use_views(monkeypatch, views: list[torch.Tensor]) -> None:
+    """Make every view method's forward use copies of these views instead of drawing its own."""
+    monkeypatch.setattr(ViewMethod, "make_views", lambda method, audio, g: [v.clone() for v in views])
+
+
+def replay_views(method, audio: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views a one-segment, one-chain method draws from gen(seed): its augmentation chain
+    applied twice to the features of the one crop."""
+    g, chain = gen(seed), method.views.global_chains[0]
+    x = method.features(audio[:, 0])
+    return chain(x, g), chain(x, g)
+
+
+def first_last(hist: list[dict], n: int = 5, key: str = "loss", start: int = 0) -> tuple[float, float]:
+    """Mean of `key` over the n logged steps from `start`, and over the last n steps."""
+    return (float(np.mean([h[key] for h in hist[start:start + n]])),
+            float(np.mean([h[key] for h in hist[-n:]])))
+
+
+def true_runs(row) -> list[tuple[int, int]]:
+    """Maximal runs of True in a 1-D bool tensor or list, as (start, length)."""
+    out, start = [], None
+    for i, v in enumerate(list(row.tolist() if isinstance(row, torch.Tensor) else row) + [False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            out.append((start, i - start))
+            start = None
+    return out

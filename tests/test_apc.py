@@ -1,35 +1,23 @@
 """APC and the `rnn` encoder: the L1 loss against explicit loops (shift, valid steps only), the whole
-method against a hand-unrolled GRU, causality (no peeking), padded batches, short inputs, export,
-config errors and a short run that lowers the loss without collapse."""
+method against a hand-unrolled GRU, causality (no peeking), padded batches, short inputs, config
+errors and a short run that lowers the loss without collapse (export: tests/test_methods.py)."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_steps
-from sslaudio.config import ConfigError, load_preset
-from sslaudio.methods import build_method, losses
-from sslaudio.synth import CLASSES, clip
+from sslaudio.config import ConfigError
+from sslaudio.methods import losses
+from tests.conftest import build_tiny, first_last, gen, run_steps, synth_clips
 
 SMALL = ["encoder.hidden=16", "encoder.layers=2", "train.batch_size=4"]
 S = 8000  # 0.5 s -> 51 frames
 
 
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _method(*over, small=True):
-    torch.manual_seed(0)
-    return build_method(load_preset("tiny/apc", (SMALL if small else []) + list(over)))
-
-
-def _synth(n, seconds=S / 16000, seed=0):
-    return torch.stack([torch.from_numpy(clip(CLASSES[i % len(CLASSES)], seed + i, seconds=seconds))
-                        for i in range(n)]).float()
+def _method(*over):
+    return build_tiny("apc", *SMALL, *over)
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -48,7 +36,7 @@ def _hand_l1(pred, frames, shift, lengths):
 
 @pytest.mark.parametrize("shift", [1, 3])
 def test_apc_l1_loss_matches_loops_and_excludes_padding(shift):
-    pred, frames = torch.randn(3, 7, 4, generator=g(1)), torch.randn(3, 7, 4, generator=g(2))
+    pred, frames = torch.randn(3, 7, 4, generator=gen(1)), torch.randn(3, 7, 4, generator=gen(2))
     lengths = [7, 5, 4]
     padding = torch.arange(7)[None] >= torch.tensor(lengths)[:, None]
     want = _hand_l1(pred, frames, shift, lengths)
@@ -80,7 +68,7 @@ def test_apc_l1_loss_errors_and_target_gradient():
 def test_padded_batch_equals_each_item_alone_and_padding_is_flagged():
     m = _method("encoder.dropout=0.3", "encoder.layers=3").eval()  # dropout off in eval
     enc = m.encoder
-    x = torch.randn(3, 80, 20, generator=g(3))
+    x = torch.randn(3, 80, 20, generator=gen(3))
     lengths = torch.tensor([20, 13, 1])
     x[1, :, 13:] = 100.0  # padding content must not matter
     x[2, :, 1:] = -7.0
@@ -99,9 +87,9 @@ def test_padded_batch_equals_each_item_alone_and_padding_is_flagged():
 def test_causality_no_peeking():
     """Outputs (and so predictions) at steps <= t do not change when frames after t change."""
     m = _method().eval()
-    x = torch.randn(2, 80, 30, generator=g(4))
+    x = torch.randn(2, 80, 30, generator=gen(4))
     t = 11
-    y = torch.cat([x[..., :t + 1], torch.randn(2, 80, 30 - t - 1, generator=g(5))], dim=-1)
+    y = torch.cat([x[..., :t + 1], torch.randn(2, 80, 30 - t - 1, generator=gen(5))], dim=-1)
     ox, oy = m.encoder(x, return_layers=True), m.encoder(y, return_layers=True)
     assert torch.allclose(ox.tokens[:, :t + 1], oy.tokens[:, :t + 1], atol=1e-6)
     assert not torch.allclose(ox.tokens[:, t + 1:], oy.tokens[:, t + 1:], atol=1e-3)
@@ -113,7 +101,7 @@ def test_causality_no_peeking():
 def test_residual_dropout_and_prenet_structure():
     m = _method("encoder.layers=3").eval()
     enc = m.encoder
-    x = torch.randn(2, 80, 9, generator=g(6))
+    x = torch.randn(2, 80, 9, generator=gen(6))
     out = enc(x, return_layers=True)
     h = x.transpose(1, 2)
     y0, _ = enc.grus[0](h)  # 80 -> 16: no residual (widths differ), as the official code
@@ -141,25 +129,7 @@ def test_too_short_or_malformed_input_is_a_clear_error():
         enc(torch.zeros(1, 80, 5), mask=object())
     m = _method()
     with pytest.raises(ValueError, match="no target"):  # 3 frames cannot hold a target 3 steps on
-        m({"audio": torch.zeros(2, 1, 320)}, 0, g())
-
-
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_rnn_encoder_exports(fmt, tmp_path):
-    import warnings
-
-    from sslaudio.checkpoint import load_encoder
-    from sslaudio.export import export
-
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime")
-    bundle = load_encoder("random:tiny/apc")
-    bundle.needs_stats = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = export(bundle, fmt, tmp_path / f"m.{fmt}")  # raises if it disagrees with PyTorch
-    assert r["dim"] == bundle.encoder.frame_dim == 128 and r["max_abs_diff"] < 1e-3
-    assert bundle.encoder.downsample == 160
+        m({"audio": torch.zeros(2, 1, 320)}, 0, gen(), 10)
 
 
 # -- the method ----------------------------------------------------------------------------------
@@ -182,9 +152,9 @@ def _gru_by_hand(gru, x):
 
 def test_loss_matches_hand_computation():
     m = _method()
-    audio = _synth(2)
+    audio = synth_clips(2, S / 16000)
     m.frontend.estimate_stats(audio)
-    out = m({"audio": audio[:, None]}, 0, g())
+    out = m({"audio": audio[:, None]}, 0, gen(), 10)
     x = m.features(audio).double()  # (B, 80, T)
     n, total, count = m.cfg.time_shift, 0.0, 0
     with torch.no_grad():
@@ -203,10 +173,10 @@ def test_loss_matches_hand_computation():
 def test_padded_batch_loss_counts_valid_pairs_only():
     """With lengths in the batch, the loss is the pooled L1 over each item's own valid pairs."""
     m = _method().eval()
-    audio = _synth(2)
+    audio = synth_clips(2, S / 16000)
     m.frontend.estimate_stats(audio)
     lengths = torch.tensor([S, 4800])
-    out = m({"audio": audio[:, None], "lengths": lengths}, 0, g())
+    out = m({"audio": audio[:, None], "lengths": lengths}, 0, gen(), 10)
     x, fl = m.frontend(audio, lengths)
     n = m.cfg.time_shift
     with torch.no_grad():
@@ -236,10 +206,10 @@ def test_config_errors():
 
 def test_short_run_lowers_the_loss_without_collapse():
     m = _method("encoder.hidden=32")
-    audio = _synth(8, seconds=0.5, seed=10)[:, None]  # one clip per class
+    audio = synth_clips(8, 0.5, seed=10)[:, None]  # one clip per class
     m.frontend.estimate_stats(audio[:, 0])
     hist = run_steps(m, audio, 40, lr=3e-3)
-    first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
+    first, last = first_last(hist)
     assert last < 0.8 * first, (first, last)
     assert hist[-1]["frame_std"] > 0.05 and hist[-1]["pred_std"] > 0.1  # not a constant output
     assert all(math.isfinite(h["loss"]) for h in hist)

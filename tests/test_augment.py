@@ -7,15 +7,12 @@ import pytest
 import torch
 
 from sslaudio.augment import MultiCrop, ViewChain, ViewSampler, random_time_crop
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, build_component
 from sslaudio.registry import AUGMENTS
+from tests.conftest import gen
 
 SHAPE = (16, 40)  # (F, T)
 NAMES = ["mixup", "rrc", "rlf", "gain", "noise", "tf_mask"]
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def spec(B: int = 6, seed: int = 1, shape=SHAPE) -> torch.Tensor:
@@ -23,7 +20,7 @@ def spec(B: int = 6, seed: int = 1, shape=SHAPE) -> torch.Tensor:
 
 
 def build(name: str, **fields):
-    return AUGMENTS.build({"name": name, **fields}, "views[0]", shape=SHAPE)
+    return build_component(AUGMENTS, {"name": name, **fields}, "views[0]", shape=SHAPE)
 
 
 def run_twice(name: str, seed: int) -> torch.Tensor:
@@ -66,14 +63,14 @@ def test_gain_is_a_constant_offset_in_range():
 
 def test_noise_snr_range_and_monotone():
     x = spec(B=64, shape=(64, 96))
-    aug = AUGMENTS.build({"name": "noise", "snr_db": [5.0, 15.0]}, "views[0]", shape=(64, 96))
+    aug = build_component(AUGMENTS, {"name": "noise", "snr_db": [5.0, 15.0]}, "views[0]", shape=(64, 96))
     y = aug(x, gen(0))
     assert (y >= x - 1e-5).all()  # adding power never lowers a bin
     added = (y.exp() - x.exp()).mean(dim=(1, 2))
     snr = 10 * torch.log10(x.exp().mean(dim=(1, 2)) / added)
     assert snr.min() > 4.7 and snr.max() < 15.3  # the noise's sample mean is within ~3 % of 1
     assert snr.max() - snr.min() > 6  # and the SNR varies per clip
-    quiet = AUGMENTS.build({"name": "noise", "snr_db": [80.0, 80.0]}, "views[0]", shape=(64, 96))
+    quiet = build_component(AUGMENTS, {"name": "noise", "snr_db": [80.0, 80.0]}, "views[0]", shape=(64, 96))
     assert torch.allclose(quiet(x, gen(0)), x, atol=1e-4)
     big = quiet(x + 200.0, gen(0))  # exp(200) overflows float32; the shifted form does not
     assert torch.isfinite(big).all()

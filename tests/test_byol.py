@@ -9,15 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sslaudio.methods.byol as byol_mod
-import sslaudio.methods.redundancy as redundancy_mod
 from sslaudio.augment import ViewSampler
-from sslaudio.config import load_preset
-from sslaudio.methods import build_method
-from sslaudio.synth import CLASSES, clip
+from tests.conftest import build_tiny, first_last, gen, random_views, run_steps, synth_clips, use_views
 
 METHODS = ["byol", "simsiam", "barlow-twins", "vicreg"]
-MODULE = {"byol": byol_mod, "simsiam": byol_mod, "barlow-twins": redundancy_mod, "vicreg": redundancy_mod}
 SMALL = ["encoder.d=128", "encoder.base_d=8", "data.clip_seconds=0.3", "encoder.dropout=0.0"]
 HEADS = {"byol": ["method.proj_hidden=64", "method.proj_dim=32"],
          "simsiam": ["method.proj_dim=64", "method.pred_hidden=16"],
@@ -25,23 +20,7 @@ HEADS = {"byol": ["method.proj_hidden=64", "method.proj_dim=32"],
 
 
 def build(name: str, *overrides: str):
-    torch.manual_seed(0)
-    return build_method(load_preset(f"tiny/{name}", [*SMALL, *HEADS[name], *overrides]))
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def fake_views(m, B: int = 6, seed: int = 0) -> list[torch.Tensor]:
-    F_, T = m.spec_shape()
-    g = gen(seed)
-    return [torch.randn(B, F_, T, generator=g), torch.randn(B, F_, T, generator=g)]
-
-
-def with_views(monkeypatch, name: str, views: list[torch.Tensor]) -> None:
-    """Make the method's forward use these views instead of drawing them."""
-    monkeypatch.setattr(MODULE[name], "make_views", lambda method, audio, g: [v.clone() for v in views])
+    return build_tiny(name, *SMALL, *HEADS[name], *overrides)
 
 
 def embed(m, v: torch.Tensor, encoder=None, projector=None) -> torch.Tensor:
@@ -50,7 +29,7 @@ def embed(m, v: torch.Tensor, encoder=None, projector=None) -> torch.Tensor:
 
 
 def loss_of(m, views) -> torch.Tensor:
-    return m({"audio": torch.zeros(views[0].shape[0], 1, 10)}, 0, gen(0))["loss"]
+    return m({"audio": torch.zeros(views[0].shape[0], 1, 10)}, 0, gen(0), 10)["loss"]
 
 
 # -- BYOL ---------------------------------------------------------------------------------------
@@ -60,9 +39,9 @@ def cos(a, b):
 
 def test_byol_loss_matches_its_submodules(monkeypatch):
     m = build("byol")
-    views = fake_views(m)
-    with_views(monkeypatch, "byol", views)
-    out = m({"audio": torch.zeros(6, 1, 10)}, 0, gen(0))
+    views = random_views(m, B=6)
+    use_views(monkeypatch, views)
+    out = m({"audio": torch.zeros(6, 1, 10)}, 0, gen(0), 10)
     v1, v2 = views
     with torch.no_grad():
         p1, p2 = m.predictor(embed(m, v1)), m.predictor(embed(m, v2))
@@ -78,7 +57,7 @@ def test_byol_no_gradient_reaches_the_target_and_ema_is_exact():
     assert isinstance(m.views, ViewSampler) and m.inference_encoder() is m.encoder
     opt = torch.optim.AdamW(m.param_groups(0.0), lr=1e-2)
     audio = torch.randn(6, 2, int(0.3 * 16000)) * 0.1
-    out = m({"audio": audio}, 0, gen(0))
+    out = m({"audio": audio}, 0, gen(0), 10)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     target = [*m.target_encoder.parameters(), *m.target_projector.parameters()]
@@ -114,9 +93,9 @@ def grads(m, loss) -> list[torch.Tensor]:
 
 def test_simsiam_loss_and_stop_gradient(monkeypatch):
     m = build("simsiam")
-    views = fake_views(m)
-    with_views(monkeypatch, "simsiam", views)
-    out = m({"audio": torch.zeros(6, 1, 10)}, 0, gen(0))
+    views = random_views(m, B=6)
+    use_views(monkeypatch, views)
+    out = m({"audio": torch.zeros(6, 1, 10)}, 0, gen(0), 10)
     detached = simsiam_manual(m, views, stop_grad=True)
     assert out["loss"].item() == pytest.approx(detached.item(), rel=1e-5, abs=1e-6)
     g_method, g_sg = grads(m, out["loss"]), grads(m, detached)
@@ -141,19 +120,19 @@ def test_simsiam_fix_pred_lr_param_groups():
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in m.parameters() if p.requires_grad)
     for g in groups:
-        assert all((id(p) in pred) == g["fix_lr"] for p in g["params"])
+        assert all((id(p) in pred) == g["constant_lr"] for p in g["params"])
         assert g["weight_decay"] == (0.0 if g["params"][0].ndim <= 1 else 0.01)
-    assert all("fix_lr" not in g for g in build("simsiam", "method.fix_pred_lr=false").param_groups(0.0))
+    assert all("constant_lr" not in g for g in build("simsiam", "method.fix_pred_lr=false").param_groups(0.0))
 
 
 # -- the four methods ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", METHODS)
 def test_loss_is_symmetric_in_the_views(monkeypatch, name):
     m = build(name)
-    v1, v2 = fake_views(m)
-    with_views(monkeypatch, name, [v1, v2])
+    v1, v2 = random_views(m, B=6)
+    use_views(monkeypatch, [v1, v2])
     a = loss_of(m, [v1, v2])
-    with_views(monkeypatch, name, [v2, v1])
+    use_views(monkeypatch, [v2, v1])
     assert a.item() == pytest.approx(loss_of(m, [v2, v1]).item(), rel=1e-5, abs=1e-6)
 
 
@@ -161,7 +140,7 @@ def test_loss_is_symmetric_in_the_views(monkeypatch, name):
 @pytest.mark.parametrize("segments", [1, 2])
 def test_one_step_from_audio(name, segments):
     m = build(name, f"data.segments={segments}")
-    out = m({"audio": torch.randn(4, segments, int(0.3 * 16000)) * 0.1}, 0, gen(0))
+    out = m({"audio": torch.randn(4, segments, int(0.3 * 16000)) * 0.1}, 0, gen(0), 10)
     assert torch.isfinite(out["loss"]) and {"loss", "emb_std"} <= set(out)
     assert all(v.dim() == 0 for v in out.values())
     out["loss"].backward()
@@ -171,32 +150,20 @@ def test_one_step_from_audio(name, segments):
 def fixed_batch(B: int, V: int, seconds: float) -> torch.Tensor:
     """B synthetic clips (8 classes), V crops each: the start and the end of a 2x longer clip."""
     S = int(seconds * 16000)
-    rows = []
-    for i in range(B):
-        x = torch.from_numpy(clip(CLASSES[i % len(CLASSES)], 7 + i, seconds=2 * seconds)).float()
-        rows.append(torch.stack([x[:S], x[-S:]][:V]))
-    return torch.stack(rows)
+    x = synth_clips(B, 2 * seconds, seed=7)
+    return torch.stack([x[:, :S], x[:, -S:]][:V], dim=1)
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_short_run_lowers_the_loss_without_collapse(name):
     m = build(name, "encoder.d=256", "encoder.base_d=16", "data.clip_seconds=0.5")
-    audio = fixed_batch(16, m.preset.data.segments, 0.5)
+    audio = fixed_batch(16, m.inputs.segments, 0.5)
     m.frontend.estimate_stats(audio.flatten(0, 1))
-    opt = torch.optim.AdamW(m.param_groups(0.0), lr=1e-3)
-    losses, stds = [], []
-    steps = 20
-    for step in range(steps):
-        out = m({"audio": audio}, step, gen(step))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        m.after_step(step, steps)
-        losses.append(out["loss"].item())
-        stds.append(out["emb_std"].item())
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05 * abs(sum(losses[:3]) / 3)
+    hist = run_steps(m, audio, 20, lr=1e-3)
+    first, last = first_last(hist, n=3)
+    assert last < first - 0.05 * abs(first), (first, last)
     dim = out_dim(m)
-    assert min(stds[-3:]) > 0.5 / math.sqrt(dim)  # healthy is ~1/sqrt(D), collapse is 0
+    assert min(h["emb_std"] for h in hist[-3:]) > 0.5 / math.sqrt(dim)  # healthy is ~1/sqrt(D), collapse is 0
 
 
 def out_dim(m) -> int:

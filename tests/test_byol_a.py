@@ -2,26 +2,21 @@ import math
 
 import torch
 
-from sslaudio.augment import Mixup, RandomResizeCrop, RandomLinearFader
-from sslaudio.config import load_preset
-from sslaudio.methods import build_method
+from sslaudio.augment import Mixup, RandomLinearFader, RandomResizeCrop
 from sslaudio.methods.ema import EMAConfig, momentum
-
-
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
+from tests.conftest import build_tiny, gen, replay_views
 
 
 def test_mixup_formula_and_memory():
     m = Mixup(Mixup.Config(ratio=0.4, memory=4), shape=(3, 5))
     x1 = torch.randn(2, 3, 5)
-    assert torch.equal(m(x1, g(0)), x1)  # empty memory: nothing to mix with
+    assert torch.equal(m(x1, gen(0)), x1)  # empty memory: nothing to mix with
     assert int(m.filled) == 2 and torch.equal(m.bank[:2], x1)
     x2 = torch.randn(2, 3, 5)
-    gen = g(1)
-    out = m(x2, gen)
+    rng = gen(1)
+    out = m(x2, rng)
     # replay the same draws: alpha ~ U(0, ratio), then the memory index
-    r = g(1)
+    r = gen(1)
     alpha = 0.4 * torch.rand(2, generator=r)
     idx = torch.randint(0, 2, (2,), generator=r)
     for i in range(2):
@@ -29,7 +24,7 @@ def test_mixup_formula_and_memory():
         want = torch.log((1 - alpha[i]) * x2[i].exp() + alpha[i] * z.exp() + torch.finfo(torch.float32).eps)
         assert torch.allclose(out[i], want, atol=1e-6)
     assert 0 <= float(alpha.max()) <= 0.4
-    m(torch.randn(3, 3, 5), g(2))  # FIFO wraps around
+    m(torch.randn(3, 3, 5), gen(2))  # FIFO wraps around
     assert int(m.filled) == 4 and int(m.ptr) == (2 + 2 + 3) % 4
 
 
@@ -37,38 +32,34 @@ def test_rrc_identity_and_range():
     x = torch.randn(4, 8, 12)
     ident = RandomResizeCrop(RandomResizeCrop.Config(virtual_crop=(1.0, 1.0), freq_scale=(1.0, 1.0),
                                                      time_scale=(1.0, 1.0)), (8, 12))
-    assert torch.allclose(ident(x, g()), x, atol=1e-5)
+    assert torch.allclose(ident(x, gen()), x, atol=1e-5)
     rrc = RandomResizeCrop(RandomResizeCrop.Config(), (8, 12))
-    y = rrc(x, g())
+    y = rrc(x, gen())
     assert y.shape == x.shape and not torch.allclose(y, x)
-    assert torch.equal(rrc(x, g(5)), rrc(x, g(5)))
+    assert torch.equal(rrc(x, gen(5)), rrc(x, gen(5)))
 
 
 def test_linear_fader_adds_a_line():
     x = torch.zeros(3, 4, 10)
-    y = RandomLinearFader(RandomLinearFader.Config(gain=1.0), (4, 10))(x, g())
+    y = RandomLinearFader(RandomLinearFader.Config(gain=1.0), (4, 10))(x, gen())
     d = y[:, 0, 1:] - y[:, 0, :-1]
     assert torch.allclose(d, d[:, :1].expand_as(d), atol=1e-6) and float(y.abs().max()) <= 1.0
     assert torch.equal(y[:, 0], y[:, 3])
 
 
-def _method(**over):
-    p = load_preset("tiny/byol-a", ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32",
-                                    "method.proj_dim=16", "views[0].memory=8"] + [f"{k}={v}" for k, v in over.items()])
-    torch.manual_seed(0)
-    return build_method(p)
+def _method():
+    return build_tiny("byol-a", "encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
+                      "views[0].memory=8")
 
 
 def test_byol_a_loss_matches_hand_computation():
     m = _method()
     audio = torch.randn(4, 1, 15200) * 0.1
     torch.manual_seed(11)  # dropout draws
-    out = m({"audio": audio}, 0, g(7))
+    out = m({"audio": audio}, 0, gen(7), 10)
     # recompute: same views from the same generator draws, then 2 - 2 cos both ways
     m2 = _method()
-    x = m2.features(audio[:, 0])
-    gen = g(7)
-    v = torch.cat([m2.views(x, gen), m2.views(x, gen)])
+    v = torch.cat(replay_views(m2, audio, 7))  # the preset's `views` chain, applied once per view
     torch.manual_seed(11)
     z = m2.projector(m2.encoder.pool(m2.encoder(v)))
     p = m2.predictor(z)
@@ -82,7 +73,7 @@ def test_byol_a_loss_matches_hand_computation():
 
 def test_no_gradient_reaches_target_and_ema_is_exact():
     m = _method()
-    out = m({"audio": torch.randn(4, 1, 15200) * 0.1}, 0, g())
+    out = m({"audio": torch.randn(4, 1, 15200) * 0.1}, 0, gen(), 10)
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in m.target_encoder.parameters())
     assert any(p.grad is not None for p in m.encoder.parameters())
@@ -104,8 +95,7 @@ def test_ema_schedules():
 
 
 def test_v2_post_norm_and_encoder():
-    p = load_preset("tiny/byol-a-v2", ["encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=16",
-                                       "method.proj_hidden=32", "method.proj_dim=16"])
-    m = build_method(p)
-    out = m({"audio": torch.randn(4, 1, 15200) * 0.1}, 0, g())
+    m = build_tiny("byol-a-v2", "encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=16",
+                   "method.proj_hidden=32", "method.proj_dim=16")
+    out = m({"audio": torch.randn(4, 1, 15200) * 0.1}, 0, gen(), 10)
     assert torch.isfinite(out["loss"]) and m.encoder.frame_dim == 160

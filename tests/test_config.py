@@ -1,6 +1,7 @@
 import pytest
 
-from sslaudio.config import ConfigError, list_presets, load_preset
+from sslaudio.build import load_preset
+from sslaudio.config import ConfigError, list_presets
 
 
 def test_unknown_key_names_path_and_suggests():

@@ -1,7 +1,7 @@
 """CPC and the `cpc` encoder: InfoNCE against explicit loops with given negatives (positive at index
 0), negative sampling (never padding, never the anchor's own step, from the generator), the whole
-method against a hand computation, padded batches, short inputs, export, config errors and a
-short run that lowers the loss without collapse."""
+method against a hand computation, padded batches, short inputs, config errors and a short run
+that lowers the loss without collapse (export: tests/test_methods.py)."""
 
 import math
 
@@ -9,33 +9,29 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_steps
-from sslaudio.config import ConfigError, load_preset
-from sslaudio.methods import build_method, losses
+from sslaudio.config import ConfigError
+from sslaudio.methods import losses
 from sslaudio.methods.cpc import sample_negatives
-from sslaudio.synth import CLASSES, clip
+from tests.conftest import build_tiny, first_last, gen, run_steps, synth_clips
 
 SMALL = ["encoder.hidden=8", "encoder.context=8", "method.n_predicts=3", "method.negatives=5",
          "train.batch_size=2", "data.clip_seconds=0.2"]
 S = 3200  # 0.2 s -> 20 frames
 
 
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _method(*over, small=True):
-    torch.manual_seed(0)
-    return build_method(load_preset("tiny/cpc", (SMALL if small else []) + list(over)))
-
-
-def _synth(n, seconds, seed=0):
-    return torch.stack([torch.from_numpy(clip(CLASSES[i % len(CLASSES)], seed + i, seconds=seconds))
-                        for i in range(n)]).float()
+    return build_tiny("cpc", *(SMALL if small else []), *over)
 
 
 def dot(a, b):
     return sum(float(x) * float(y) for x, y in zip(a, b))
+
+
+def _nce_term(scores):
+    """One anchor: -log softmax at the positive (index 0) of its scores, and 1 if the positive
+    scores highest."""
+    mx = max(scores)
+    return -(scores[0] - mx - math.log(sum(math.exp(s - mx) for s in scores))), int(scores[0] >= max(scores[1:]))
 
 
 def _hand_nce(pred, pos, neg, valid):
@@ -49,10 +45,8 @@ def _hand_nce(pred, pos, neg, valid):
             if not valid[n]:
                 continue
             scores = [dot(pred[k, n], pos[k, n]) / D] + [dot(pred[k, n], neg[n, m]) / D for m in range(neg.shape[1])]
-            mx = max(scores)
-            total += -(scores[0] - mx - math.log(sum(math.exp(s - mx) for s in scores)))
-            hits += int(scores[0] >= max(scores[1:]))
-            count += 1
+            nll, hit = _nce_term(scores)
+            total, hits, count = total + nll, hits + hit, count + 1
         loss_k.append(total / count)
         acc_k.append(hits / count)
     return sum(loss_k) / K, acc_k
@@ -61,8 +55,8 @@ def _hand_nce(pred, pos, neg, valid):
 # -- the loss ------------------------------------------------------------------------------------
 def test_info_nce_matches_explicit_loops_with_given_negatives():
     K, N, M, D = 3, 5, 4, 6
-    pred, pos = torch.randn(K, N, D, generator=g(1)), torch.randn(K, N, D, generator=g(2))
-    neg = torch.randn(N, M, D, generator=g(3))
+    pred, pos = torch.randn(K, N, D, generator=gen(1)), torch.randn(K, N, D, generator=gen(2))
+    neg = torch.randn(N, M, D, generator=gen(3))
     valid = torch.tensor([True, True, False, True, True])
     for v in (None, valid):
         loss, terms = losses.cpc_info_nce(pred, pos, neg, v)
@@ -79,8 +73,8 @@ def test_info_nce_matches_explicit_loops_with_given_negatives():
 
 def test_positive_is_at_index_0():
     K, N, M, D = 2, 4, 7, 8
-    z = torch.randn(N, D, generator=g(4))
-    neg = torch.randn(N, M, D, generator=g(5))
+    z = torch.randn(N, D, generator=gen(4))
+    neg = torch.randn(N, M, D, generator=gen(5))
     pred = (50.0 * z).expand(K, N, D)  # each prediction points at its own positive
     loss, terms = losses.cpc_info_nce(pred, z.expand(K, N, D), neg)
     assert terms["acc"].item() == 1.0 and loss.item() < 0.05
@@ -104,7 +98,7 @@ def test_info_nce_shape_errors():
 def test_negatives_avoid_padding_and_the_anchor_step_and_cover_the_batch():
     lengths = torch.tensor([10, 3, 7, 1])
     T, W, M = 10, 6, 400
-    idx = sample_negatives(lengths, W, T, M, g(7))
+    idx = sample_negatives(lengths, W, T, M, gen(7))
     assert idx.shape == (4, W, M)
     item, step = idx // T, idx % T
     assert bool((step < lengths[item]).all()), "a negative landed on a padded step"
@@ -118,8 +112,8 @@ def test_negatives_avoid_padding_and_the_anchor_step_and_cover_the_batch():
     hist = torch.bincount(first, minlength=T).float()
     assert hist[0] == 0 and hist[1:].min() > 0.6 * hist[1:].mean()
     # the generator decides everything
-    assert torch.equal(idx, sample_negatives(lengths, W, T, M, g(7)))
-    assert not torch.equal(idx, sample_negatives(lengths, W, T, M, g(8)))
+    assert torch.equal(idx, sample_negatives(lengths, W, T, M, gen(7)))
+    assert not torch.equal(idx, sample_negatives(lengths, W, T, M, gen(8)))
 
 
 # -- the encoder ---------------------------------------------------------------------------------
@@ -129,15 +123,15 @@ def test_encoder_shapes_downsampling_and_layers():
     assert enc.downsample == 160 and enc.receptive_field == 465 and enc.min_samples == 159
     out = enc(torch.randn(2, 20480) * 0.1, return_layers=True)  # CPC_audio's window: 128 frames
     assert out.tokens.shape == (2, 128, 128) and [t.shape[-1] for t in out.layers] == [128, 128]
-    assert out.layers[0] is out.extra["z"] and out.layers[1] is out.tokens
-    assert bool((out.extra["z"] >= 0).all())  # ReLU after the last ChannelNorm
+    assert out.layers[0] is out.local and out.layers[1] is out.tokens
+    assert bool((out.local >= 0).all())  # ReLU after the last ChannelNorm
     times = enc.frame_times(128)
     assert times[0] > 0 and float(times[-1]) <= 20480 / 16000
 
 
 def test_padded_batch_equals_each_item_alone():
     enc = _method().encoder.eval()
-    x = torch.randn(3, 4000, generator=g(9))
+    x = torch.randn(3, 4000, generator=gen(9))
     lengths = torch.tensor([4000, 2345, 159])
     x[1, 2345:] = 3.0  # padding content must not matter
     x[2, 159:] = -5.0
@@ -163,44 +157,27 @@ def test_too_short_input_is_a_clear_error():
         enc(torch.zeros(1, 1, 400))
     m = _method()
     with pytest.raises(ValueError, match="no anchor"):  # 3 frames, 3 predicted steps
-        m({"audio": torch.randn(2, 1, 480)}, 0, g())
-
-
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_cpc_encoder_exports(fmt, tmp_path):
-    import warnings
-
-    from sslaudio.checkpoint import load_encoder
-    from sslaudio.export import export
-
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime")
-    bundle = load_encoder("random:tiny/cpc")
-    bundle.needs_stats = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = export(bundle, fmt, tmp_path / f"m.{fmt}")  # raises if it disagrees with PyTorch
-    assert r["dim"] == bundle.encoder.frame_dim == 128 and r["max_abs_diff"] < 1e-3
+        m({"audio": torch.randn(2, 1, 480)}, 0, gen(), 10)
 
 
 # -- the method ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("padded", [False, True])
 def test_loss_matches_hand_computation(padded):
     m = _method()
-    audio = _synth(2, S / 16000)
+    audio = synth_clips(2, S / 16000)
     batch = {"audio": audio[:, None]}
     if padded:
         batch["lengths"] = torch.tensor([S, 2400])  # 20 and 15 frames
-    out = m(batch, 0, g(11))
+    out = m(batch, 0, gen(11), 10)
     with torch.no_grad():
         x, lengths = m.frontend(audio, batch.get("lengths"))
         eo = m.encoder(x, lengths if padded else None)
-        z, c = eo.extra["z"], eo.tokens
+        z, c = eo.local, eo.tokens
         B, T, D = z.shape
         K, M = m.cfg.n_predicts, m.cfg.negatives
         W = T - K
         fl = m.encoder.output_lengths(lengths) if padded else torch.full((B,), T)
-        idx = sample_negatives(fl, W, T, M, g(11))  # the method's only draws, in the same order
+        idx = sample_negatives(fl, W, T, M, gen(11))  # the method's only draws, in the same order
         loss_k, acc_k = [], []
         for k in range(1, K + 1):
             total, hits, count = 0.0, 0, 0
@@ -211,11 +188,8 @@ def test_loss_matches_hand_computation(padded):
                     p = m.predictors[k - 1].weight @ c[b, t]
                     cands = [z[b, t + k]] + [z[int(j) // T, int(j) % T] for j in idx[b, t]]
                     assert all(int(j) % T < int(fl[int(j) // T]) for j in idx[b, t])
-                    s = [dot(p, q) / D for q in cands]
-                    mx = max(s)
-                    total += -(s[0] - mx - math.log(sum(math.exp(v - mx) for v in s)))
-                    hits += int(s[0] >= max(s[1:]))
-                    count += 1
+                    nll, hit = _nce_term([dot(p, q) / D for q in cands])
+                    total, hits, count = total + nll, hits + hit, count + 1
             loss_k.append(total / count)
             acc_k.append(hits / count)
     assert out["loss"].item() == pytest.approx(sum(loss_k) / K, abs=1e-5)
@@ -225,7 +199,7 @@ def test_loss_matches_hand_computation(padded):
 
 def test_gradients_reach_encoder_context_and_predictors():
     m = _method()
-    out = m({"audio": _synth(2, S / 16000)[:, None]}, 0, g())
+    out = m({"audio": synth_clips(2, S / 16000)[:, None]}, 0, gen(), 10)
     out["loss"].backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -250,9 +224,9 @@ def test_config_errors():
 def test_short_run_lowers_the_loss_without_collapse():
     m = _method("encoder.hidden=32", "encoder.context=32", "method.n_predicts=4", "method.negatives=16",
                 "data.clip_seconds=0.32")
-    audio = _synth(8, 0.32, seed=20)[:, None]  # one clip per class, 32 frames each
+    audio = synth_clips(8, 0.32, seed=20)[:, None]  # one clip per class, 32 frames each
     hist = run_steps(m, audio, 40, lr=3e-3)
-    first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
+    first, last = first_last(hist)
     assert first == pytest.approx(math.log(17), abs=0.1)  # 16 negatives: chance is log(17)
     assert last < first - 0.25, (first, last)
     assert np.mean([h["acc"] for h in hist[-5:]]) > 1.5 / 17  # above chance at picking the positive

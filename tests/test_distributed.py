@@ -105,7 +105,8 @@ def test_torchrun_two_processes_on_cpu(preset, wav_folder, tmp_path):
 
 
 def test_global_batch_must_split_evenly(wav_folder, tmp_path, monkeypatch):
-    from sslaudio.config import ConfigError, load_preset
+    from sslaudio.build import load_preset
+    from sslaudio.config import ConfigError
     from sslaudio.train import fit
 
     monkeypatch.setenv("WORLD_SIZE", "3")

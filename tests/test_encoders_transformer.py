@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 import sslaudio.encoders  # noqa: F401  (registers the encoders)
 import sslaudio.masking  # noqa: F401
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, build_component
 from sslaudio.encoders.layers import Attention, Block, sincos_pos_embed_2d
 from sslaudio.masking import Mask
 from sslaudio.registry import ENCODERS, MASKERS
+from tests.conftest import gen
 
 LOGMEL = types.SimpleNamespace(out_channels=32, hop=160, sample_rate=16000)
 WAVE = types.SimpleNamespace(out_channels=1, hop=1, sample_rate=16000)
@@ -30,12 +31,12 @@ D2V2 = {**D2V, "layer_norm_first": False, "alibi": True}  # data2vec 2.0: ALiBi 
 def build(section: dict, seed: int = 0):
     torch.manual_seed(seed)
     frontend = WAVE if section["name"] == "conv_transformer" else LOGMEL
-    return ENCODERS.build(section, "encoder", frontend=frontend).eval()
+    return build_component(ENCODERS, section, "encoder", frontend=frontend).eval()
 
 
 def batch(section: dict):
     """A padded batch: (x, lengths) with the second and third items shorter."""
-    g = torch.Generator().manual_seed(0)
+    g = gen(0)
     if section["name"] == "vit":
         return torch.randn(3, 32, 40, generator=g), torch.tensor([40, 26, 9])
     return torch.randn(3, 6400, generator=g), torch.tensor([6400, 3330, 1000])
@@ -60,7 +61,7 @@ def test_shapes_and_rates(section):
         assert grid == (4, 10) and enc.downsample == 160 * 4 and enc.frame_dim == 4 * 32
     else:
         assert grid == (19,) and enc.downsample == 320 and enc.frame_dim == 32
-        assert torch.equal(out.extra["lengths"], torch.tensor([19, 10, 2]))
+        assert torch.equal(out.lengths, torch.tensor([19, 10, 2]))
 
 
 @ENCS
@@ -84,10 +85,10 @@ def test_keep_mask_encodes_only_visible_tokens(section):
     enc = build(section)
     x, lengths = batch(section)
     grid, pad = enc.token_grid(x.shape), enc.token_padding(lengths, x.shape)
-    mask = MASKERS.build({"name": "random", "ratio": 0.5}, "masker")(grid, 3, pad, torch.Generator().manual_seed(1))
+    mask = build_component(MASKERS, {"name": "random", "ratio": 0.5}, "masker")(grid, 3, pad, gen(1))
     out = enc(x, lengths, mask)
     n_keep = mask.keep_idx.shape[1]
-    assert out.tokens.shape == (3, n_keep, 32) and out.extra["keep"]
+    assert out.tokens.shape == (3, n_keep, 32) and out.keep
     assert torch.equal(out.padding, torch.gather(pad, 1, mask.keep_idx))
     with pytest.raises(ValueError, match="keep mask"):
         enc.to_frames(out)
@@ -116,9 +117,9 @@ def test_multi_mask_batch_matches_per_clone_masks(section):
     x, lengths = x[:2], lengths[:2]
     K, grid = 3, enc.token_grid(x.shape)
     pad = enc.token_padding(lengths, x.shape).repeat_interleave(K, 0)
-    mask = MASKERS.build({"name": "random", "ratio": 0.5}, "masker")(grid, 2 * K, pad, torch.Generator().manual_seed(2))
+    mask = build_component(MASKERS, {"name": "random", "ratio": 0.5}, "masker")(grid, 2 * K, pad, gen(2))
     out = enc(x, lengths, mask)
-    assert out.tokens.shape[0] == 2 * K and out.extra["clone"] == K
+    assert out.tokens.shape[0] == 2 * K and out.clone == K
     one = Mask.from_masked(mask.masked[K + 1 : K + 2], "keep")  # sample 1, clone 1
     alone = enc(x[1:2], lengths[1:2], one)
     torch.testing.assert_close(out.tokens[K + 1], alone.tokens[0], atol=1e-5, rtol=0)
@@ -129,8 +130,8 @@ def test_return_layers_and_ffn_outputs(section):
     enc = build(section)
     x, lengths = batch(section)
     out = enc(x, lengths, return_layers=True)
-    assert len(out.layers) == 2 and len(out.extra["ffn"]) == 2
-    assert all(h.shape == out.tokens.shape for h in out.layers + out.extra["ffn"])
+    assert len(out.layers) == 2 and len(out.ffn) == 2
+    assert all(h.shape == out.tokens.shape for h in out.layers + out.ffn)
     if section.get("layer_norm_first", section["name"] == "vit"):
         torch.testing.assert_close(out.tokens, enc.norm(out.layers[-1]))
     else:
@@ -142,10 +143,10 @@ def test_vit_cls_token_is_kept_out_of_tokens():
     enc = build({**VIT, "cls_token": True})
     x, lengths = batch(VIT)
     out = enc(x, lengths, return_layers=True)
-    assert out.tokens.shape == (3, 40, 32) and out.extra["cls"].shape == (3, 32)
+    assert out.tokens.shape == (3, 40, 32) and out.cls.shape == (3, 32)
     assert all(h.shape == (3, 40, 32) for h in out.layers)
     alone = enc(x[1:2, :, :26], lengths[1:2])
-    torch.testing.assert_close(out.extra["cls"][1], alone.extra["cls"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.cls[1], alone.cls[0], atol=1e-5, rtol=0)
 
 
 def test_frames_and_frame_times():
@@ -154,7 +155,8 @@ def test_frames_and_frame_times():
     frames, fl = vit.to_frames(vit(x, lengths))
     assert frames.shape == (3, 10, 4 * 32) and fl.tolist() == [10, 6, 2]
     assert vit.pool(vit(x, lengths)).shape == (3, 128)
-    torch.testing.assert_close(vit.frame_times(3), torch.tensor([0.02, 0.06, 0.10], dtype=torch.float64))
+    # column j holds STFT frames 4j .. 4j + 3 of a centred STFT (frame i centred at 10 i ms): 15 + 40 j ms
+    torch.testing.assert_close(vit.frame_times(3), torch.tensor([0.015, 0.055, 0.095], dtype=torch.float64))
     wav, wl = batch(W2V)
     frames, fl = w2v.to_frames(w2v(wav, wl))
     assert frames.shape == (3, 19, 32) and fl.tolist() == [19, 10, 2]  # (L - 400) // 320 + 1
@@ -178,7 +180,7 @@ def test_vit_handles_inputs_longer_than_training_crops():
     vit = build(VIT)
     long = torch.randn(1, 32, 400)
     out = vit(long, torch.tensor([400]))
-    assert out.extra["grid"] == (4, 100) and torch.isfinite(out.tokens).all()
+    assert out.grid == (4, 100) and torch.isfinite(out.tokens).all()
     small = sincos_pos_embed_2d(32, (4, 10)).view(4, 10, 32)
     big = sincos_pos_embed_2d(32, (4, 100)).view(4, 100, 32)
     torch.testing.assert_close(big[:, :10], small)  # a position's code does not depend on grid size
@@ -189,8 +191,8 @@ def test_gradients_reach_every_parameter(section):
     enc = build(section).train()
     x, lengths = batch(section)
     grid = enc.token_grid(x.shape)
-    mask = MASKERS.build({"name": "random", "ratio": 0.3, "mode": "replace"}, "masker")(
-        grid, 3, enc.token_padding(lengths, x.shape), torch.Generator().manual_seed(0))
+    mask = build_component(MASKERS, {"name": "random", "ratio": 0.3, "mode": "replace"}, "masker")(
+        grid, 3, enc.token_padding(lengths, x.shape), gen(0))
     if "layerdrop" in ENCODERS.get(section["name"]).Config.__dataclass_fields__:
         enc.blocks.layerdrop = 0.0
     out = enc(x, lengths, mask)
@@ -205,7 +207,7 @@ def test_feature_grad_mult_scales_extractor_gradients():
         enc = build({**W2V, "feature_grad_mult": mult, "dropout": 0.0, "attention_dropout": 0.0,
                      "input_dropout": 0.0, "layerdrop": 0.0}, seed=3)
         x, lengths = batch(W2V)
-        weights = torch.randn(3, 19, 32, generator=torch.Generator().manual_seed(0))
+        weights = torch.randn(3, 19, 32, generator=gen(0))
         (enc(x, lengths).tokens * weights).sum().backward()  # a plain sum is flat after LayerNorm
         grads.append((enc.extractor.convs[0].weight.grad, enc.project.weight.grad))
     torch.testing.assert_close(grads[1][0], 0.1 * grads[0][0], rtol=1e-3, atol=1e-6 * grads[0][0].abs().max().item())
@@ -261,7 +263,7 @@ def test_block_returns_ffn_output_before_residual(norm_first):
 ])
 def test_bad_configs_raise_config_error(section, frontend, match):
     with pytest.raises(ConfigError, match=match):
-        ENCODERS.build(section, "encoder", frontend=frontend)
+        build_component(ENCODERS, section, "encoder", frontend=frontend)
 
 
 def test_alibi_slopes_and_bias_by_hand():

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from sslaudio.checkpoint import load_encoder
+from sslaudio.inference import load_encoder
 from sslaudio.features import embed_files
 from sslaudio.data import scan_pairs
 from tests.conftest import write_wav

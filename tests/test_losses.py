@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from sslaudio.methods import losses
+from tests.conftest import gen
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(*shape, generator=gen(seed))
 
 
 # -- plain-Python helpers: independent of the vectorised code under test ----------------------

@@ -1,31 +1,24 @@
 import pytest
 import torch
 
-from sslaudio.checkpoint import EncoderBundle
-from sslaudio.config import ConfigError, load_preset
+from sslaudio.build import load_preset
+from sslaudio.config import ConfigError
 from sslaudio.encoders.layers import sincos_pos_embed_2d
-from sslaudio.methods import build_method
+from sslaudio.inference import EncoderBundle
 from sslaudio.methods.ema import momentum
-from sslaudio.synth import CLASSES, clip
+from tests.conftest import build_tiny, first_last, gen, synth_clips
 
 SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.pred_dim=16",
          "method.pred_depth=1", "method.pred_heads=2", "train.batch_size=4"]
 S = int(1.27 * 16000)  # tiny crop: 128 frames -> 5 x 8 patches
 
 
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _method(extra=(), small=True):
-    torch.manual_seed(0)
-    m = build_method(load_preset("tiny/m2d", (SMALL if small else []) + list(extra)))
-    return m.train()
+    return build_tiny("m2d", *(SMALL if small else []), *extra).train()
 
 
-def _audio(n=4, seconds=1.27):
-    return torch.stack([torch.from_numpy(clip(CLASSES[i % len(CLASSES)], 50 + i, seconds=seconds))
-                        for i in range(n)]).float()
+def _audio(n=4):
+    return synth_clips(n, 1.27, seed=50)
 
 
 def _blocks(x, blocks):
@@ -38,7 +31,7 @@ def test_loss_matches_hand_computation():
     m = _method()
     audio = _audio()
     m.frontend.estimate_stats(audio)
-    out = m({"audio": audio[:, None]}, 0, g(3))
+    out = m({"audio": audio[:, None]}, 0, gen(3), 10)
 
     with torch.no_grad():
         x = m.features(audio)  # (B, 80, 128)
@@ -46,7 +39,7 @@ def test_loss_matches_hand_computation():
         grid = m.encoder.token_grid(x.shape)
         n = grid[0] * grid[1]
         assert grid == (5, 8)
-        mask = m.masker(grid, B, None, g(3))  # the first (only) draw from the generator
+        mask = m.masker(grid, B, None, gen(3))  # the first (only) draw from the generator
         enc, tgt, pr = m.encoder, m.target_encoder, m.predictor
         D = enc.dim
         want, count = 0.0, 0
@@ -102,7 +95,7 @@ def test_target_sees_only_masked_and_online_only_visible():
     m.predictor.blocks[0].register_forward_pre_hook(record("predictor"))
     m.encoder.register_forward_pre_hook(record_mask("online"), with_kwargs=True)
     m.target_encoder.register_forward_pre_hook(record_mask("target"), with_kwargs=True)
-    m({"audio": torch.randn(4, 1, S) * 0.1}, 0, g(1))
+    m({"audio": torch.randn(4, 1, S) * 0.1}, 0, gen(1), 10)
     n, hidden = 40, 28  # round(0.7 * 40)
     assert seen == {"online": 1 + n - hidden, "target": 1 + hidden, "predictor": 1 + n}  # + CLS
     on, tg = masks["online"], masks["target"]
@@ -116,7 +109,7 @@ def test_target_sees_only_masked_and_online_only_visible():
 
 def test_no_gradient_reaches_target_and_ema_is_exact():
     m = _method()
-    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, g())
+    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, gen(), 10)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in m.target_encoder.parameters())
@@ -157,17 +150,16 @@ def test_short_run_lowers_loss_without_collapse():
     audio = _audio(16)
     m.frontend.estimate_stats(audio)
     opt = torch.optim.AdamW(m.param_groups(0.05), lr=1e-3, betas=(0.9, 0.95))
-    losses, outs = [], []
+    outs = []
     for step in range(30):
-        out = m({"audio": audio[:, None]}, step, g(step))
+        out = m({"audio": audio[:, None]}, step, gen(step), 10)
         opt.zero_grad()
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 3.0)
         opt.step()
         m.after_step(step, 300)
-        losses.append(float(out["loss"].detach()))
         outs.append({k: float(v.detach()) for k, v in out.items()})
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    first, last = first_last(outs)
     assert last < 0.8 * first, (first, last)
     assert outs[-1]["emb_std"] > 0.02 and outs[-1]["pred_std"] > 0.02 and outs[-1]["target_std"] > 0.1
 

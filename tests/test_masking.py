@@ -6,20 +6,17 @@ import pytest
 import torch
 
 import sslaudio.masking  # noqa: F401  (registers the maskers)
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, build_component
 from sslaudio.masking import Mask
 from sslaudio.registry import MASKERS
+from tests.conftest import gen, true_runs
 
 # a 2-D patch grid for patch maskers, a 1-D frame grid for span maskers
 GRIDS = {"none": (5, 40), "random": (5, 40), "span": (120,), "block": (8, 60), "inverse_block": (5, 40)}
 
 
 def build(name: str, **fields):
-    return MASKERS.build({"name": name, **fields}, "masker")
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return build_component(MASKERS, {"name": name, **fields}, "masker")
 
 
 def suffix_padding(valid: list[int], grid: tuple[int, ...]) -> torch.Tensor:
@@ -28,18 +25,6 @@ def suffix_padding(valid: list[int], grid: tuple[int, ...]) -> torch.Tensor:
     cols = torch.arange(t)[None, :] >= torch.tensor(valid)[:, None]
     f = grid[0] if len(grid) == 2 else 1
     return cols[:, None, :].expand(-1, f, -1).reshape(len(valid), -1)
-
-
-def runs(row: torch.Tensor) -> list[tuple[int, int]]:
-    """Maximal runs of True in a 1-D bool tensor as (start, length)."""
-    out, start = [], None
-    for i, v in enumerate(row.tolist() + [False]):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            out.append((start, i - start))
-            start = None
-    return out
 
 
 @pytest.mark.parametrize("name", MASKERS.names())
@@ -101,7 +86,7 @@ def test_span_never_crosses_padding_and_spans_are_whole():
     mask = build("span", p=0.65, length=10, require_same_masks=False)((300,), 5, pad, gen(11)).masked
     assert not bool((mask & pad).any())
     for i, v in enumerate(valid):
-        for start, length in runs(mask[i]):
+        for start, length in true_runs(mask[i]):
             assert start + length <= v
             if v > 20:  # fairseq: starts < valid - length, so spans are never clipped
                 assert length >= 10
@@ -115,7 +100,7 @@ def test_block_masker_whole_columns_ratio_and_freq_band():
     assert bool((mask == mask[:, :1]).all())  # every frequency row of a column alike
     assert bool((mask[:, 0].sum(1) == 65).all())  # 13 non-overlapping blocks of 5
     for row in mask[:, 0]:
-        assert all(length % 5 == 0 for _, length in runs(row))
+        assert all(length % 5 == 0 for _, length in true_runs(row))
     tera = build("block", ratio=0.15, length=7, freq_ratio=0.25)
     m = tera(grid, 16, suffix_padding([100] * 8 + [60] * 8, grid), gen(4)).masked.view(16, 8, 100)
     assert not bool(m[8:, :, 60:].any())
@@ -123,7 +108,7 @@ def test_block_masker_whole_columns_ratio_and_freq_band():
     band = (m & ~cols[:, None, :]).any(2)  # (B, F) rows hidden outside time blocks
     assert int(band.sum(1).max()) <= 2 and int(band.sum(1).max()) >= 1
     for b in range(16):
-        assert len(runs(band[b])) <= 1
+        assert len(true_runs(band[b])) <= 1
     assert 0.05 < cols[:8].float().mean().item() <= 0.15
 
 
@@ -151,4 +136,4 @@ def test_mask_from_masked_rejects_unequal_keep_rows():
 ])
 def test_bad_configs_raise_config_error(section):
     with pytest.raises(ConfigError):
-        MASKERS.build(section, "masker")
+        build_component(MASKERS, section, "masker")

@@ -1,22 +1,22 @@
-"""Checks every registered method must pass, parametrised over the tiny presets."""
+"""Checks every registered method must pass, parametrised over the tiny presets, and the export of
+every registered encoder (TorchScript and ONNX, against PyTorch)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from sslaudio.checkpoint import EncoderBundle
-from sslaudio.config import list_presets, load_preset
-from sslaudio.methods import build_method
-from sslaudio.registry import METHODS, load_components
+from sslaudio.build import build_encoder, load_components, load_preset
+from sslaudio.config import list_presets
+from sslaudio.inference import EncoderBundle, load_encoder
+from sslaudio.registry import ENCODERS, METHODS
+from tests.conftest import build_tiny, gen
 
 TINY = [n for n in list_presets() if n.startswith("tiny/")]
 
 
 def small(name):
-    p = load_preset(name, ["train.batch_size=4"])
-    torch.manual_seed(0)
-    return p, build_method(p)
+    return load_preset(name, ["train.batch_size=4"]), build_tiny(name, "train.batch_size=4")
 
 
 def test_every_method_has_full_and_tiny_presets():
@@ -39,7 +39,7 @@ def audio_batch(p, m) -> torch.Tensor:
 def test_one_step_is_finite_and_trains_the_encoder(name):
     p, m = small(name)
     audio = audio_batch(p, m)
-    out = m({"audio": audio}, 0, torch.Generator().manual_seed(0))
+    out = m({"audio": audio}, 0, gen(0), 10)
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
     assert all(v.ndim == 0 for v in out.values()), "logged values must be scalars"
     out["loss"].backward()
@@ -63,22 +63,42 @@ def test_inference_encoder_embeds_longer_audio(name):
     assert times[-1] <= 2.5 + 1e-6 and torch.all(times[1:] > times[:-1])
 
 
-@pytest.mark.parametrize("name", ["tiny/m2d", "tiny/data2vec-wave", "tiny/data2vec2-wave"])  # ViT, conv-transformer, + ALiBi
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_transformer_encoders_export(name, fmt, tmp_path):
-    import warnings
+# One tiny preset per registered encoder, then the second code paths of two of them: (preset,
+# overrides, frame_dim, samples per frame) of what must export.
+EXPORTS = [
+    ("tiny/byol-a", (), 512, 1280),  # audiontt
+    ("tiny/m2d", (), 640, 2560),  # vit: 5 patch rows of 128
+    ("tiny/data2vec-wave", (), 64, 320),  # conv_transformer
+    ("tiny/apc", (), 128, 160),  # rnn
+    ("tiny/mockingjay", (), 128, 160),  # frame_transformer
+    ("tiny/cpc", (), 128, 160),  # cpc
+    ("tiny/data2vec2-wave", (), 64, 320),  # conv_transformer + ALiBi
+    ("tiny/tera", ("encoder.downsample=2",), 128, 320),  # frame_transformer stacking 2 frames a token
+]
 
-    from sslaudio.checkpoint import load_encoder
+
+def test_export_cases_cover_every_encoder():
+    load_components()
+    assert {load_preset(name, list(over)).encoder["name"] for name, over, _, _ in EXPORTS} == set(ENCODERS.names())
+
+
+@pytest.mark.parametrize("name,overrides,dim,hop", EXPORTS, ids=["+".join([n, *o]) for n, o, _, _ in EXPORTS])
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_every_encoder_exports(name, overrides, dim, hop, fmt, tmp_path):
     from sslaudio.export import export
 
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
-    bundle = load_encoder(f"random:{name}")
+    if overrides:  # what `random:NAME` builds, with the overrides
+        p = load_preset(name, list(overrides))
+        torch.manual_seed(p.seed)
+        bundle = EncoderBundle(*build_encoder(p), p).eval()
+    else:
+        bundle = load_encoder(f"random:{name}")
     bundle.needs_stats = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = export(bundle, fmt, tmp_path / f"m.{fmt}")  # raises if it disagrees with PyTorch
-    assert r["dim"] == bundle.encoder.frame_dim and r["max_abs_diff"] < 1e-3
+    r = export(bundle, fmt, tmp_path / f"m.{fmt}")  # raises if it disagrees with PyTorch
+    assert r["dim"] == bundle.encoder.frame_dim == dim and r["max_abs_diff"] < 1e-3
+    assert bundle.encoder.downsample == hop
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -87,7 +107,7 @@ def test_bf16_autocast_step_is_finite(name):
     p, m = small(name)
     audio = audio_batch(p, m)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m({"audio": audio}, 0, torch.Generator().manual_seed(0))
+        out = m({"audio": audio}, 0, gen(0), 10)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
     grads = [q.grad for q in m.inference_encoder().parameters() if q.grad is not None]

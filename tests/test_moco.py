@@ -6,16 +6,13 @@ import copy
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_steps
-from sslaudio.config import load_preset
-from sslaudio.methods import build_method
-from sslaudio.synth import CLASSES, clip
+from sslaudio.build import load_preset
 from sslaudio.train import fit
+from tests.conftest import build_tiny, first_last, gen, replay_views, run_steps, synth_clips
 
 SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
          "views[0].memory=8"]
@@ -24,13 +21,8 @@ V3 = SMALL + ["method.pred_hidden=32"]
 S = 15200  # 0.95 s at 16 kHz
 
 
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _method(name, *over):
-    torch.manual_seed(0)
-    return build_method(load_preset(f"tiny/{name}", (V2 if name == "moco-v2" else V3) + list(over)))
+    return build_tiny(name, *(V2 if name == "moco-v2" else V3), *over)
 
 
 def _unit(v):
@@ -41,13 +33,6 @@ def _ce(logits, label):
     return -(logits[label] - math.log(sum(math.exp(v) for v in logits)))
 
 
-def _replay_views(ref, audio, seed):
-    """data.segments 1: the method's one augmentation chain applied twice to the one crop."""
-    gen, chain = g(seed), ref.views.global_chains[0]
-    x = ref.features(audio[:, 0])
-    return chain(x, gen), chain(x, gen)
-
-
 # -- MoCo v2 ------------------------------------------------------------------------------------
 def _v2_step(tau):
     """One forward of a fresh method plus the same step recomputed by hand on a copy."""
@@ -55,8 +40,8 @@ def _v2_step(tau):
     ref = copy.deepcopy(m)
     audio = torch.randn(4, 1, S) * 0.1
     torch.manual_seed(11)  # dropout draws: query encoder, then key encoder, as in forward
-    out = m({"audio": audio}, 0, g(7))
-    v1, v2 = _replay_views(ref, audio, 7)
+    out = m({"audio": audio}, 0, gen(7), 10)
+    v1, v2 = replay_views(ref, audio, 7)
     torch.manual_seed(11)
     q = ref.projector(ref.encoder.pool(ref.encoder(v1)))
     k = ref.key_projector(ref.key_encoder.pool(ref.key_encoder(v2)))
@@ -93,7 +78,7 @@ def test_v2_queue_fifo_pointer_and_keys():
     assert not m.queue.requires_grad and m.queue.grad_fn is None
     # pointer advances modulo K: three more batches of 4 wrap a queue of 12 around to 4
     for step in range(1, 4):
-        m({"audio": torch.randn(4, 1, S) * 0.1}, step, g(step))
+        m({"audio": torch.randn(4, 1, S) * 0.1}, step, gen(step), 10)
         newest = m._new_keys.clone()
         ptr = int(m.queue_ptr)
         m.after_step(step, 10)
@@ -128,7 +113,7 @@ def test_v2_no_gradient_to_key_encoder_and_exact_ema():
 
 def test_v2_symmetric_option():
     m = _method("moco-v2", "method.symmetric=true")
-    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, g())
+    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, gen(), 10)
     assert torch.isfinite(out["loss"]) and m._new_keys.shape == (8, 16)
     m.after_step(0, 10)
     assert int(m.queue_ptr) == 8
@@ -139,10 +124,10 @@ def test_v2_queue_survives_checkpoint_round_trip(audio_dir, tmp_path):
                                                "train.log_every=1", "data.num_workers=0", "data.norm_samples=8",
                                                "train.keep_last=5"])
     a, b = tmp_path / "a", tmp_path / "b"
-    fit(preset, [str(audio_dir)], a, progress=False)
-    fit(preset, [str(audio_dir)], b, progress=False)
+    fit(preset, [str(audio_dir)], a)
+    fit(preset, [str(audio_dir)], b)
     shutil.rmtree(b / "ckpt" / "step-000000004")  # as if stopped after step 2
-    assert fit(preset, [str(audio_dir)], b, resume=True, progress=False)["start_step"] == 2
+    assert fit(preset, [str(audio_dir)], b, resume=True)["start_step"] == 2
     wa = load_file(str(a / "ckpt" / "step-000000004" / "model.safetensors"))
     wb = load_file(str(b / "ckpt" / "step-000000004" / "model.safetensors"))
     assert {"queue", "queue_ptr"} <= wa.keys() and wa.keys() == wb.keys()
@@ -157,8 +142,8 @@ def test_v3_loss_matches_explicit_logits(tau):
     ref = copy.deepcopy(m)
     audio = torch.randn(4, 1, S) * 0.1
     torch.manual_seed(11)
-    out = m({"audio": audio}, 0, g(7))
-    v1, v2 = _replay_views(ref, audio, 7)
+    out = m({"audio": audio}, 0, gen(7), 10)
+    v1, v2 = replay_views(ref, audio, 7)
     torch.manual_seed(11)  # same order as forward: online v1, online v2, momentum v1, momentum v2
     q1 = ref.predictor(ref.projector(ref.encoder.pool(ref.encoder(v1))))
     q2 = ref.predictor(ref.projector(ref.encoder.pool(ref.encoder(v2))))
@@ -180,13 +165,13 @@ def test_v3_gather_hook_adds_keys():
         m = _method("moco-v3", "method.temperature=0.2")
         m.gather_fn = gather
         torch.manual_seed(1)
-        losses.append(m({"audio": audio}, 0, g()).get("loss").item())
+        losses.append(m({"audio": audio}, 0, gen(), 10).get("loss").item())
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[2] > losses[0]
 
 
 def test_v3_no_gradient_to_momentum_encoder_and_cosine_ema():
     m = _method("moco-v3")
-    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, g())
+    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, gen(), 10)
     out["loss"].backward()
     mom = list(m.momentum_encoder.parameters()) + list(m.momentum_projector.parameters())
     online = list(m.encoder.parameters()) + list(m.projector.parameters())
@@ -205,14 +190,13 @@ def test_v3_no_gradient_to_momentum_encoder_and_cosine_ema():
 # -- short runs ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["moco-v2", "moco-v3"])
 def test_short_run_lowers_the_loss_without_collapse(name):
-    clips = [clip(c, 100 + i, seconds=S / 16000) for i, c in enumerate(CLASSES)]
-    audio = torch.from_numpy(np.stack(clips)).float().unsqueeze(1)  # (8, 1, S), one clip per class
+    audio = synth_clips(8, S / 16000, seed=100)[:, None]  # (8, 1, S), one clip per class
     m = _method(name, "method.temperature=0.2")
     m.frontend.estimate_stats(audio[:, 0])
     hist = run_steps(m, audio, 30)
     # from step 2 on, the v2 queue (12) holds only real keys: its random initial rows make the
     # first losses artificially low
-    first, last = np.mean([h["loss"] for h in hist[2:7]]), np.mean([h["loss"] for h in hist[-5:]])
+    first, last = first_last(hist, start=2)
     assert last < first - 0.2, (first, last)
     assert hist[-1]["emb_std"] > 0.1 / math.sqrt(16)  # healthy ~ 1/sqrt(D), collapse -> 0
     assert hist[-1]["pos_sim"] > hist[-1]["neg_sim"]

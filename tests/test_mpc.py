@@ -1,45 +1,38 @@
 """Mockingjay / TERA (sslaudio/methods/mpc.py) and the frame transformer
-(sslaudio/encoders/frame_transformer.py): the encoder's padding, positions and export, the s3prl
-alteration procedure's statistics, the masked L1 loss against explicit loops, a short run."""
+(sslaudio/encoders/frame_transformer.py): the encoder's padding and positions (export:
+tests/test_methods.py), the s3prl alteration procedure's statistics, the masked L1 loss against
+explicit loops, a short run."""
 
 import math
-import warnings
 
 import pytest
 import torch
 
-from sslaudio.checkpoint import EncoderBundle
-from sslaudio.config import ConfigError, load_preset
+from sslaudio.build import load_preset
+from sslaudio.config import ConfigError, build_component
 from sslaudio.encoders.frame_transformer import sinusoid_positions
 from sslaudio.frontends import build_frontend
 from sslaudio.masking import Mask
-from sslaudio.methods import build_method, losses
+from sslaudio.methods import losses
 from sslaudio.methods.mpc import TERA, Mockingjay, alter
 from sslaudio.registry import ENCODERS, METHODS
-from sslaudio.synth import CLASSES, clip
-from tests.conftest import run_steps
+from tests.conftest import build_tiny, first_last, gen, run_steps, synth_clips, true_runs
 
 SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.ffn_dim=64", "train.batch_size=4"]
 
 
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _method(name="tiny/mockingjay", extra=()):
-    torch.manual_seed(0)
-    return build_method(load_preset(name, SMALL + list(extra)))
+    return build_tiny(name, *SMALL, *extra)
 
 
 def _encoder(extra=()):
     p = load_preset("tiny/mockingjay", SMALL + list(extra))
     torch.manual_seed(0)
-    return ENCODERS.build(p.encoder, "encoder", frontend=build_frontend(p.frontend, 16000)).eval()
+    return build_component(ENCODERS, p.encoder, "encoder", frontend=build_frontend(p.frontend, 16000)).eval()
 
 
-def _audio(n=4, seconds=1.5):
-    return torch.stack([torch.from_numpy(clip(CLASSES[i % len(CLASSES)], 70 + i, seconds=seconds))
-                        for i in range(n)]).float()
+def _audio(n):
+    return synth_clips(n, 1.5, seed=70)
 
 
 # -- encoder ----------------------------------------------------------------------------------
@@ -104,48 +97,19 @@ def test_stacking_round_trips():
     assert torch.equal(enc.unstack_frames(h), x[:, :, :9])
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export(fmt, tmp_path):
-    from sslaudio.export import export
-
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime")
-    for stack in (1, 2):
-        p = load_preset("tiny/tera", SMALL + [f"encoder.downsample={stack}"])
-        torch.manual_seed(0)
-        frontend = build_frontend(p.frontend, 16000)
-        bundle = EncoderBundle(frontend, ENCODERS.build(p.encoder, "encoder", frontend=frontend), p).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = export(bundle, fmt, tmp_path / f"m{stack}.{fmt}")  # raises if it disagrees with PyTorch
-        assert r["dim"] == 32 and r["max_abs_diff"] < 1e-3
-
-
 # -- alteration -------------------------------------------------------------------------------
-
-def _runs(row):
-    """Maximal runs of True in a list -> [(start, length)]."""
-    runs, start = [], None
-    for i, v in enumerate(row + [False]):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
-
 
 def test_time_masking_selects_15_percent_in_spans_of_7_with_80_10_10_dice():
     B, N, C = 2000, 151, 4
-    x = torch.randn(B, N, C, generator=g(1))
-    a = alter(x, torch.full((B,), N), C, g(2))
+    x = torch.randn(B, N, C, generator=gen(1))
+    a = alter(x, torch.full((B,), N), C, gen(2))
     sel = a.selected
     counts = sel.sum(1)
     # round(151 * 0.15 / 7) = 3 spans of 7: 21 frames, fewer where spans overlap
     assert int(counts.max()) == 21 and int(counts.min()) >= 9
     assert 0.125 < float(sel.float().mean()) <= 21 / 151
     for row in sel[:200].tolist():
-        assert all(length >= 7 for _, length in _runs(row))
+        assert all(length >= 7 for _, length in true_runs(row))
     # starts in [0, len - 8] (s3prl valid_start_max = len - 7 - 1): the last frame is never selected
     assert sel[:, 0].any() and sel[:, N - 2].any() and not sel[:, N - 1].any()
     assert torch.equal(a.label, sel[:, :, None].expand(-1, -1, C))
@@ -167,7 +131,7 @@ def test_time_masking_selects_15_percent_in_spans_of_7_with_80_10_10_dice():
             src = [int((x[b] == a.x[b, t]).all(1).nonzero()[0]) for t in s.nonzero()[:, 0].tolist()]
             assert max(src) <= N - 2
             i = 0
-            for start, length in _runs(s.tolist()):
+            for start, length in true_runs(s.tolist()):
                 if length == 7:  # a span that overlaps no other: its 7 source frames are consecutive
                     assert src[i:i + 7] == list(range(src[i], src[i] + 7))
                 i += length
@@ -179,7 +143,7 @@ def test_span_count_follows_pythons_round_and_padding():
     # spans of 1 never overlap, so the selected count is the span count: min(round(len * p), len - 1)
     lengths = torch.arange(1, 120)
     x = torch.randn(len(lengths), 119, 2)
-    a = alter(x, lengths, 2, g(3), mask_proportion=0.15, mask_consecutive=1)
+    a = alter(x, lengths, 2, gen(3), mask_proportion=0.15, mask_consecutive=1)
     want = [min(round(L * 0.15 / 1), max(L - 2, 0) + 1) for L in lengths.tolist()]
     assert a.selected.sum(1).tolist() == want
     beyond = torch.arange(119)[None, :] >= lengths[:, None]
@@ -188,16 +152,16 @@ def test_span_count_follows_pythons_round_and_padding():
 
 def test_frequency_band_width_and_position_follow_s3prl():
     B, N, F = 3000, 30, 80
-    x = torch.randn(B, N, F, generator=g(4))
+    x = torch.randn(B, N, F, generator=gen(4))
     lengths = torch.full((B,), N)
     lengths[0] = 20
-    a = alter(x, lengths, F, g(5), mask_frequency=0.2)
+    a = alter(x, lengths, F, gen(5), mask_frequency=0.2)
     width = a.band.sum(1)
     assert int(width.max()) == 16 and int(width.min()) == 0  # U{0..int(80 * 0.2)}
     assert abs(float(width.float().mean()) - 8.0) < 0.3
     assert set(width.tolist()) == set(range(17))
     for row in a.band[:300].tolist():
-        runs = _runs(row)
+        runs = true_runs(row)
         assert len(runs) <= 1  # one contiguous band
         if runs:
             start, w = runs[0]
@@ -215,7 +179,7 @@ def test_noise_is_one_dice_per_batch_of_std_0_2():
     x = torch.zeros(8, 50, 10)
     hits = 0
     for s in range(200):
-        a = alter(x, torch.full((8,), 50), 10, g(s), mask_proportion=0.0, noise_proportion=0.15)
+        a = alter(x, torch.full((8,), 50), 10, gen(s), mask_proportion=0.0, noise_proportion=0.15)
         if bool((a.x != 0).any()):
             hits += 1
             assert abs(float(a.x.std()) - 0.2) < 0.02 and bool((a.x != 0).all())
@@ -226,9 +190,9 @@ def test_noise_is_one_dice_per_batch_of_std_0_2():
 # -- loss -------------------------------------------------------------------------------------
 
 def test_masked_reconstruction_loss_matches_hand_computation():
-    pred = torch.randn(2, 3, 4, generator=g(6), requires_grad=True)
-    target = torch.randn(2, 3, 4, generator=g(7), requires_grad=True)
-    mask = torch.rand(2, 3, 4, generator=g(8)) < 0.4
+    pred = torch.randn(2, 3, 4, generator=gen(6), requires_grad=True)
+    target = torch.randn(2, 3, 4, generator=gen(7), requires_grad=True)
+    mask = torch.rand(2, 3, 4, generator=gen(8)) < 0.4
     for kind in ("l1", "mse"):
         total, count = 0.0, 0
         for p_, t_, m_ in zip(pred.flatten().tolist(), target.flatten().tolist(),
@@ -254,13 +218,13 @@ def test_method_loss_matches_explicit_loops(name):
     m = _method(name).eval()  # no dropout: the forward is a function of the generator only
     audio = _audio(2)
     m.frontend.estimate_stats(audio)
-    out = m({"audio": audio[:, None]}, 0, g(9))
+    out = m({"audio": audio[:, None]}, 0, gen(9), 10)
     with torch.no_grad():
         x = m.features(audio)  # (2, 80, 151)
         target = m.encoder.stack_frames(x)
         B, N, C = target.shape
         lengths = torch.full((B,), N)
-        a = m.alter(target, lengths, g(9))  # the method's first draws
+        a = m.alter(target, lengths, gen(9))  # the method's first draws
         pred = m.head(m.encoder(m.encoder.unstack_frames(a.x), lengths).tokens)
     total, count = 0.0, 0
     P, T, L = pred.tolist(), target.tolist(), a.label.tolist()
@@ -285,8 +249,8 @@ def test_loss_ignores_unaltered_positions():
     m.frontend.estimate_stats(audio)
     with torch.no_grad():
         target = m.encoder.stack_frames(m.features(audio))
-        a = m.alter(target, torch.full((2,), target.shape[1]), g(10))
-    pred = torch.randn(target.shape, generator=g(11), requires_grad=True)
+        a = m.alter(target, torch.full((2,), target.shape[1]), gen(10))
+    pred = torch.randn(target.shape, generator=gen(11), requires_grad=True)
     loss = losses.masked_reconstruction_loss(pred, target, a.label)
     perturbed = pred.detach() + 100.0 * (~a.label).float()
     assert losses.masked_reconstruction_loss(perturbed, target, a.label).item() == loss.item()
@@ -318,8 +282,7 @@ def test_short_run_lowers_loss_without_collapse():
     audio = _audio(4)
     m.frontend.estimate_stats(audio)
     hist = run_steps(m, audio[:, None], steps=40, lr=3e-3)
-    first = sum(h["loss"] for h in hist[:5]) / 5
-    last = sum(h["loss"] for h in hist[-5:]) / 5
+    first, last = first_last(hist)
     assert last < 0.8 * first, (first, last)
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert hist[-1]["emb_std"] > 0.5 * hist[0]["emb_std"] and hist[-1]["emb_std"] > 0.02

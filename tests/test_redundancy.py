@@ -7,25 +7,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sslaudio.methods.redundancy as redundancy_mod
-from sslaudio.config import ConfigError, load_preset
-from sslaudio.methods import build_method
+from sslaudio.build import load_preset
+from sslaudio.config import ConfigError
+from tests.conftest import build_tiny, gen, random_views, use_views
 
 SMALL = ["encoder.d=128", "encoder.base_d=8", "data.clip_seconds=0.3", "encoder.dropout=0.0",
          "method.projector=[96, 64]"]
 
 
 def build(name: str, *overrides: str):
-    torch.manual_seed(0)
-    return build_method(load_preset(f"tiny/{name}", [*SMALL, *overrides]))
+    return build_tiny(name, *SMALL, *overrides)
 
 
 def run_on_views(monkeypatch, m, B: int = 8):
-    F_, T = m.spec_shape()
-    g = torch.Generator().manual_seed(0)
-    views = [torch.randn(B, F_, T, generator=g), torch.randn(B, F_, T, generator=g)]
-    monkeypatch.setattr(redundancy_mod, "make_views", lambda method, audio, gen: [v.clone() for v in views])
-    out = m({"audio": torch.zeros(B, 1, 10)}, 0, torch.Generator().manual_seed(0))
+    views = random_views(m, B)
+    use_views(monkeypatch, views)
+    out = m({"audio": torch.zeros(B, 1, 10)}, 0, gen(0), 10)
     with torch.no_grad():
         z1, z2 = (m.projector(m.encoder.pool(m.encoder(v))) for v in views)
     return out, z1, z2

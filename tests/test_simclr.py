@@ -4,27 +4,19 @@ temperature, the multi-process gather hook, a training step and a short run with
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_steps
-from sslaudio.config import ConfigError, load_preset
-from sslaudio.methods import build_method
-from sslaudio.synth import CLASSES, clip
+from sslaudio.config import ConfigError
+from tests.conftest import build_tiny, first_last, gen, replay_views, run_steps, synth_batch
 
 SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
          "views[0].memory=8"]
 S = 15200  # 0.95 s at 16 kHz
 
 
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _method(*over):
-    torch.manual_seed(0)
-    return build_method(load_preset("tiny/simclr", SMALL + list(over)))
+    return build_tiny("simclr", *SMALL, *over)
 
 
 def _hand_nt_xent(z1, z2, tau):
@@ -47,10 +39,8 @@ def test_loss_matches_explicit_nt_xent(tau):
     ref = copy.deepcopy(m)  # same weights and mixup memory, to replay the step
     audio = torch.randn(4, 1, S) * 0.1
     torch.manual_seed(11)  # dropout draws
-    out = m({"audio": audio}, 0, g(7))
-    gen, chain = g(7), ref.views.global_chains[0]
-    x = ref.features(audio[:, 0])
-    v1, v2 = chain(x, gen), chain(x, gen)  # data.segments 1: one crop augmented twice
+    out = m({"audio": audio}, 0, gen(7), 10)
+    v1, v2 = replay_views(ref, audio, 7)  # data.segments 1: one crop augmented twice
     torch.manual_seed(11)
     z = ref.projector(ref.encoder.pool(ref.encoder(torch.cat([v1, v2]))))
     assert out["loss"].item() == pytest.approx(_hand_nt_xent(z[:4], z[4:], tau), abs=1e-5)
@@ -58,7 +48,7 @@ def test_loss_matches_explicit_nt_xent(tau):
 
 
 def test_high_temperature_gives_uniform_loss():
-    out = _method("method.temperature=1.0e4")({"audio": torch.randn(4, 1, S) * 0.1}, 0, g())
+    out = _method("method.temperature=1.0e4")({"audio": torch.randn(4, 1, S) * 0.1}, 0, gen(), 10)
     assert out["loss"].item() == pytest.approx(math.log(2 * 4 - 1), abs=1e-3)  # log(2N - 1)
 
 
@@ -69,7 +59,7 @@ def test_gather_hook_adds_negatives():
         m = _method()
         m.gather_fn = gather
         torch.manual_seed(1)
-        losses.append(m({"audio": audio}, 0, g()).get("loss").item())
+        losses.append(m({"audio": audio}, 0, gen(), 10).get("loss").item())
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)  # one process: nothing gathered
     assert losses[2] > losses[0]  # more negatives from "other processes"
 
@@ -79,9 +69,9 @@ def test_two_segments_are_the_two_views_and_other_counts_are_refused():
     ref = copy.deepcopy(m)
     audio = torch.randn(4, 2, S) * 0.1
     torch.manual_seed(3)
-    out = m({"audio": audio}, 0, g(5))
-    gen, chain = g(5), ref.views.global_chains[0]
-    v1, v2 = chain(ref.features(audio[:, 0]), gen), chain(ref.features(audio[:, 1]), gen)  # one per crop
+    out = m({"audio": audio}, 0, gen(5), 10)
+    rng, chain = gen(5), ref.views.global_chains[0]
+    v1, v2 = chain(ref.features(audio[:, 0]), rng), chain(ref.features(audio[:, 1]), rng)  # one per crop
     torch.manual_seed(3)
     z = ref.projector(ref.encoder.pool(ref.encoder(torch.cat([v1, v2]))))
     assert out["loss"].item() == pytest.approx(_hand_nt_xent(z[:4], z[4:], 0.5), abs=1e-5)
@@ -93,25 +83,19 @@ def test_two_segments_are_the_two_views_and_other_counts_are_refused():
 
 def test_training_step_reaches_every_trainable_parameter():
     m = _method()
-    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, g())
+    out = m({"audio": torch.randn(4, 1, S) * 0.1}, 0, gen(), 10)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     for name, p in m.named_parameters():
         assert p.requires_grad and p.grad is not None, name
 
 
-def _synth_batch(n_per_class, seed):
-    clips = [clip(c, seed + 100 * i + k, seconds=S / 16000) for k in range(n_per_class)
-             for i, c in enumerate(CLASSES)]
-    return torch.from_numpy(np.stack(clips)).float().unsqueeze(1)  # (B, 1, S)
-
-
 def test_short_run_lowers_the_loss_without_collapse():
     m = _method()
-    audio = _synth_batch(1, 0)  # 8 clips, one per class
+    audio = synth_batch(1, S / 16000)  # 8 clips, one per class
     m.frontend.estimate_stats(audio[:, 0])
     hist = run_steps(m, audio, 30)
-    first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
+    first, last = first_last(hist)
     assert last < first - 0.3, (first, last)
     assert hist[-1]["emb_std"] > 0.1 / math.sqrt(16)  # healthy ~ 1/sqrt(D), collapse -> 0
     assert hist[-1]["pos_sim"] > hist[-1]["neg_sim"]

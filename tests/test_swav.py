@@ -5,16 +5,13 @@ errors and a short run without collapse."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import sslaudio.methods.swav as swav_mod
-from sslaudio.config import ConfigError, load_preset
-from sslaudio.methods import build_method, losses
-from sslaudio.synth import CLASSES, clip
-from tests.conftest import run_steps
+from sslaudio.config import ConfigError
+from sslaudio.methods import losses
+from tests.conftest import build_tiny, first_last, gen, random_views, run_steps, synth_batch, use_views
 
 SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
          "method.prototypes=24", "views[0].memory=8", "method.crops.local_crops=2",
@@ -22,13 +19,8 @@ SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.pr
 S = 15200  # 0.95 s at 16 kHz: 96 frames
 
 
-def g(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _method(*over):
-    torch.manual_seed(0)
-    return build_method(load_preset("tiny/swav", SMALL + list(over)))
+    return build_tiny("swav", *SMALL, *over)
 
 
 def _hand_sinkhorn(scores, eps, iters):
@@ -51,14 +43,14 @@ def _hand_sinkhorn(scores, eps, iters):
 
 @pytest.mark.parametrize("iters", [0, 1, 3])
 def test_sinkhorn_matches_the_official_algorithm(iters):
-    scores = torch.randn(5, 4, generator=g(1)).clamp(-1, 1)
+    scores = torch.randn(5, 4, generator=gen(1)).clamp(-1, 1)
     q = losses.sinkhorn(scores, 0.05, iters)
     ref = torch.tensor(_hand_sinkhorn(scores.double().tolist(), 0.05, iters), dtype=torch.float32)
     assert torch.allclose(q, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_sinkhorn_marginals():
-    scores = torch.randn(12, 6, generator=g(2)).clamp(-1, 1)
+    scores = torch.randn(12, 6, generator=gen(2)).clamp(-1, 1)
     q = losses.sinkhorn(scores, 0.05, 3)
     assert torch.allclose(q.sum(1), torch.ones(12), atol=1e-5)  # every sample's codes sum to 1
     assert (q >= 0).all()
@@ -76,7 +68,7 @@ def test_sinkhorn_marginals():
 
 
 def test_sinkhorn_gather_hook_normalises_over_every_process():
-    local, other = torch.randn(4, 6, generator=g(3)), torch.randn(4, 6, generator=g(4))
+    local, other = torch.randn(4, 6, generator=gen(3)), torch.randn(4, 6, generator=gen(4))
     joint = losses.sinkhorn(torch.cat([other, local]), 0.05, 3)
     q = losses.sinkhorn(local, 0.05, 3, gather_fn=lambda rows: (torch.cat([other, rows]), 4))
     assert torch.allclose(q, joint[4:], atol=1e-6)
@@ -106,9 +98,9 @@ def _hand_swav(scores, assign, temp, eps, iters, queue=None):
 
 @pytest.mark.parametrize("with_queue", [False, True])
 def test_swav_loss_matches_explicit_loops(with_queue):
-    gen = g(5)
-    scores = torch.randn(4, 3, 5, generator=gen).clamp(-1, 1).requires_grad_(True)
-    queue = torch.randn(2, 6, 5, generator=gen).clamp(-1, 1) if with_queue else None
+    rng = gen(5)
+    scores = torch.randn(4, 3, 5, generator=rng).clamp(-1, 1).requires_grad_(True)
+    queue = torch.randn(2, 6, 5, generator=rng).clamp(-1, 1) if with_queue else None
     loss, terms = losses.swav_loss(scores, [0, 1], 0.1, 0.05, 3, queue)
     assert loss.item() == pytest.approx(_hand_swav(scores.detach(), [0, 1], 0.1, 0.05, 3, queue), rel=1e-5)
     loss.backward()
@@ -124,14 +116,6 @@ def test_swav_loss_matches_explicit_loops(with_queue):
         losses.swav_loss(scores.detach(), [0, 4])
 
 
-def _fixed_views(m, B=4, seed=0):
-    F_, T = m.spec_shape()
-    gen = g(seed)
-    L = m.cfg.crops.local_frames
-    return ([torch.randn(B, F_, T, generator=gen) for _ in range(m.cfg.crops.global_crops)]
-            + [torch.randn(B, F_, L, generator=gen) for _ in range(m.cfg.crops.local_crops)])
-
-
 def _scores(m, views):
     with torch.no_grad():
         h = torch.cat([m.encoder.pool(m.encoder(torch.cat(views[:2]))),
@@ -143,9 +127,9 @@ def _scores(m, views):
 def test_method_loss_matches_hand_computation_and_prototypes_are_normalised(monkeypatch):
     m = _method("encoder.dropout=0.0")
     m.prototypes.weight.data.mul_(5.0)
-    views = _fixed_views(m)
-    monkeypatch.setattr(swav_mod, "make_views", lambda method, audio, gen: [v.clone() for v in views])
-    out = m({"audio": torch.zeros(4, 1, 10)}, 0, g())
+    views = random_views(m)
+    use_views(monkeypatch, views)
+    out = m({"audio": torch.zeros(4, 1, 10)}, 0, gen(), 10)
     assert torch.allclose(m.prototypes.weight.norm(dim=1), torch.ones(24), atol=1e-6)
     _, scores = _scores(m, views)
     assert out["loss"].item() == pytest.approx(_hand_swav(scores, [0, 1], 0.1, 0.05, 3), rel=1e-5)
@@ -161,7 +145,7 @@ def test_prototypes_are_frozen_for_the_first_steps():
     w = m.prototypes.weight
     for step in range(3):
         opt.zero_grad(set_to_none=True)
-        loss = m({"audio": audio}, step, g(step))["loss"]  # normalises the prototypes first
+        loss = m({"audio": audio}, step, gen(step), 10)["loss"]  # normalises the prototypes first
         before, proj_before = w.detach().clone(), m.projector[0].weight.detach().clone()
         loss.backward()
         opt.step()
@@ -174,16 +158,16 @@ def test_prototypes_are_frozen_for_the_first_steps():
 
 def test_queue_fills_fifo_from_its_start_step_and_is_used_once_full(monkeypatch):
     m = _method("encoder.dropout=0.0", "method.queue_length=8", "method.queue_start_step=2")
-    views = _fixed_views(m, B=4)
-    monkeypatch.setattr(swav_mod, "make_views", lambda method, audio, gen: [v.clone() for v in views])
+    views = random_views(m)
+    use_views(monkeypatch, views)
     audio = torch.zeros(4, 1, 10)
     assert m.queue.shape == (2, 8, 16) and "queue" in m.state_dict() and "queue_count" in m.state_dict()
     for step in (0, 1):  # before queue_start_step: neither filled nor used
-        out = m({"audio": audio}, step, g())
+        out = m({"audio": audio}, step, gen(), 10)
         m.after_step(step, 10)
         assert out["queue_used"].item() == 0.0 and int(m.queue_count) == 0 and not m.queue.any()
     z2, _ = _scores(m, views)
-    out = m({"audio": audio}, 2, g())
+    out = m({"audio": audio}, 2, gen(), 10)
     m.after_step(2, 10)
     assert out["queue_used"].item() == 0.0 and int(m.queue_count) == 4  # half full: not used yet
     assert torch.allclose(m.queue[0, :4], z2[:4], atol=1e-6) and torch.allclose(m.queue[1, :4], z2[4:8], atol=1e-6)
@@ -191,7 +175,7 @@ def test_queue_fills_fifo_from_its_start_step_and_is_used_once_full(monkeypatch)
     views[0].add_(0.5)  # new rows for the next step
     views[1].add_(0.5)
     z3, _ = _scores(m, views)
-    out = m({"audio": audio}, 3, g())
+    out = m({"audio": audio}, 3, gen(), 10)
     m.after_step(3, 10)
     assert out["queue_used"].item() == 0.0 and int(m.queue_count) == 8
     # newest rows first, the older ones pushed back (official queue[i, bs:] = queue[i, :-bs])
@@ -199,7 +183,7 @@ def test_queue_fills_fifo_from_its_start_step_and_is_used_once_full(monkeypatch)
     assert torch.allclose(m.queue[1], torch.cat([z3[4:8], z2[4:8]]), atol=1e-6)
     queue = m.queue.clone()
     z4, scores = _scores(m, views)
-    out = m({"audio": audio}, 4, g())
+    out = m({"audio": audio}, 4, gen(), 10)
     assert out["queue_used"].item() == 1.0  # full: its scores join Sinkhorn
     queue_scores = queue @ m.prototypes.weight.detach().T
     assert out["loss"].item() == pytest.approx(_hand_swav(scores, [0, 1], 0.1, 0.05, 3, queue_scores), rel=1e-5)
@@ -221,18 +205,12 @@ def test_config_errors(over, key):
         _method(over)
 
 
-def _synth_batch(n_per_class, seed):
-    clips = [clip(c, seed + 100 * i + k, seconds=S / 16000) for k in range(n_per_class)
-             for i, c in enumerate(CLASSES)]
-    return torch.from_numpy(np.stack(clips)).float().unsqueeze(1)  # (B, 1, S)
-
-
 def test_short_run_lowers_the_loss_without_collapse():
     m = _method()
-    audio = _synth_batch(2, 0)  # 16 clips, two per class
+    audio = synth_batch(2, S / 16000)  # 16 clips, two per class
     m.frontend.estimate_stats(audio[:, 0])
     hist = run_steps(m, audio, 30)
-    first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
+    first, last = first_last(hist)
     assert last < first - 0.2, (first, last)
     end = hist[-1]
     # the batch's codes stay spread over the prototypes (equipartition), the embeddings too

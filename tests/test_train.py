@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from sslaudio import checkpoint
-from sslaudio.config import load_preset
+from sslaudio.build import load_preset
 from sslaudio.data import DataError
+from sslaudio.inference import load_encoder
 from sslaudio.train import RunMismatch, TrainingDiverged, fit, lr_at
 
 SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
@@ -28,9 +29,11 @@ def test_lr_schedule_is_a_pure_function():
 
 def test_fit_writes_run_layout(audio_dir, tmp_path):
     run = tmp_path / "run"
-    fit(small(), [str(audio_dir)], run, progress=False)
+    calls = []
+    fit(small(), [str(audio_dir)], run, on_log=lambda *a: calls.append(a))
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("loss" in r and "emb_std" in r for r in rows)
+    assert calls == [(0, 4, None)] + [(r["step"], 4, r) for r in rows]  # on_log: the start, then each row
     assert [s for s, _ in checkpoint.step_dirs(run)] == [2, 4]
     assert (run / "config.yaml").is_file() and (run / "export" / "encoder.safetensors").is_file()
     assert not list((run / "ckpt").glob(".tmp*"))
@@ -40,53 +43,54 @@ def test_fit_writes_run_layout(audio_dir, tmp_path):
 
 def test_resume_gives_identical_weights(audio_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    fit(small(), [str(audio_dir)], a, progress=False)
-    fit(small(), [str(audio_dir)], b, progress=False)
+    fit(small(), [str(audio_dir)], a)
+    fit(small(), [str(audio_dir)], b)
     import shutil
 
     shutil.rmtree(b / "ckpt" / "step-000000004")  # as if stopped after step 2
-    summary = fit(small(), [str(audio_dir)], b, progress=False)
-    assert summary["start_step"] == 2
+    starts = []
+    summary = fit(small(), [str(audio_dir)], b, on_log=lambda done, total, row: row or starts.append((done, total)))
+    assert summary["start_step"] == 2 and starts == [(2, 4)]
     wa = load_file(str(a / "ckpt" / "step-000000004" / "model.safetensors"))
     wb = load_file(str(b / "ckpt" / "step-000000004" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert "views.augs.0.bank" in wa  # the mixup memory is part of the checkpoint
+    assert "views.global_chains.0.augs.0.bank" in wa  # the mixup memory is part of the checkpoint
     losses = [[json.loads(r)["loss"] for r in (d / "log.jsonl").read_text().splitlines()] for d in (a, b)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]  # the resumed log is trimmed, then continued
 
 
 def test_resume_refuses_another_config(audio_dir, tmp_path):
-    fit(small(), [str(audio_dir)], tmp_path / "r", progress=False)
+    fit(small(), [str(audio_dir)], tmp_path / "r")
     with pytest.raises(RunMismatch, match="another configuration"):
-        fit(small("optim.lr=0.5"), [str(audio_dir)], tmp_path / "r", progress=False)
+        fit(small("optim.lr=0.5"), [str(audio_dir)], tmp_path / "r")
 
 
 def test_keep_last_prunes(audio_dir, tmp_path):
-    fit(small("train.keep_last=1", "train.ckpt_every=1"), [str(audio_dir)], tmp_path / "r", progress=False)
+    fit(small("train.keep_last=1", "train.ckpt_every=1"), [str(audio_dir)], tmp_path / "r")
     assert [s for s, _ in checkpoint.step_dirs(tmp_path / "r")] == [4]
 
 
 def test_nonfinite_loss_stops(audio_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match="non-finite"):
         fit(small("optim.lr=1e30", "train.max_nonfinite=2", "train.steps=30"), [str(audio_dir)],
-            tmp_path / "r", progress=False)
+            tmp_path / "r")
 
 
 def test_no_usable_audio(bad_dir, tmp_path):
     for f in bad_dir.glob("good*"):
         f.unlink()
     with pytest.raises(DataError, match="no usable audio"):
-        fit(small(), [str(bad_dir)], tmp_path / "r", progress=False)
+        fit(small(), [str(bad_dir)], tmp_path / "r")
 
 
 def test_loaded_encoder_matches_training_weights(audio_dir, tmp_path):
     run = tmp_path / "r"
-    fit(small(), [str(audio_dir)], run, progress=False)
+    fit(small(), [str(audio_dir)], run)
     audio = torch.randn(2, 16000) * 0.1
     outs = []
     for spec in (str(run), str(checkpoint.latest(run)), str(run / "export" / "encoder.safetensors")):
         with torch.no_grad():
-            outs.append(checkpoint.load_encoder(spec).embed(audio)[0])
+            outs.append(load_encoder(spec).embed(audio)[0])
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     with pytest.raises(checkpoint.CheckpointError):
-        checkpoint.load_encoder(str(tmp_path / "nothing"))
+        load_encoder(str(tmp_path / "nothing"))

@@ -1,12 +1,19 @@
-"""The encoder interface every architecture implements.
+"""The encoder contract every architecture implements.
 
-`forward(x, lengths, mask=None, return_layers=False) -> EncoderOut`:
-  x: frontend output, (B, F, T) spectrogram or (B, S) waveform; lengths: (B,) valid frames/samples.
-  mask: a `sslaudio.masking.Mask` (keep mode drops masked tokens, replace mode swaps in a learned
-  mask token), or None.
-`to_frames(out) -> (frames (B, T, D), lengths (B,))`: time-major features for extraction.
-`pool(out) -> (B, D)`: the clip embedding.
-`downsample`: input waveform samples per output frame (the frontend hop times the encoder's).
+`forward(x, lengths=None, mask=None, return_layers=False) -> EncoderOut`: x is the frontend output
+((B, F, T) spectrogram or (B, S) waveform), lengths (B,) its valid frames / samples, mask a
+`sslaudio.masking.Mask` (keep mode drops hidden tokens, replace mode swaps in a learned token).
+
+Every encoder declares:
+- `dim` (token width), `frame_dim` (width of one time frame: `dim`, or Fg * dim for patch grids),
+  `downsample` (waveform samples per output frame), `sample_rate`, `frame_rate` (frames per second);
+- `output_lengths(lengths)`: valid input frames / samples -> valid output frames;
+- `frame_times(n_frames)`: the centre, in seconds, of each output frame's receptive field;
+- `token_grid(x_shape)` and `token_padding(lengths, x_shape)`: the token grid a masker draws on
+  ((T,) for sequences, (Fg, Tg) for patches) and its padding;
+- `to_frames(out)`: time-major frames (B, T, frame_dim) and their lengths; `pool(out)`: the clip
+  embedding, the `clip_pool` statistics of the valid frames (`ClipPool` also accumulates them over
+  frames that arrive in chunks, so long files pool exactly as short ones).
 """
 
 from __future__ import annotations
@@ -19,10 +26,20 @@ from torch import Tensor, nn
 
 @dataclass
 class EncoderOut:
-    tokens: Tensor  # (B, N, D) output tokens (only the visible ones in keep-mask mode)
+    tokens: Tensor  # (B, N, D) output tokens (only the visible ones under a keep mask)
     padding: Tensor | None = None  # (B, N) True where a token is padding
-    layers: list[Tensor] | None = None  # every block's output (B, N, D), when asked for
-    extra: dict | None = None  # encoder-specific facts (token grid, kept indices, ...)
+    layers: list[Tensor] | None = None  # every block's output (B, N, D), with return_layers
+    ffn: list[Tensor] | None = None  # every block's FFN output before the residual add, with return_layers
+    cls: Tensor | None = None  # (B, D) final CLS token, for encoders that have one (never in tokens)
+    grid: tuple[int, ...] | None = None  # token grid of one input: (T,) or (Fg, Tg)
+    lengths: Tensor | None = None  # (B,) valid frames of the whole sequence (before keep / clone)
+    frame_padding: Tensor | None = None  # (B, N) padding of the whole sequence, before keep / clone
+    keep: bool = False  # tokens were gathered by a keep mask
+    clone: int = 1  # masked copies per input (data2vec 2.0 clone_batch): rows b * K + k
+    local: Tensor | None = None  # (B, T, C) local features the context network reads (CPC z,
+    #                              wav2vec 2.0's projected conv features, before dropout and masks)
+    features: Tensor | None = None  # (B, T, C) normalised conv features (wav2vec 2.0 quantizer input)
+    features_pen: Tensor | None = None  # scalar mean square of the raw conv features (feature penalty)
 
 
 def lengths_to_padding(lengths: Tensor, max_len: int) -> Tensor:
@@ -51,12 +68,64 @@ def pool_frames(x: Tensor, padding: Tensor | None, stats: tuple[str, ...]) -> Te
     return out
 
 
+class ClipPool:
+    """`pool_frames` over (T, D) frames that arrive in chunks: running sum, count and max."""
+
+    def __init__(self, stats: tuple[str, ...]):
+        self.stats, self.sum, self.n, self.max = stats, None, 0, None
+
+    def add(self, frames: Tensor) -> None:
+        s, m = frames.sum(0), frames.amax(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.max = m if self.max is None else torch.maximum(self.max, m)
+        self.n += frames.shape[0]
+
+    def value(self) -> Tensor:
+        out = 0
+        for s in self.stats:
+            out = out + (self.sum / max(self.n, 1) if s == "mean" else self.max)
+        return out
+
+
+def stft_frame_times(n_frames: int, hop: int, stack: int, sample_rate: int) -> Tensor:
+    """Centres of encoder frames that each cover `stack` consecutive frames of a centred STFT
+    (frame i centred on sample i * hop): (stack * j + (stack - 1) / 2) * hop / sample_rate."""
+    idx = torch.arange(n_frames, dtype=torch.float64) * stack + (stack - 1) / 2
+    return idx * hop / sample_rate
+
+
 class Encoder(nn.Module):
-    dim: int  # width of the tokens / frames
+    dim: int  # token width
+    frame_dim: int  # width of one time frame after `to_frames`
     downsample: int  # waveform samples per output frame
     sample_rate: int
+    clip_pool: tuple[str, ...] = ("mean",)  # statistics over time summed into the clip embedding
+
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second."""
+        return self.sample_rate / self.downsample
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """(B,) valid input frames (or samples) -> (B,) valid output frames."""
+        raise NotImplementedError
+
+    def frame_times(self, n_frames: int) -> Tensor:
+        """(n_frames,) float64: centre in seconds of each output frame's receptive field."""
+        raise NotImplementedError
+
+    def token_grid(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Input shape -> the token grid of one input, (T,) for a sequence of frames."""
+        return (int(self.output_lengths(torch.tensor([int(x_shape[-1])]))[0]),)
+
+    def token_padding(self, lengths: Tensor, x_shape: tuple[int, ...]) -> Tensor:
+        """(B,) valid input frames (or samples) -> (B, N) bool, True at padded tokens."""
+        return lengths_to_padding(self.output_lengths(lengths), self.token_grid(x_shape)[0])
 
     def to_frames(self, out: EncoderOut) -> tuple[Tensor, Tensor]:
+        """-> time-major frames (B, T, frame_dim) and valid frames (B,). Needs every token."""
+        if out.keep:
+            raise ValueError(f"{type(self).__name__}.to_frames needs every token; encode without a keep mask")
         frames = out.tokens
         if out.padding is None:
             lengths = torch.full((frames.shape[0],), frames.shape[1], device=frames.device, dtype=torch.long)
@@ -64,13 +133,7 @@ class Encoder(nn.Module):
             lengths = (~out.padding).sum(1)
         return frames, lengths
 
-    clip_pool: tuple[str, ...] = ("mean",)  # statistics over time summed into the clip embedding
-
     def pool(self, out: EncoderOut) -> Tensor:
-        """Clip embedding (B, D): the sum of `clip_pool` statistics of the valid frames."""
+        """Clip embedding (B, frame_dim): the sum of `clip_pool` statistics of the valid frames."""
         frames, lengths = self.to_frames(out)
         return pool_frames(frames, lengths_to_padding(lengths, frames.shape[1]), self.clip_pool)
-
-    def frame_times(self, n_frames: int) -> Tensor:
-        """Centre time in seconds of each output frame."""
-        return (torch.arange(n_frames, dtype=torch.float64) + 0.5) * self.downsample / self.sample_rate

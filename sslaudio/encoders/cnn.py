@@ -17,7 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.base import (
+    Encoder,
+    EncoderOut,
+    lengths_to_padding,
+    stft_frame_times,
+)
 from sslaudio.registry import ENCODERS
 
 
@@ -58,9 +63,18 @@ class AudioNTT(Encoder):
             self.fc = nn.Sequential(nn.Linear(self.conv_d, cfg.mlp_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
                                     nn.Linear(cfg.mlp_hidden, cfg.d - self.conv_d), nn.ReLU())
         self.dim = self.frame_dim = cfg.d
-        self.downsample = frontend.hop * self.pool_factor
-        self.sample_rate = frontend.sample_rate
+        self.hop = int(frontend.hop)
+        self.downsample = self.hop * self.pool_factor
+        self.sample_rate = int(frontend.sample_rate)
         self.clip_pool = ("mean", "max")  # BYOL-A: temporal mean + max
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """(B,) valid spectrogram frames -> (B,) valid output frames (each pools `pool_factor`)."""
+        return torch.clamp(lengths // self.pool_factor, min=1)
+
+    def frame_times(self, n_frames: int) -> Tensor:
+        """Output frame j max-pools STFT frames 8j .. 8j + 7 (symmetric 3x3 convs around them)."""
+        return stft_frame_times(n_frames, self.hop, self.pool_factor, self.sample_rate)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
         if mask is not None:
@@ -76,5 +90,5 @@ class AudioNTT(Encoder):
             y = torch.cat([h, y], dim=-1)  # (B, T', d)
         padding = None
         if lengths is not None:
-            padding = lengths_to_padding(torch.clamp(lengths // self.pool_factor, min=1), y.shape[1])
+            padding = lengths_to_padding(self.output_lengths(lengths), y.shape[1])
         return EncoderOut(tokens=y, padding=padding, layers=[y] if return_layers else None)

@@ -22,23 +22,28 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
-from sslaudio.encoders.layers import (WAV2VEC2_CONV_LAYERS, Block, ConvFeatureExtractor,
-                                      ConvPositionalEmbedding, TransformerStack, alibi_bias, alibi_slopes,
-                                      gather_tokens, init_bert_, scale_grad, zero_padded)
+from sslaudio.encoders.layers import (
+    WAV2VEC2_CONV_LAYERS,
+    Block,
+    ConvFeatureExtractor,
+    ConvPositionalEmbedding,
+    TransformerStack,
+    alibi_bias,
+    alibi_slopes,
+    gather_tokens,
+    init_bert_,
+    scale_grad,
+    zero_padded,
+)
 from sslaudio.registry import ENCODERS
 
 
 @ENCODERS.register("conv_transformer")
 class ConvTransformer(Encoder):
-    """(B, S) waveform -> (B, T, D) frames, one per `downsample` samples.
-
-    EncoderOut.extra: "features" (B, T, C) layer-normed conv features before projection and
-    masking (the wav2vec 2.0 quantizer input); "features_pen" scalar mean square of the raw conv
-    features over valid frames (wav2vec 2.0 feature penalty); "projected" (B, T, D) projected
-    features before dropout and masking (data2vec 2.0 local features); "lengths" (B,) valid frames;
-    "frame_padding" (B, T) padding of the full sequence (before a keep mask gathers);
-    "keep"; "clone" (K); "ffn" per-layer FFN outputs before the residual add (with return_layers).
-    """
+    """(B, S) waveform -> (B, T, D) frames, one per `downsample` samples. EncoderOut: `features`
+    (B, T, C) layer-normed conv features (the wav2vec 2.0 quantizer input), `features_pen` (the
+    feature penalty), `local` (B, T, D) projected features before dropout and masks, `lengths`,
+    `frame_padding` (before keep masks), `keep`, `clone`, `ffn` (with return_layers)."""
 
     @dataclass
     class Config:
@@ -122,15 +127,6 @@ class ConvTransformer(Encoder):
         """(B,) valid samples -> (B,) valid frames."""
         return self.extractor.output_lengths(lengths)
 
-    def token_grid(self, x_shape: tuple[int, ...]) -> tuple[int]:
-        """(B, S) input shape -> (T,) frame grid."""
-        n = self.output_lengths(torch.tensor([int(x_shape[-1])]))
-        return (int(n[0]),)
-
-    def token_padding(self, lengths: Tensor, x_shape: tuple[int, ...]) -> Tensor:
-        """(B,) valid samples -> (B, T) bool, True at padded frames."""
-        return lengths_to_padding(self.output_lengths(lengths), self.token_grid(x_shape)[0])
-
     def frame_times(self, n_frames: int) -> Tensor:
         """Centre in seconds of each frame's receptive field."""
         t = torch.arange(n_frames, dtype=torch.float64) * self.downsample + self.receptive_field / 2
@@ -178,7 +174,7 @@ class ConvTransformer(Encoder):
         projected = self.project(features)
         h = self.input_dropout(projected)
 
-        clone, keep, padding = 1, False, frame_padding
+        clone, keep_idx, padding = 1, None, frame_padding
         pos_in = h
         if mask is not None:
             mb, mn = mask.masked.shape
@@ -194,34 +190,39 @@ class ConvTransformer(Encoder):
                 h = torch.where(hidden.unsqueeze(-1), self.mask_emb.to(h.dtype), h)
                 pos_in = h
             else:
-                keep = True
+                keep_idx = mask.keep_idx.to(h.device)
                 pos_in = zero_padded(h, hidden)  # data2vec 2.0: positions see zeros at hidden frames
-        h = zero_padded(h, padding) + self.pos_conv(pos_in, padding)
-        if keep:
-            idx = mask.keep_idx.to(h.device)
-            h = gather_tokens(h, idx)
-            padding = torch.gather(padding, 1, idx)
+        h, padding, layers, ffns = self.context(h, padding, pos_in, keep_idx, return_layers=return_layers)
+        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None,
+                          ffn=ffns if return_layers else None, grid=(T,), lengths=frame_lengths,
+                          frame_padding=frame_padding, keep=keep_idx is not None, clone=clone,
+                          local=projected, features=features, features_pen=features_pen)
 
+    def context(self, h: Tensor, padding: Tensor, pos_in: Tensor | None = None, keep_idx: Tensor | None = None,
+                parts: tuple[nn.Module, nn.Module, nn.Module] | None = None, return_layers: bool = False
+                ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """The context network on projected features h (B, T, D) with padding (B, T): conv
+        positions over the whole sequence (computed from `pos_in`, default h), then only the
+        `keep_idx` tokens when given, LayerNorm (post-LN), dropout, the blocks with ALiBi, final
+        LayerNorm (pre-LN) -> (tokens, padding, per-block outputs, per-block FFN outputs).
+        `parts` = (pos_conv, norm, blocks) runs other copies of them without dropout (the data2vec
+        EMA teacher)."""
+        pos_conv, norm, blocks = (self.pos_conv, self.norm, self.blocks) if parts is None else parts
+        h = zero_padded(h, padding) + pos_conv(h if pos_in is None else pos_in, padding)
+        if keep_idx is not None:
+            h = gather_tokens(h, keep_idx)
+            padding = torch.gather(padding, 1, keep_idx)
         if not self.cfg.layer_norm_first:
-            h = self.norm(h)
-        h = self.dropout(h)
+            h = norm(h)
+        if parts is None:
+            h = self.dropout(h)
         attn_padding = padding if bool(padding.any()) else None
         bias = None
         if self.cfg.alibi:  # positions of the kept frames in keep mode, 0..T-1 otherwise
-            pos = mask.keep_idx.to(h.device) if keep else \
+            pos = keep_idx if keep_idx is not None else \
                 torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
             bias = self.attention_bias(pos)
-        h, layers, ffns = self.blocks(h, attn_padding, bias, return_layers=return_layers)
+        h, layers, ffns = blocks(h, attn_padding, bias, return_layers=return_layers)
         if self.cfg.layer_norm_first:
-            h = self.norm(h)
-
-        extra = {"features": features, "features_pen": features_pen, "projected": projected,
-                 "lengths": frame_lengths, "frame_padding": frame_padding, "keep": keep, "clone": clone}
-        if return_layers:
-            extra["ffn"] = ffns
-        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None, extra=extra)
-
-    def to_frames(self, out: EncoderOut) -> tuple[Tensor, Tensor]:
-        if out.extra is not None and out.extra.get("keep"):
-            raise ValueError("conv_transformer.to_frames needs every frame; encode without a keep mask")
-        return super().to_frames(out)
+            h = norm(h)
+        return h, padding, layers, ffns

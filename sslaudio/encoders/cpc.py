@@ -10,7 +10,7 @@ waveform (B, S) -> 5 x [Conv1d (kernels 10, 8, 4, 4, 4; strides 5, 4, 2, 2, 2; p
 ChannelNorm (CPC_audio's default `normMode: layerNorm`) standardises each frame over its channels
 (unbiased variance, eps 1e-5) with a per-channel affine; it never mixes time steps.
 The tokens are the context vectors c_t, which CPC_audio's feature extraction and linear probes
-use; `return_layers` gives [z, c] and `extra["z"]` the conv features the CPC loss scores.
+use; `return_layers` gives [z, c] and `EncoderOut.local` the conv features z the CPC loss scores.
 
 CPC_audio's argparse defaults are an LSTM context (`arMode`) with a transformer prediction head
 (`rnnMode`), the later "CPC modified" variant; we build the paper's GRU context (CPC_audio
@@ -144,4 +144,4 @@ class CPCEncoder(Encoder):
         c, _ = self.gru(z)  # (B, T, G), causal
         padding = None if frame_lengths is None else lengths_to_padding(frame_lengths, c.shape[1])
         return EncoderOut(tokens=c, padding=padding, layers=[z, c] if return_layers else None,
-                          extra={"z": z, "lengths": frame_lengths})
+                          local=z, lengths=frame_lengths, grid=(c.shape[1],))

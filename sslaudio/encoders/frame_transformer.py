@@ -29,7 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.base import (
+    Encoder,
+    EncoderOut,
+    lengths_to_padding,
+    stft_frame_times,
+)
 from sslaudio.encoders.layers import Block, TransformerStack, init_bert_, sincos_1d
 from sslaudio.registry import ENCODERS
 
@@ -46,10 +51,8 @@ _POS_CACHE: dict[tuple, Tensor] = {}
 
 @ENCODERS.register("frame_transformer")
 class FrameTransformer(Encoder):
-    """(B, F, T) log-mel -> (B, T // downsample, D) frame tokens.
-
-    EncoderOut.extra: "lengths" (B,) valid tokens; "ffn" per-block FFN outputs (with return_layers).
-    """
+    """(B, F, T) log-mel -> (B, T // downsample, D) frame tokens. EncoderOut: `lengths` (B,) valid
+    tokens, `ffn` per-block FFN outputs (with return_layers)."""
 
     @dataclass
     class Config:
@@ -123,9 +126,7 @@ class FrameTransformer(Encoder):
     def frame_times(self, n_frames: int) -> Tensor:
         """Centre in seconds of each token: the mean centre of its stacked frames, frame i of the
         centred STFT being centred at i * hop."""
-        hop = self.downsample // self.stack
-        idx = torch.arange(n_frames, dtype=torch.float64) * self.stack + (self.stack - 1) / 2
-        return idx * hop / self.sample_rate
+        return stft_frame_times(n_frames, self.downsample // self.stack, self.stack, self.sample_rate)
 
     def positions(self, n: int, like: Tensor) -> Tensor:
         """(n, D) positions in the dtype and device of `like`; cached outside tracing."""
@@ -170,7 +171,5 @@ class FrameTransformer(Encoder):
             padding = lengths_to_padding(token_lengths, n)  # (B, N)
         attn_padding = padding if padding is not None and bool(padding.any()) else None
         h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers)
-        extra = {"lengths": token_lengths}
-        if return_layers:
-            extra["ffn"] = ffns
-        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None, extra=extra)
+        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None,
+                          ffn=ffns if return_layers else None, lengths=token_lengths, grid=(n,))

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.base import (
+    Encoder,
+    EncoderOut,
+    lengths_to_padding,
+    stft_frame_times,
+)
 from sslaudio.registry import ENCODERS
 
 
@@ -74,9 +78,13 @@ class RNN(Encoder):
         self.downsample = int(frontend.hop)  # one output per input frame
         self.sample_rate = int(frontend.sample_rate)
 
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """One output per input frame."""
+        return lengths
+
     def frame_times(self, n_frames: int) -> Tensor:
         """Frame t of a centred STFT (the logmel frontend) is centred on sample t * hop."""
-        return torch.arange(n_frames, dtype=torch.float64) * self.downsample / self.sample_rate
+        return stft_frame_times(n_frames, self.downsample, 1, self.sample_rate)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
         if mask is not None:

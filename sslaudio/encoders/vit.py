@@ -19,21 +19,29 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
-from sslaudio.encoders.layers import (Block, PatchEmbed, TransformerStack, gather_tokens, init_vit_,
-                                      sincos_pos_embed_2d, sincos_pos_embed_2d_traced)
+from sslaudio.encoders.base import (
+    Encoder,
+    EncoderOut,
+    lengths_to_padding,
+    stft_frame_times,
+)
+from sslaudio.encoders.layers import (
+    Block,
+    PatchEmbed,
+    TransformerStack,
+    gather_tokens,
+    init_vit_,
+    sincos_pos_embed_2d,
+    sincos_pos_embed_2d_traced,
+)
 from sslaudio.registry import ENCODERS
 
 
 @ENCODERS.register("vit")
 class ViT(Encoder):
-    """(B, F, T) log-mel -> (B, N, D) patch tokens.
-
-    EncoderOut.extra: "grid" (Fg, Tg); "keep" (tokens were gathered by a keep mask);
-    "clone" (K, masks per input); "frame_padding" (B, N) padding of every token of one input,
-    before clones and keep masks; "ffn" per-block FFN outputs (with return_layers);
-    "cls" (B, D) final CLS token when `cls_token` is on (tokens and layers never include it).
-    """
+    """(B, F, T) log-mel -> (B, N, D) patch tokens. EncoderOut: `grid` (Fg, Tg), `keep`, `clone`,
+    `frame_padding` (B, N) of one input before clones and keep masks, `ffn` (with return_layers),
+    `cls` (B, D) when `cls_token` is on (tokens and layers never include it)."""
 
     @dataclass
     class Config:
@@ -74,7 +82,8 @@ class ViT(Encoder):
         self.tokens_per_time = self.freq_grid  # tokens per patch column (Fg)
         self.dim = cfg.dim
         self.frame_dim = self.freq_grid * cfg.dim
-        self.downsample = int(frontend.hop) * tp
+        self.hop = int(frontend.hop)
+        self.downsample = self.hop * tp
         self.sample_rate = int(frontend.sample_rate)
 
         self.patch_embed = PatchEmbed(cfg.patch, cfg.dim)
@@ -100,6 +109,10 @@ class ViT(Encoder):
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """Valid frames (B,) -> valid patch columns (B,): column j is valid iff (j+1)*T_p <= length."""
         return torch.div(lengths, self.cfg.patch[1], rounding_mode="floor")
+
+    def frame_times(self, n_frames: int) -> Tensor:
+        """Patch column j covers STFT frames T_p j .. T_p j + T_p - 1."""
+        return stft_frame_times(n_frames, self.hop, self.cfg.patch[1], self.sample_rate)
 
     def token_padding(self, lengths: Tensor, x_shape: tuple[int, ...]) -> Tensor:
         """(B,) valid frames -> (B, Fg*Tg) bool, True at tokens of padded time columns."""
@@ -175,20 +188,18 @@ class ViT(Encoder):
         y, layers, ffns = self.blocks(tokens, attn_padding if attn_padding.any() else None,
                                       return_layers=return_layers)
         y = self.norm(y)
-        extra = {"grid": grid, "keep": keep, "clone": clone, "frame_padding": frame_padding}
-        if self.cls is not None:
-            extra["cls"] = y[:, 0]
-        if return_layers:
-            extra["ffn"] = [f[:, n_cls:] for f in ffns]
         return EncoderOut(tokens=y[:, n_cls:], padding=padding,
-                          layers=[h[:, n_cls:] for h in layers] if return_layers else None, extra=extra)
+                          layers=[h[:, n_cls:] for h in layers] if return_layers else None,
+                          ffn=[f[:, n_cls:] for f in ffns] if return_layers else None,
+                          cls=y[:, 0] if self.cls is not None else None, grid=grid, keep=keep, clone=clone,
+                          frame_padding=frame_padding)
 
     def to_frames(self, out: EncoderOut) -> tuple[Tensor, Tensor]:
         """Patch tokens regrouped per time column as M2D does, 'b (f t) d -> b t (f d)':
         (B, Tg, Fg*D) and (B,) valid columns. Needs every token (no keep mask)."""
-        if out.extra is None or out.extra.get("keep"):
+        if out.grid is None or out.keep:
             raise ValueError("vit.to_frames needs all tokens; encode without a keep mask")
-        fg, tg = out.extra["grid"]
+        fg, tg = out.grid
         B, _, D = out.tokens.shape
         # -1 rather than tg keeps a traced (exported) graph valid for any length
         frames = out.tokens.reshape(B, fg, -1, D).permute(0, 2, 1, 3).reshape(B, -1, fg * D)

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.rnn import RNN
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs
 from sslaudio.registry import METHODS
@@ -53,21 +52,17 @@ class APC(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",), segments=1)
+        return Needs(frontend=("logmel",), encoder=("rnn",), masker="none", segments=1)
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        if not isinstance(encoder, RNN):
-            raise ConfigError("method apc needs encoder.name: rnn (a causal GRU stack)")
-        if masker is not None:
-            raise ConfigError("method apc takes no masker; remove the 'masker' section")
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         n_frames = self.spec_shape()[1]
         if n_frames <= cfg.time_shift:
             raise ConfigError(f"method.time_shift {cfg.time_shift} needs crops of more frames; "
                               f"data.clip_seconds gives {n_frames}")
         self.postnet = nn.Linear(encoder.dim, frontend.out_channels)  # official Conv1d, kernel 1
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         audio = batch["audio"][:, 0]  # (B, S); APC uses one crop per file
         with torch.no_grad():
             x, frame_lengths = self.frontend(audio, batch.get("lengths"))  # (B, F, T)

@@ -1,9 +1,19 @@
 """The Method interface: the only thing the training loop knows.
 
 A method is an `nn.Module` holding the frontend, the online encoder and whatever heads, teachers,
-queues or memories its objective needs. `forward(batch, step, generator) -> {"loss": ..., ...}`
-returns the loss and other scalars to log (tensors; the trainer converts them only when it logs).
-`after_step(step, max_steps)` runs after each optimizer step (EMA, queues, centres).
+queues or memories its objective needs. It is built from its own Config, an `InputSpec` (the
+training crops and the preset's view chain), the frontend, the encoder and an optional masker.
+The trainer calls:
+- `prepare(audio)` once before the first step of a new run, with (N, S) training crops;
+- `forward(batch, step, generator, max_steps) -> {"loss": ..., ...}`: the loss and other scalars to
+  log (tensors; the trainer converts them only when it logs);
+- `after_step(step, max_steps)` after each optimizer step (EMA, queues, centres);
+- `param_groups(weight_decay)`: a group with `constant_lr: True` stays at optim.lr while the
+  others follow the schedule (SimSiam's fix_pred_lr);
+- `gather_fn`: set by a multi-process trainer to a differentiable all-gather (losses.GatherFn)
+  for methods whose loss needs every process's rows; None in one process.
+`inference_encoder()` is what extraction and export use; `needs(cfg)` declares which components
+the method works with, checked when the preset is loaded.
 """
 
 from __future__ import annotations
@@ -13,32 +23,43 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslaudio.augment import ViewChain, ViewSampler
-from sslaudio.config import Preset
+from sslaudio.augment import MultiCrop, ViewSampler
 
 
 @dataclass(frozen=True)
 class Needs:
-    """What a method requires of its preset; checked before training starts."""
+    """What a method requires of its preset; checked when the preset is loaded."""
 
     frontend: tuple[str, ...] = ()  # allowed frontend names (empty: any)
-    masker: bool = False
-    views: bool = False
+    encoder: tuple[str, ...] = ()  # allowed encoder names (empty: any)
+    masker: str = "any"  # "any", "none" (no masker section), "keep" / "replace" (a masker of that mode)
+    views: bool = False  # needs a `views` augmentation chain
     segments: int = 0  # waveform crops per file (0: any)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a method knows of its training input."""
+
+    sample_rate: int
+    clip_samples: int  # samples of one training crop
+    segments: int = 1  # crops per file in batch["audio"] (B, segments, clip_samples)
+    views: tuple = ()  # the preset's `views` augmentation chain (component sections)
 
 
 class Method(nn.Module):
     frontend: nn.Module
     encoder: nn.Module
+    gather_fn = None  # losses.GatherFn under several processes (set by the trainer)
 
     @classmethod
     def needs(cls, cfg) -> Needs:
         return Needs()
 
-    def __init__(self, cfg, preset: Preset, frontend: nn.Module, encoder: nn.Module, masker=None):
+    def __init__(self, cfg, inputs: InputSpec, frontend: nn.Module, encoder: nn.Module, masker=None):
         super().__init__()
         self.cfg = cfg
-        self.preset = preset
+        self.inputs = inputs
         self.frontend = frontend
         self.encoder = encoder
         self.masker = masker
@@ -46,11 +67,7 @@ class Method(nn.Module):
     # -- helpers shared by methods ------------------------------------------------------------
     def spec_shape(self) -> tuple[int, int]:
         """(F, T) of one training crop after the frontend."""
-        n = int(round(self.preset.data.clip_seconds * self.preset.data.sample_rate))
-        return self.frontend.out_channels, n // self.frontend.hop + 1
-
-    def build_views(self) -> ViewChain:
-        return ViewChain(self.preset.views or [], self.spec_shape())
+        return self.frontend.out_channels, self.inputs.clip_samples // self.frontend.hop + 1
 
     def features(self, audio: Tensor) -> Tensor:
         """(N, S) waveform -> frontend output, without gradients (frontends have no weights)."""
@@ -59,7 +76,12 @@ class Method(nn.Module):
         return x
 
     # -- the interface ------------------------------------------------------------------------
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def prepare(self, audio: Tensor) -> None:
+        """Before the first step of a new run, from (N, S) training crops: the frontend's
+        normalisation statistics."""
+        self.frontend.estimate_stats(audio)
+
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def after_step(self, step: int, max_steps: int) -> None:
@@ -79,19 +101,46 @@ class Method(nn.Module):
 
 
 class ViewMethod(Method):
-    """Base of the methods that compare augmented views of a clip on log-mel input (SimSiam,
-    SimCLR, MoCo, Barlow Twins, VICReg): `self.views` samples them (augment.ViewSampler: one crop
-    augmented per view, or one crop per view with data.segments 2), and `gather_fn` is the hook a
-    multi-process trainer sets to gather embeddings across processes (losses.GatherFn)."""
+    """Base of every method that compares augmented views of a clip on log-mel input (BYOL-A,
+    BYOL, SimSiam, SimCLR, MoCo, Barlow Twins, VICReg, DINO, SwAV). `crops` says how many global
+    and local views it takes (augment.MultiCrop; default two global views); `self.views` samples
+    them from batch["audio"] (augment.ViewSampler: one crop augmented per view, or one crop per
+    view with data.segments equal to the global views)."""
 
     @classmethod
     def needs(cls, cfg) -> Needs:
         return Needs(frontend=("logmel",))
 
-    def __init__(self, cfg, preset: Preset, frontend: nn.Module, encoder: nn.Module, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self)
-        self.gather_fn = None  # None: single process
+    def __init__(self, cfg, inputs: InputSpec, frontend: nn.Module, encoder: nn.Module, masker=None,
+                 crops: MultiCrop | None = None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
+        self.views = ViewSampler(list(inputs.views), self.spec_shape(), inputs.segments, crops)
+
+    def make_views(self, audio: Tensor, generator: torch.Generator) -> list[Tensor]:
+        """batch["audio"] (B, V, S) -> the views, no grad: global (B, F, T) first, then local
+        (B, F, L)."""
+        B, V = audio.shape[:2]
+        x = self.features(audio.flatten(0, 1))  # (B * V, F, T)
+        return self.views(x.unflatten(0, (B, V)), generator)
+
+
+def clip_embedding(encoder: nn.Module, x: Tensor) -> Tensor:
+    """(B, F, T) view -> (B, D) pooled clip embedding."""
+    return encoder.pool(encoder(x))
+
+
+def multicrop_embed(encoder: nn.Module, views: list[Tensor]) -> Tensor:
+    """Views [(B, F, T_v)...] -> clip embeddings (V * B, D) in view order. Consecutive views of one
+    shape go through the encoder as one batch (the official DINO MultiCropWrapper / SwAV forward:
+    BatchNorm statistics per group)."""
+    out, i = [], 0
+    while i < len(views):
+        j = i + 1
+        while j < len(views) and views[j].shape == views[i].shape:
+            j += 1
+        out.append(clip_embedding(encoder, torch.cat(views[i:j])))
+        i = j
+    return torch.cat(out)
 
 
 def embedding_std(z: Tensor) -> Tensor:

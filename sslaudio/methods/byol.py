@@ -17,21 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sslaudio.augment import ViewSampler, make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Needs, ViewMethod, embedding_std
+from sslaudio.methods.base import Needs, ViewMethod, clip_embedding, embedding_std
 from sslaudio.methods.byol_a import BYOLA
 from sslaudio.methods.ema import EMAConfig
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
-
-
-def clip_embedding(encoder: nn.Module, x: Tensor) -> Tensor:
-    """(B, F, T) view -> (B, D) pooled clip embedding."""
-    return encoder.pool(encoder(x))
 
 
 @METHODS.register("byol")
@@ -57,11 +51,8 @@ class BYOL(BYOLA):
     def needs(cls, cfg) -> Needs:  # unlike BYOL-A: two crops allowed, and no chain needed with them
         return Needs(frontend=("logmel",))
 
-    def build_views(self) -> ViewSampler:  # called by BYOLA.__init__
-        return ViewSampler.for_method(self)
-
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        v1, v2 = make_views(self, batch["audio"], generator)  # (B, F, T) each
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
+        v1, v2 = self.make_views(batch["audio"], generator)  # (B, F, T) each
         z1 = self.projector(clip_embedding(self.encoder, v1))  # (B, P)
         z2 = self.projector(clip_embedding(self.encoder, v2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
@@ -81,8 +72,8 @@ class SimSiam(ViewMethod):
     dropped here (the BN removes it). The hidden Linears here keep a bias, which the BN that
     follows cancels exactly (its gradient is zero). Predictor: bottleneck Linear(pred_hidden) - BN
     - ReLU - Linear(dim). `fix_pred_lr` (official --fix-pred-lr, used in the README's command)
-    keeps the predictor at the base learning rate: its param groups carry `fix_lr: True`, the key
-    the official adjust_learning_rate reads, and the trainer must leave those at optim.lr.
+    keeps the predictor at the base learning rate (official `fix_lr` groups): its param groups
+    carry the Method interface's `constant_lr: True`.
     """
 
     @dataclass
@@ -96,15 +87,15 @@ class SimSiam(ViewMethod):
             if self.proj_hidden < 0 or self.proj_dim < 1 or self.pred_hidden < 1:
                 raise ConfigError("method: proj_dim and pred_hidden must be positive, proj_hidden >= 0")
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         d = encoder.frame_dim
         h = cfg.proj_hidden or d
         self.projector = mlp([d, h, h, cfg.proj_dim], bias_last=False, last_norm="bn")
         self.predictor = mlp([cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim])
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        v1, v2 = make_views(self, batch["audio"], generator)
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
+        v1, v2 = self.make_views(batch["audio"], generator)
         z1 = self.projector(clip_embedding(self.encoder, v1))  # (B, proj_dim)
         z2 = self.projector(clip_embedding(self.encoder, v2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
@@ -122,5 +113,5 @@ class SimSiam(ViewMethod):
             for fixed in (False, True):
                 params = [p for p in g["params"] if (id(p) in pred) == fixed]
                 if params:
-                    out.append({**g, "params": params, "fix_lr": fixed})
+                    out.append({**g, "params": params, "constant_lr": fixed})
         return out

@@ -11,6 +11,7 @@ Online = encoder + projector + predictor, target = EMA(encoder + projector) with
 constant (the official code uses byol-pytorch's fixed moving_average_decay). Both views go through
 the networks as one concatenated batch, as byol-pytorch does, and the loss is the sum of the two
 directions of 2 - 2 cos. v2 also standardises the batch of both views after augmentation.
+The views come from the view-method base: one crop, the `views` chain applied twice.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from torch import Tensor
 
 from sslaudio.augment import normalize_batch
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Needs, ViewMethod, clip_embedding, embedding_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
 
 @METHODS.register("byol-a")
-class BYOLA(Method):
+class BYOLA(ViewMethod):
     @dataclass
     class Config:
         proj_hidden: int = 4096
@@ -41,25 +42,24 @@ class BYOLA(Method):
     def needs(cls, cfg) -> Needs:
         return Needs(frontend=("logmel",), views=True, segments=1)
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = self.build_views()
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
+        self._register_load_state_dict_pre_hook(_rename_old_view_keys)
         self.projector = mlp([encoder.frame_dim, cfg.proj_hidden, cfg.proj_dim])
         self.predictor = mlp([cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim])
         self.target_encoder = make_teacher(encoder)
         self.target_projector = make_teacher(self.projector)
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        x = self.features(batch["audio"][:, 0])  # (B, F, T)
-        B = x.shape[0]
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
+        B = batch["audio"].shape[0]
         with torch.no_grad():
-            views = torch.cat([self.views(x, generator), self.views(x, generator)])  # (2B, F, T)
+            views = torch.cat(self.make_views(batch["audio"], generator))  # (2B, F, T)
             if self.cfg.post_norm:
                 views = normalize_batch(views)
-        z = self.projector(self.encoder.pool(self.encoder(views)))  # (2B, P)
+        z = self.projector(clip_embedding(self.encoder, views))  # (2B, P)
         p = self.predictor(z)
         with torch.no_grad():
-            t = self.target_projector(self.target_encoder.pool(self.target_encoder(views)))
+            t = self.target_projector(clip_embedding(self.target_encoder, views))
         loss = losses.byol_loss(p[:B], t[B:]) + losses.byol_loss(p[B:], t[:B])
         return {"loss": loss, "emb_std": embedding_std(z[:B]), "target_std": embedding_std(t[:B])}
 
@@ -67,3 +67,11 @@ class BYOLA(Method):
         tau = momentum(self.cfg.ema, step, max_steps)
         ema_update(self.target_encoder, self.encoder, tau)
         ema_update(self.target_projector, self.projector, tau)
+
+
+def _rename_old_view_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints of sslaudio <= 0.1.0 kept BYOL-A's view chain (its mixup memory) at
+    `views.augs.*`; the view-method base holds it at `views.global_chains.0.augs.*`."""
+    old, new = prefix + "views.augs.", prefix + "views.global_chains.0.augs."
+    for k in [k for k in state_dict if k.startswith(old)]:
+        state_dict[new + k[len(old):]] = state_dict.pop(k)

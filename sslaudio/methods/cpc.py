@@ -35,7 +35,6 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.cpc import CPCEncoder
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs, embedding_std
 from sslaudio.registry import METHODS
@@ -76,34 +75,29 @@ class CPC(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("waveform",), segments=1)
+        return Needs(frontend=("waveform",), encoder=("cpc",), masker="none", segments=1)
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        if not isinstance(encoder, CPCEncoder):
-            raise ConfigError("method cpc needs encoder.name: cpc (conv features + GRU context)")
-        if masker is not None:
-            raise ConfigError("method cpc takes no masker; remove the 'masker' section")
-        samples = round(preset.data.clip_seconds * preset.data.sample_rate)
-        frames = encoder.output_lengths(torch.tensor([samples])).item()
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
+        frames = encoder.output_lengths(torch.tensor([inputs.clip_samples])).item()
         if frames <= cfg.n_predicts:
             raise ConfigError(f"method.n_predicts {cfg.n_predicts} needs crops of more than "
                               f"{cfg.n_predicts} frames; data.clip_seconds gives {frames}")
         self.predictors = nn.ModuleList([nn.Linear(encoder.dim, encoder.z_dim, bias=False)
                                          for _ in range(cfg.n_predicts)])
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         audio = batch["audio"][:, 0]  # (B, S); one crop per file
         with torch.no_grad():
             x, lengths = self.frontend(audio, batch.get("lengths"))
         out = self.encoder(x, lengths if "lengths" in batch else None)
-        z, c = out.extra["z"], out.tokens  # (B, T, C), (B, T, G)
+        z, c = out.local, out.tokens  # (B, T, C), (B, T, G)
         B, T, C = z.shape
         K = self.cfg.n_predicts
         W = T - K  # anchor steps
         if W < 1:
             raise ValueError(f"cpc: {T} frames per item leave no anchor for {K} predicted steps")
-        frame_lengths = out.extra["lengths"]
+        frame_lengths = out.lengths
         if frame_lengths is None:
             frame_lengths = torch.full((B,), T, dtype=torch.long, device=z.device)
 

@@ -54,7 +54,6 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.encoders.base import EncoderOut, masked_mean
-from sslaudio.encoders.conv_transformer import ConvTransformer
 from sslaudio.encoders.layers import gather_tokens, zero_padded
 from sslaudio.encoders.vit import ViT
 from sslaudio.methods import losses
@@ -94,21 +93,18 @@ class _TeacherStudent(Method):
 
     ema_pos_conv: bool  # waveform: does the teacher keep its own EMA copy of the positional conv?
 
+    mask_mode: str  # "replace" (data2vec) or "keep" (2.0)
+
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("waveform", "logmel"), masker=True, segments=1)
+        return Needs(frontend=("waveform", "logmel"), encoder=("conv_transformer", "vit"), masker=cls.mask_mode,
+                     segments=1)
 
-    def __init__(self, cfg, preset, frontend, encoder, masker=None, mask_mode: str = "replace"):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        name = preset.method.get("name", "data2vec")
-        if not isinstance(encoder, (ConvTransformer, ViT)):
-            raise ConfigError(f"method '{name}' needs encoder.name: conv_transformer (waveform) or "
-                              f"vit (log-mel patches)")
+    def __init__(self, cfg, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         self.on_patches = isinstance(encoder, ViT)
         if cfg.top_k > encoder.cfg.depth:
             raise ConfigError(f"method.top_k {cfg.top_k} exceeds encoder.depth {encoder.cfg.depth}")
-        if masker is None or getattr(masker.cfg, "mode", None) != mask_mode:
-            raise ConfigError(f"method '{name}' needs a masker with mode: {mask_mode}")
         self.teacher = make_teacher(self._student_parts())
         self.teacher.eval()
 
@@ -126,36 +122,28 @@ class _TeacherStudent(Method):
         self.teacher.eval()  # fairseq runs the EMA model in eval mode: no dropout, no LayerDrop
         return self
 
-    def tau(self, step: int, max_steps: int | None = None) -> float:
-        return momentum(self.cfg.ema, step, max_steps or self.preset.train.steps)
+    def tau(self, step: int, max_steps: int) -> float:
+        return momentum(self.cfg.ema, step, max_steps)
 
     def after_step(self, step: int, max_steps: int) -> None:
         ema_update(self.teacher, self._student_parts(), self.tau(step, max_steps))
 
     @torch.no_grad()
     def teacher_layers(self, x: Tensor, lengths: Tensor, out: EncoderOut) -> list[Tensor]:
-        """Per-block FFN outputs (B, N, D) of the teacher on the unmasked input.
-
-        ViT: the EMA ViT encodes the spectrogram x itself. Waveform: from the student's projected
-        conv features `out.extra["projected"]` (before input dropout and masking), the transformer
-        half of ConvTransformer.forward without a mask."""
+        """Per-block FFN outputs (B, N, D) of the teacher on the unmasked input: the EMA ViT on the
+        spectrogram itself, or the encoder's context network with the teacher's copies of its parts
+        on the student's projected conv features (`out.local`, before input dropout and masking).
+        With ALiBi (data2vec 2.0) the student's bias over all frames, as fairseq's teacher reuses
+        the student's local encoder and its learned alibi scale."""
         if self.on_patches:
-            return self.teacher(x, lengths, return_layers=True).extra["ffn"]
-        h, padding = out.extra["projected"], out.extra["frame_padding"]
+            return self.teacher(x, lengths, return_layers=True).ffn
         pos_conv = self.teacher["pos_conv"] if self.ema_pos_conv else self.encoder.pos_conv
-        h = zero_padded(h, padding) + pos_conv(h, padding)
-        if not self.encoder.cfg.layer_norm_first:
-            h = self.teacher["norm"](h)
-        attn_padding = padding if bool(padding.any()) else None
-        # ALiBi (data2vec 2.0): the student's bias over all frames, as fairseq's teacher reuses
-        # the student's local encoder and its learned alibi scale
-        bias = self.encoder.attention_bias(torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1))
-        _, _, ffns = self.teacher["blocks"](h, attn_padding, bias, return_layers=True)
-        return ffns
+        parts = (pos_conv, self.teacher["norm"], self.teacher["blocks"])
+        return self.encoder.context(out.local, out.frame_padding, parts=parts, return_layers=True)[3]
 
     def targets(self, x: Tensor, lengths: Tensor, out: EncoderOut) -> Tensor:
         """(B, N, D) float32: mean of the top-K teacher FFN outputs, each instance-normalised."""
-        padding = out.extra["frame_padding"]
+        padding = out.frame_padding
         return losses.average_top_k_layers(self.teacher_layers(x, lengths, out), self.cfg.top_k,
                                            instance_norm=self.cfg.instance_norm_targets,
                                            final_norm=self.cfg.final_norm,
@@ -172,6 +160,7 @@ class _TeacherStudent(Method):
 @METHODS.register("data2vec")
 class Data2Vec(_TeacherStudent):
     ema_pos_conv = False  # fairseq ema_layers_only: pos_conv is copied from the student each step
+    mask_mode = "replace"
 
     @dataclass
     class Config:
@@ -185,11 +174,11 @@ class Data2Vec(_TeacherStudent):
         def __post_init__(self):
             _check_common(self, "method")
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker, mask_mode="replace")
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         self.final_proj = nn.Linear(encoder.dim, encoder.dim)
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         x, lengths, padding = self._inputs(batch)
         mask = self.masker(self.encoder.token_grid(x.shape), x.shape[0], padding, generator)
         out = self.encoder(x, lengths, mask=mask)  # masked tokens replaced by the mask embedding
@@ -201,7 +190,7 @@ class Data2Vec(_TeacherStudent):
                 "emb_std": embedding_std(self.encoder.pool(out)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
-                "ema_tau": torch.tensor(self.tau(step), device=loss.device)}
+                "ema_tau": torch.tensor(self.tau(step, max_steps), device=loss.device)}
 
 
 class ConvDecoder(nn.Module):
@@ -237,6 +226,7 @@ class ConvDecoder(nn.Module):
 @METHODS.register("data2vec2")
 class Data2Vec2(_TeacherStudent):
     ema_pos_conv = True  # ema_encoder_only false: the positional conv is part of the EMA teacher
+    mask_mode = "keep"
 
     @dataclass
     class Config:
@@ -270,8 +260,8 @@ class Data2Vec2(_TeacherStudent):
             if self.cls_loss < 0:
                 raise ConfigError(f"method.cls_loss must be >= 0, found {self.cls_loss}")
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker, mask_mode="keep")
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         if encoder.dim % cfg.decoder_groups:
             raise ConfigError(f"method.decoder_groups {cfg.decoder_groups} must divide "
                               f"encoder.dim {encoder.dim}")
@@ -290,7 +280,7 @@ class Data2Vec2(_TeacherStudent):
         x = torch.cat([x, (noise * self.cfg.mask_noise_std).to(device=x.device, dtype=x.dtype)], dim=1)
         return gather_tokens(x, mask.restore_idx.to(x.device))
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         x, lengths, padding = self._inputs(batch)
         K = self.cfg.clone_batch
         padding_k = padding.repeat_interleave(K, 0)  # (B*K, N), rows b*K + k
@@ -305,11 +295,11 @@ class Data2Vec2(_TeacherStudent):
         logs = {}
         if self.cfg.cls_loss > 0:  # EAT utterance loss / fairseq cls_loss: CLS -> mean target
             clip_target = masked_mean(y, padding).repeat_interleave(K, 0)
-            cls = losses.regression_loss(out.extra["cls"], clip_target, self.cfg.loss_beta)
+            cls = losses.regression_loss(out.cls, clip_target, self.cfg.loss_beta)
             loss = loss + self.cfg.cls_loss * cls
             logs["cls_loss"] = cls.detach()
         return {"loss": loss, "target_var": token_std(y_k[sel]), "pred_var": token_std(pred[sel]),
                 "emb_std": embedding_std(masked_mean(out.tokens, out.padding)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
-                "ema_tau": torch.tensor(self.tau(step), device=loss.device), **logs}
+                "ema_tau": torch.tensor(self.tau(step, max_steps), device=loss.device), **logs}

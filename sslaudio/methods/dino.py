@@ -41,26 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslaudio.augment import MultiCrop, ViewSampler, make_views
+from sslaudio.augment import MultiCrop
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import ViewMethod, embedding_std, multicrop_embed
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
-
-
-def multicrop_embed(encoder: nn.Module, views: list[Tensor]) -> Tensor:
-    """Views [(B, F, T_v)...] -> clip embeddings (V * B, D) in view order. Consecutive views of one
-    shape go through the encoder as one batch (the official MultiCropWrapper / SwAV forward)."""
-    out, i = [], 0
-    while i < len(views):
-        j = i + 1
-        while j < len(views) and views[j].shape == views[i].shape:
-            j += 1
-        out.append(encoder.pool(encoder(torch.cat(views[i:j]))))
-        i = j
-    return torch.cat(out)
 
 
 class WeightNormLinear(nn.Module):
@@ -106,7 +93,7 @@ class DINOHead(nn.Module):
 
 
 @METHODS.register("dino")
-class DINO(Method):
+class DINO(ViewMethod):
     @dataclass
     class Config:
         out_dim: int = 65536
@@ -141,14 +128,8 @@ class DINO(Method):
             if self.crops.global_crops + self.crops.local_crops < 2:
                 raise ConfigError("method.crops: DINO needs at least 2 views (global_crops + local_crops)")
 
-    @classmethod
-    def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",))
-
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self, cfg.crops)
-        self.gather_fn = None  # None: single process (losses.GatherFn otherwise)
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker, crops=cfg.crops)
         self.head = DINOHead(encoder.frame_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers,
                              cfg.use_bn, cfg.norm_last_layer)
         self.teacher_encoder = make_teacher(encoder)
@@ -167,8 +148,8 @@ class DINO(Method):
             return c.teacher_temp
         return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * step / max(W - 1, 1)
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        views = make_views(self, batch["audio"], generator)  # G global (B, F, T), then local (B, F, L)
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
+        views = self.make_views(batch["audio"], generator)  # G global (B, F, T), then local (B, F, L)
         V, G, B = len(views), self.cfg.crops.global_crops, views[0].shape[0]
         b = self.head.embed(multicrop_embed(self.encoder, views))  # (V * B, bottleneck)
         s = self.head.last_layer(b, frozen=step < self.cfg.freeze_last_layer).unflatten(0, (V, B))  # (V, B, K)
@@ -180,7 +161,7 @@ class DINO(Method):
         if self.gather_fn is not None:  # every process holds the same batch size: mean of the means
             mean = self.gather_fn(mean[None])[0].mean(dim=0)
         self._batch_center = mean.detach()
-        tau = momentum(self.cfg.ema, step, self.preset.train.steps)
+        tau = momentum(self.cfg.ema, step, max_steps)
         return {"loss": loss, **terms, "emb_std": embedding_std(b[:B]),
                 "teacher_temp": torch.tensor(temp), "ema_tau": torch.tensor(tau)}
 

@@ -35,8 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.layers import Block, gather_tokens, init_vit_, sincos_pos_embed_2d
-from sslaudio.encoders.vit import ViT
+from sslaudio.encoders.layers import (
+    Block,
+    gather_tokens,
+    init_vit_,
+    sincos_pos_embed_2d,
+)
 from sslaudio.masking import Mask
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs, embedding_std
@@ -117,15 +121,10 @@ class M2D(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",), masker=True, segments=1)
+        return Needs(frontend=("logmel",), encoder=("vit",), masker="keep", segments=1)
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        if not isinstance(encoder, ViT):
-            raise ConfigError("method m2d needs encoder.name: vit (spectrogram patches)")
-        if masker is None or getattr(masker.cfg, "mode", None) != "keep":
-            raise ConfigError("method m2d needs a masker in keep mode (masker: {name: random, ratio: 0.7, "
-                              "mode: keep})")
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         self.predictor = Predictor(encoder.dim, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads,
                                    cfg.pred_mlp_ratio, encoder.cfg.norm_eps)
         self.target_encoder = make_teacher(encoder)
@@ -148,7 +147,7 @@ class M2D(Method):
         with torch.no_grad():
             return self.target_encoder(x, lengths, mask=Mask.from_masked(~mask.masked, "keep")).tokens
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         x = self.features(batch["audio"][:, 0])  # (B, F, T)
         B = x.shape[0]
         lengths = torch.full((B,), x.shape[-1], dtype=torch.long, device=x.device)
@@ -156,7 +155,7 @@ class M2D(Method):
         mask = self.masker(grid, B, None, generator)  # keep mode: equal visible count per row
 
         out = self.encoder(x, lengths, mask=mask)  # (B, N_vis, D): visible patches only
-        pred = self.predictor(out.tokens, mask.keep_idx, grid, (out.extra or {}).get("cls"))  # (B, N, D)
+        pred = self.predictor(out.tokens, mask.keep_idx, grid, out.cls)  # (B, N, D)
         hidden_idx = Mask.from_masked(~mask.masked, "keep").keep_idx  # (B, N_masked) ascending
         pred = gather_tokens(pred, hidden_idx)  # (B, N_masked, D)
         target = self.targets(x, lengths, mask)  # (B, N_masked, D)
@@ -173,7 +172,7 @@ class M2D(Method):
             "target_std": t.std(dim=0).mean(),  # before standardisation; 0 if targets collapse
             "pred_std": embedding_std(p),
             "emb_std": embedding_std(out.tokens.mean(dim=1)),  # online tokens pooled over the clip
-            "tau": torch.tensor(self.tau(step, self.preset.train.steps)),
+            "tau": torch.tensor(self.tau(step, max_steps)),
         }
 
     @torch.no_grad()

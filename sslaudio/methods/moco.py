@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslaudio.augment import make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, embedding_std
+from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
@@ -76,8 +75,8 @@ class MoCoV2(ViewMethod):
                 raise ConfigError("method: moco-v2 needs proj_hidden >= 0, proj_dim >= 1, queue_size >= 1")
             _check_temperature(self.temperature)
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         d = encoder.frame_dim
         self.projector = mlp([d, cfg.proj_hidden or d, cfg.proj_dim], norm="none")
         self.key_encoder = make_teacher(encoder)
@@ -88,17 +87,17 @@ class MoCoV2(ViewMethod):
 
     def _keys(self, v: Tensor) -> Tensor:
         with torch.no_grad():
-            k = self.key_projector(self.key_encoder.pool(self.key_encoder(v)))
+            k = self.key_projector(clip_embedding(self.key_encoder, v))
             return F.normalize(k.float(), dim=1)  # (B, P)
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        v1, v2 = make_views(self, batch["audio"], generator)  # (B, F, T) each
-        q1 = self.projector(self.encoder.pool(self.encoder(v1)))  # (B, P) queries
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
+        v1, v2 = self.make_views(batch["audio"], generator)  # (B, F, T) each
+        q1 = self.projector(clip_embedding(self.encoder, v1))  # (B, P) queries
         k2 = self._keys(v2)
         loss, terms = losses.info_nce_queue(q1, k2, self.queue, self.cfg.temperature)
         keys, emb = k2, q1
         if self.cfg.symmetric:
-            q2 = self.projector(self.encoder.pool(self.encoder(v2)))
+            q2 = self.projector(clip_embedding(self.encoder, v2))
             k1 = self._keys(v1)
             loss2, terms2 = losses.info_nce_queue(q2, k1, self.queue, self.cfg.temperature)
             loss = (loss + loss2) / 2
@@ -166,8 +165,8 @@ class MoCoV3(ViewMethod):
                 raise ConfigError("method: moco-v3 needs positive proj_layers, proj_hidden, proj_dim, pred_hidden")
             _check_temperature(self.temperature)
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         d = encoder.frame_dim
         self.projector = mlp([d] + [cfg.proj_hidden] * (cfg.proj_layers - 1) + [cfg.proj_dim],
                              last_norm="bn", bias_last=False)
@@ -177,15 +176,15 @@ class MoCoV3(ViewMethod):
         self.momentum_projector = make_teacher(self.projector)
 
     def _online(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.projector(self.encoder.pool(self.encoder(v)))  # (B, P)
+        z = self.projector(clip_embedding(self.encoder, v))  # (B, P)
         return z, self.predictor(z)
 
     def _momentum(self, v: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.momentum_projector(self.momentum_encoder.pool(self.momentum_encoder(v)))
+            return self.momentum_projector(clip_embedding(self.momentum_encoder, v))
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        v1, v2 = make_views(self, batch["audio"], generator)  # (B, F, T) each
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
+        v1, v2 = self.make_views(batch["audio"], generator)  # (B, F, T) each
         z1, q1 = self._online(v1)
         _, q2 = self._online(v2)
         k1, k2 = self._momentum(v1), self._momentum(v2)

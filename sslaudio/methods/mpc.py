@@ -57,7 +57,6 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.frame_transformer import FrameTransformer
 from sslaudio.encoders.layers import init_bert_
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs, embedding_std
@@ -191,16 +190,10 @@ class Mockingjay(Method):
 
     @classmethod
     def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",), masker=False, segments=1)
+        return Needs(frontend=("logmel",), encoder=("frame_transformer",), masker="none", segments=1)
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        name = self.registry_name
-        if not isinstance(encoder, FrameTransformer):
-            raise ConfigError(f"method {name} needs encoder.name: frame_transformer")
-        if masker is not None:
-            raise ConfigError(f"method {name} alters the input frames itself (method.mask_*); "
-                              "remove the 'masker' section")
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         self.head = SpecPredictionHead(encoder.dim, encoder.input_dim, encoder.cfg.norm_eps)
 
     def alter(self, frames: Tensor, lengths: Tensor, generator: torch.Generator) -> Alteration:
@@ -210,7 +203,7 @@ class Mockingjay(Method):
                      mask_frequency=c.mask_frequency, noise_proportion=c.noise_proportion,
                      noise_std=c.noise_std)
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         enc = self.encoder
         x = self.features(batch["audio"][:, 0])  # (B, F, T)
         target = enc.stack_frames(x)  # (B, N, F * r)

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sslaudio.augment import make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, embedding_std
-from sslaudio.methods.byol import clip_embedding
+from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_std
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
@@ -48,14 +46,14 @@ class _TwoViewProjector(ViewMethod):
             if not self.projector or min(self.projector) < 1:
                 raise ConfigError("method.projector: a non-empty list of positive widths")
 
-    def __init__(self, cfg, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
+    def __init__(self, cfg, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         self.projector = mlp([encoder.frame_dim, *cfg.projector], bias_last=False)
 
     def project(self, batch: dict, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(B, P) projections of the two views; under torchrun, every process's rows (the official
         code's all-reduced cross-correlation / FullGatherLayer), so the batch statistics are global."""
-        v1, v2 = make_views(self, batch["audio"], generator)
+        v1, v2 = self.make_views(batch["audio"], generator)
         z1 = self.projector(clip_embedding(self.encoder, v1))
         z2 = self.projector(clip_embedding(self.encoder, v2))
         if self.gather_fn is not None:
@@ -79,7 +77,7 @@ class BarlowTwins(_TwoViewProjector):
             if self.lambd < 0:
                 raise ConfigError("method.lambd must be >= 0")
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         z1, z2 = self.project(batch, generator)
         loss, terms = losses.barlow_twins_loss(z1, z2, self.cfg.lambd)
         return {"loss": loss, **terms, "emb_std": embedding_std(z1)}
@@ -101,7 +99,7 @@ class VICReg(_TwoViewProjector):
             if min(self.sim_coeff, self.std_coeff, self.cov_coeff) < 0:
                 raise ConfigError("method: sim_coeff, std_coeff and cov_coeff must be >= 0")
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         z1, z2 = self.project(batch, generator)
         c = self.cfg
         loss, terms = losses.vicreg_loss(z1, z2, c.sim_coeff, c.std_coeff, c.cov_coeff)

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sslaudio.augment import make_views
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, embedding_std
+from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_std
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
@@ -57,15 +56,15 @@ class SimCLR(ViewMethod):
             if self.temperature <= 0:
                 raise ConfigError(f"method.temperature must be positive, found {self.temperature}")
 
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker)
         d = encoder.frame_dim
         hidden = cfg.proj_hidden or d
         self.projector = mlp([d] + [hidden] * (cfg.proj_layers - 1) + [cfg.proj_dim], last_norm="bn")
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
-        v1, v2 = make_views(self, batch["audio"], generator)  # (B, F, T) each
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
+        v1, v2 = self.make_views(batch["audio"], generator)  # (B, F, T) each
         B = v1.shape[0]
-        z = self.projector(self.encoder.pool(self.encoder(torch.cat([v1, v2]))))  # (2B, P)
+        z = self.projector(clip_embedding(self.encoder, torch.cat([v1, v2])))  # (2B, P)
         loss, terms = losses.nt_xent(z[:B], z[B:], self.cfg.temperature, self.gather_fn)
         return {"loss": loss, **terms, "emb_std": embedding_std(z[:B])}

@@ -45,17 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslaudio.augment import MultiCrop, ViewSampler, make_views
+from sslaudio.augment import MultiCrop
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
-from sslaudio.methods.dino import multicrop_embed
+from sslaudio.methods.base import ViewMethod, embedding_std, multicrop_embed
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
 
 @METHODS.register("swav")
-class SwAV(Method):
+class SwAV(ViewMethod):
     @dataclass
     class Config:
         proj_hidden: int = 2048  # official hidden_mlp (0: a single Linear)
@@ -88,14 +87,8 @@ class SwAV(Method):
             if not a or len(set(a)) != len(a) or not all(0 <= i < n for i in a):
                 raise ConfigError(f"method.crops_for_assign: {a} must be distinct view indices in [0, {n})")
 
-    @classmethod
-    def needs(cls, cfg) -> Needs:
-        return Needs(frontend=("logmel",))
-
-    def __init__(self, cfg: Config, preset, frontend, encoder, masker=None):
-        super().__init__(cfg, preset, frontend, encoder, masker)
-        self.views = ViewSampler.for_method(self, cfg.crops)
-        self.gather_fn = None  # None: single process (losses.GatherFn otherwise)
+    def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
+        super().__init__(cfg, inputs, frontend, encoder, masker, crops=cfg.crops)
         d = encoder.frame_dim
         dims = [d, cfg.proj_hidden, cfg.proj_dim] if cfg.proj_hidden else [d, cfg.proj_dim]
         self.projector = mlp(dims)
@@ -114,9 +107,9 @@ class SwAV(Method):
         L = self.cfg.queue_length
         return L > 0 and step >= self.cfg.queue_start_step and int(self.queue_count) >= L
 
-    def forward(self, batch: dict, step: int, generator: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         self.normalize_prototypes()
-        views = make_views(self, batch["audio"], generator)  # global (B, F, T), then local (B, F, L)
+        views = self.make_views(batch["audio"], generator)  # global (B, F, T), then local (B, F, L)
         V, B = len(views), views[0].shape[0]
         z = self.projector(multicrop_embed(self.encoder, views))  # (V * B, P)
         w = self.prototypes.weight

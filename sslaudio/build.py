@@ -1,0 +1,99 @@
+"""Assembly: the one module that turns a preset into components.
+
+`load_preset(name, overrides)` reads a preset and validates it as a whole: every component
+section against its registered Config, and the method's declared `Needs` (frontend, encoder,
+masker mode, views, crops per file), so an impossible combination is refused before any data is
+scanned or any file written. `build_method(preset)` builds frontend, encoder, masker and method;
+`build_encoder(preset)` the frontend and encoder alone (for inference).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from sslaudio.config import (
+    ConfigError,
+    Preset,
+    build_component,
+    component_config,
+    load_preset_dict,
+    preset_tree,
+)
+from sslaudio.methods.base import InputSpec, Method
+from sslaudio.registry import AUGMENTS, ENCODERS, FRONTENDS, MASKERS, METHODS
+
+# the modules whose import registers components (listed, so registration is visible)
+COMPONENT_MODULES = ("sslaudio.augment", "sslaudio.frontends", "sslaudio.masking", "sslaudio.encoders",
+                     "sslaudio.methods")
+
+
+def load_components() -> None:
+    for name in COMPONENT_MODULES:
+        importlib.import_module(name)
+
+
+def validate(preset: Preset) -> None:
+    """Check every component section and the method's declared needs; raises ConfigError."""
+    load_components()
+    component_config(FRONTENDS, preset.frontend, "frontend")
+    component_config(ENCODERS, preset.encoder, "encoder")
+    method_cls, method_cfg = component_config(METHODS, preset.method, "method")
+    masker_cfg = component_config(MASKERS, preset.masker, "masker")[1] if preset.masker is not None else None
+    for i, aug in enumerate(preset.views or []):
+        component_config(AUGMENTS, aug, f"views[{i}]")
+    needs = method_cls.needs(method_cfg)
+    name = preset.method["name"]
+    frontend, encoder = preset.frontend.get("name"), preset.encoder.get("name")
+    if needs.frontend and frontend not in needs.frontend:
+        raise ConfigError(f"frontend.name: method '{name}' expects one of {list(needs.frontend)}, found '{frontend}'")
+    if needs.encoder and encoder not in needs.encoder:
+        raise ConfigError(f"encoder.name: method '{name}' needs one of {list(needs.encoder)}, found '{encoder}'")
+    if needs.masker == "none" and masker_cfg is not None:
+        raise ConfigError(f"masker: method '{name}' takes no masker; remove the 'masker' section")
+    if needs.masker in ("keep", "replace"):
+        if masker_cfg is None:
+            raise ConfigError(f"method '{name}' needs a 'masker' section with mode: {needs.masker}")
+        mode = getattr(masker_cfg, "mode", None)
+        if mode != needs.masker:
+            raise ConfigError(f"masker.mode: method '{name}' needs mode: {needs.masker}, found {mode!r}")
+    if needs.views and not preset.views:
+        raise ConfigError(f"method '{name}' needs a 'views' augmentation chain")
+    if needs.segments and preset.data.segments != needs.segments:
+        raise ConfigError(f"data.segments: method '{name}' with this config uses {needs.segments} "
+                          f"crop(s) per file, found {preset.data.segments}")
+
+
+def preset_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
+    """Defaults <- preset dict <- `--set` overrides, validated as a whole."""
+    preset = preset_tree(data, overrides)
+    validate(preset)
+    return preset
+
+
+def load_preset(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Preset:
+    """A preset name (`tiny/m2d`) or YAML file, with `--set` overrides, validated as a whole."""
+    return preset_from_dict(load_preset_dict(name_or_path), overrides)
+
+
+def input_spec(preset: Preset) -> InputSpec:
+    """What the method knows of its input: sample rate, crop length, crops per file, view chain."""
+    return InputSpec(sample_rate=preset.data.sample_rate,
+                     clip_samples=int(round(preset.data.clip_seconds * preset.data.sample_rate)),
+                     segments=preset.data.segments, views=tuple(preset.views or ()))
+
+
+def build_encoder(preset: Preset) -> tuple[nn.Module, nn.Module]:
+    """Frontend and encoder of a validated preset."""
+    load_components()
+    frontend = build_component(FRONTENDS, preset.frontend, "frontend", sample_rate=preset.data.sample_rate)
+    return frontend, build_component(ENCODERS, preset.encoder, "encoder", frontend=frontend)
+
+
+def build_method(preset: Preset) -> Method:
+    """Frontend, encoder, masker and method of a validated preset."""
+    frontend, encoder = build_encoder(preset)
+    masker = build_component(MASKERS, preset.masker, "masker") if preset.masker else None
+    return build_component(METHODS, preset.method, "method", inputs=input_spec(preset), frontend=frontend,
+                           encoder=encoder, masker=masker)

@@ -1,0 +1,112 @@
+"""The inference model: frontend + encoder, loaded from a run folder, a step folder, an exported
+encoder file, or built at random init (`random:PRESET`, the baseline every probe is compared with).
+Storage (what the files hold) is `checkpoint.py`'s; this module turns them into a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sslaudio.build import build_encoder, build_method, load_preset, preset_from_dict
+from sslaudio.checkpoint import ENCODER_FORMAT, CheckpointError, latest, read_tensors
+from sslaudio.config import Preset
+
+
+class EncoderBundle(nn.Module):
+    """Frontend + encoder: waveform in, clip and frame embeddings out."""
+
+    def __init__(self, frontend: nn.Module, encoder: nn.Module, preset: Preset, needs_stats: bool = False):
+        super().__init__()
+        self.frontend = frontend
+        self.encoder = encoder
+        self.preset = preset
+        self.needs_stats = needs_stats  # random-init baselines estimate frontend stats from their inputs
+        self.layer: int | None = None  # embed an intermediate block's output instead of the last
+
+    @property
+    def sample_rate(self) -> int:
+        return self.preset.data.sample_rate
+
+    def set_layer(self, layer: int | None) -> "EncoderBundle":
+        """Use block `layer` (0-based, negative from the end; None: the encoder's output) for
+        embeddings, as SUPERB-style probes of speech models do."""
+        if layer is not None:
+            with torch.no_grad():
+                depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
+            if not -depth <= layer < depth:
+                raise CheckpointError(f"--layer {layer}: this encoder has {depth} layer(s) (0..{depth - 1})")
+        self.layer = layer
+        return self
+
+    def _probe_input(self) -> tuple[Tensor, Tensor]:
+        audio = torch.zeros(1, 4 * int(self.encoder.downsample), device=next(self.encoder.parameters()).device)
+        with torch.no_grad():
+            x, fl = self.frontend(audio)
+        return x, fl
+
+    def forward(self, audio: Tensor, lengths: Tensor | None = None):
+        x, frame_lengths = self.frontend(audio, lengths)
+        if self.layer is None:
+            return self.encoder(x, frame_lengths)
+        out = self.encoder(x, frame_lengths, return_layers=True)
+        return dataclasses.replace(out, tokens=out.layers[self.layer])
+
+    def embed(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,); the frames' centre times
+        are `self.encoder.frame_times(T)`."""
+        out = self(audio, lengths)
+        frames, frame_lengths = self.encoder.to_frames(out)
+        return self.encoder.pool(out), frames, frame_lengths
+
+
+def _bundle(preset: Preset) -> EncoderBundle:
+    frontend, encoder = build_encoder(preset)
+    return EncoderBundle(frontend, encoder, preset)
+
+
+def _preset_from_meta(meta: dict, where: Path) -> Preset:
+    try:
+        return preset_from_dict(json.loads(meta["config"]))
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{where}: no sslaudio config in its metadata") from None
+
+
+def load_encoder(spec: str) -> EncoderBundle:
+    """A run folder (latest step), a step folder, an exported encoder file, or `random:PRESET`."""
+    if spec.startswith("random:"):
+        preset = load_preset(spec[len("random:"):])
+        torch.manual_seed(preset.seed)
+        bundle = _bundle(preset)
+        bundle.needs_stats = True
+        return bundle.eval()
+    p = Path(spec)
+    if p.is_dir() and (p / "export" / "encoder.safetensors").is_file() and latest(p) is None:
+        p = p / "export" / "encoder.safetensors"
+    elif p.is_dir() and latest(p) is not None:
+        p = latest(p)
+    if p.is_file():
+        tensors, meta = read_tensors(p)
+        if meta.get("format") != ENCODER_FORMAT:
+            raise CheckpointError(f"{p}: not an sslaudio encoder file")
+        bundle = _bundle(_preset_from_meta(meta, p))
+        _load_into(bundle, tensors, p)
+        return bundle.eval()
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        tensors, meta = read_tensors(p / "model.safetensors")
+        preset = _preset_from_meta(meta, p)
+        method = build_method(preset)
+        _load_into(method, tensors, p)
+        return EncoderBundle(method.frontend, method.inference_encoder(), preset).eval()
+    raise CheckpointError(f"{spec}: not a run folder, step folder, encoder file or random:PRESET")
+
+
+def _load_into(module: nn.Module, tensors: dict[str, Tensor], where: Path) -> None:
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
