@@ -1,11 +1,21 @@
 """Audio decoding (soundfile), downmix, resampling (torchaudio) and validation.
 
 Every decode problem becomes an `AudioError` with a short reason, so callers can skip the file
-with one warning line and count it, instead of a traceback.
+with one warning line and count it, instead of a traceback. Path problems (missing, dangling or
+looping symlinks, permission denied, folders, pipes) are named before libsndfile is asked, whose
+own message for all of them is "System error."; what the mp3 decoder prints on stderr is captured
+and becomes part of the reason instead of leaking to the terminal.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import stat
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +44,136 @@ class AudioInfo:
         return self.frames / self.sample_rate
 
 
+# Filesystem access, as functions so that tests running as root (where chmod 000 denies nothing)
+# can simulate permission errors.
+def list_dir(path: str | Path) -> list[os.DirEntry]:
+    """The entries of a folder (OSError when it cannot be listed)."""
+    with os.scandir(path) as it:
+        return list(it)
+
+
+def open_for_reading(path: str | Path) -> None:
+    """Raise the OSError that reading `path` would raise, if any."""
+    os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file (a short reason), or None when it can be opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"dangling symlink (its target {target} does not exist)"
+        return "missing (no such file)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied (a folder on its path)"
+        return f"unreadable ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            list_dir(path)
+        except OSError as e:
+            return f"unreadable folder ({(e.strerror or str(e)).lower()})"
+        return "a folder, not an audio file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, socket or device)"
+    try:
+        open_for_reading(path)
+    except FileNotFoundError:
+        return "missing (deleted since it was found)"
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+        return f"unreadable ({e.strerror or e})"
+    return None
+
+
+def _sf_path(path: str | Path) -> bytes:
+    """soundfile encodes str names strictly; bytes keep non-UTF-8 file names working."""
+    return os.fsencode(path)
+
+
+def _may_use_mpeg_decoder(path: str | Path) -> bool:
+    if str(path).lower().endswith(".mp3"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+
+
+@contextmanager
+def _captured_stderr(path: str | Path):
+    """Capture what C code (libmpg123) writes to file descriptor 2 while decoding `path`.
+
+    Yields a list that holds the captured text (str) afterwards. Only files that may reach the
+    mpeg decoder are captured; anything else runs untouched."""
+    out: list[str] = []
+    if not _may_use_mpeg_decoder(path):
+        yield out
+        return
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr (closed): nothing can leak
+        yield out
+        return
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield out
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                out.append(tmp.read(4096).decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
+
+
+def _decoder_line(captured: list[str]) -> str:
+    lines = [ln.strip() for text in captured for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "illegal" in ln.lower()]
+    line = (errors or lines or [""])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # [src/libmpg123/...:123]
+    return line[:120]
+
+
+def _reason(path: str | Path, e: Exception, captured: list[str]) -> str:
+    """One short reason for a soundfile failure on `path`."""
+    problem = path_problem(path)
+    if problem:
+        return problem
+    msg = re.sub(r"^Error opening .*?: ", "", _short(e)).strip()
+    msg = re.sub(r"^Error : ", "", msg)
+    if not msg or msg.startswith("File does not exist or is not a regular file") or msg == "System error.":
+        msg = "corrupt, or not an audio format libsndfile knows"  # what libsndfile says for bad mp3 data
+    decoder = _decoder_line(captured)
+    return f"unreadable ({msg}" + (f"; decoder: {decoder})" if decoder else ")")
+
+
 def probe(path: str | Path, min_seconds: float = 0.0, check_finite: bool = True) -> AudioInfo:
     """Header check of one file; float files are also scanned for NaN/Inf (ints cannot hold them)."""
-    try:
-        info = sf.info(str(path))
-    except Exception as e:  # soundfile raises several types for corrupt data
-        raise AudioError(f"unreadable ({_short(e)})") from None
+    problem = path_problem(path)
+    if problem:
+        raise AudioError(problem)
+    with _captured_stderr(path) as captured:
+        try:
+            info = sf.info(_sf_path(path))
+            error = None
+        except Exception as e:  # soundfile raises several types for corrupt data
+            error = e
+    if error is not None:
+        raise AudioError(_reason(path, error, captured)) from None
     frames = int(info.frames)
     if info.samplerate <= 0:
         raise AudioError("invalid sample rate")
@@ -49,10 +183,22 @@ def probe(path: str | Path, min_seconds: float = 0.0, check_finite: bool = True)
         raise AudioError("unknown length")
     if frames / info.samplerate < min_seconds:
         raise AudioError(f"too short ({frames / info.samplerate:.3f} s < {min_seconds} s)")
-    if check_finite and info.subtype in _FLOAT_SUBTYPES:
-        for block in sf.blocks(str(path), blocksize=1 << 20, dtype="float32", always_2d=True):
-            if not np.isfinite(block).all():
-                raise AudioError("non-finite samples (NaN or Inf)")
+    with _captured_stderr(path) as captured:
+        try:
+            if check_finite and info.subtype in _FLOAT_SUBTYPES:  # decodes the whole file
+                for block in sf.blocks(_sf_path(path), blocksize=1 << 20, dtype="float32", always_2d=True):
+                    if not np.isfinite(block).all():
+                        raise AudioError("non-finite samples (NaN or Inf)")
+            else:  # its last samples decode: catches truncated compressed files for the cost of a seek
+                sf.read(_sf_path(path), start=max(0, frames - 1024), dtype="float32", always_2d=True)
+            error = None
+        except AudioError:
+            raise
+        except Exception as e:
+            error = e
+    if error is not None:
+        reason = _reason(path, error, captured)
+        raise AudioError(reason.replace("unreadable (", "truncated or corrupt near its end (", 1)) from None
     return AudioInfo(str(path), frames, int(info.samplerate), int(info.channels))
 
 
@@ -68,15 +214,26 @@ def resample(x: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     return AF.resample(x, orig_sr, new_sr)
 
 
+def resampled_length(frames: int, orig_sr: int, new_sr: int) -> int:
+    """The number of samples `resample` makes of `frames` samples."""
+    if orig_sr == new_sr:
+        return frames
+    return -(-frames * new_sr // orig_sr)  # ceil, as torchaudio
+
+
 def load(path: str | Path, sample_rate: int, start: int = 0, frames: int = -1) -> torch.Tensor:
     """Decode [start, start+frames) (in the file's own samples), downmix to mono, resample.
 
     Returns a float32 (S,) tensor at `sample_rate`. Raises AudioError on any decode problem.
     """
-    try:
-        data, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
-    except Exception as e:
-        raise AudioError(f"unreadable ({_short(e)})") from None
+    with _captured_stderr(path) as captured:
+        try:
+            data, sr = sf.read(_sf_path(path), start=start, frames=frames, dtype="float32", always_2d=True)
+            error = None
+        except Exception as e:
+            error = e
+    if error is not None:
+        raise AudioError(_reason(path, error, captured)) from None
     if data.shape[0] == 0:
         raise AudioError("empty (no samples)")
     mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))

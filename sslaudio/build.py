@@ -10,7 +10,10 @@ scanned or any file written. `build_method(preset)` builds frontend, encoder, ma
 from __future__ import annotations
 
 import importlib
+import json
+import warnings
 
+import torch
 from torch import nn
 
 from sslaudio.config import (
@@ -63,6 +66,60 @@ def validate(preset: Preset) -> None:
     if needs.segments and preset.data.segments != needs.segments:
         raise ConfigError(f"data.segments: method '{name}' with this config uses {needs.segments} "
                           f"crop(s) per file, found {preset.data.segments}")
+    check_clip_length(preset)
+
+
+_CLIP_CHECKS: dict[str, str | None] = {}  # (frontend, encoder, rate, samples) -> error or None
+MAX_SEARCH_SECONDS = 60.0  # longest input tried when looking for the encoder's shortest one
+# Crops this long give every encoder here many frames (the longest need is a 16-frame ViT patch
+# column, 0.15 s), so they are not checked: building a paper-scale encoder takes a second or more.
+CHECKED_BELOW_SECONDS = 4.0
+
+
+def check_clip_length(preset: Preset) -> None:
+    """data.clip_seconds must give the encoder at least one output frame. A crop shorter than
+    CHECKED_BELOW_SECONDS is checked by running the frontend and the encoder (built at random
+    init, the global RNG untouched) on silence of its length, or of 0.25 s when it is longer
+    (frames only grow with the input); the verdict is cached per frontend, encoder, rate and
+    length."""
+    sr, clip = preset.data.sample_rate, preset.data.clip_seconds
+    if clip >= CHECKED_BELOW_SECONDS:
+        return
+    samples = int(round(clip * sr))
+    key = json.dumps([preset.frontend, preset.encoder, sr, samples], sort_keys=True, default=str)
+    if key not in _CLIP_CHECKS:
+        _CLIP_CHECKS[key] = _clip_problem(preset, samples)
+    if _CLIP_CHECKS[key] is not None:
+        raise ConfigError(_CLIP_CHECKS[key])
+
+
+def _clip_problem(preset: Preset, samples: int) -> str | None:
+    sr = preset.data.sample_rate
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        frontend, encoder = build_encoder(preset)
+        frontend.eval()
+        encoder.eval()
+
+        def frames(n: int) -> int:
+            try:
+                x, lengths = frontend(torch.zeros(1, n), torch.tensor([n]))
+                return int(encoder.to_frames(encoder(x, lengths))[1][0])
+            except Exception:  # too short for a conv kernel, a patch, a pooling stage ...
+                return 0
+
+        if frames(min(samples, sr // 4)) > 0 or (samples > sr // 4 and frames(samples) > 0):
+            return None
+        bad, good = samples, max(2 * samples, 1)  # the shortest input that gives a frame: double, then bisect
+        while frames(good) == 0:
+            if good > MAX_SEARCH_SECONDS * sr:
+                return None  # fails at every length: not a length problem; building the method says what
+            bad, good = good, 2 * good
+        while good - bad > 1:
+            mid = (bad + good) // 2
+            bad, good = (bad, mid) if frames(mid) > 0 else (mid, good)
+    return (f"data.clip_seconds: {preset.data.clip_seconds:g} s ({samples} samples at {sr} Hz) gives the encoder "
+            f"'{preset.encoder.get('name')}' no output frame; it needs at least {good / sr:.4g} s")
 
 
 def preset_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Preset:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -29,21 +30,39 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_NO_DATA = 2, 3, 4
 
 @contextmanager
 def guard():
-    """Turn expected failures into one line on stderr and the documented exit code."""
-    from sslaudio.checkpoint import CheckpointError
+    """Turn expected failures into one line on stderr and the documented exit code; a skipped
+    checkpoint (CheckpointWarning) into one `warning:` line."""
+    from safetensors import SafetensorError
+
+    from sslaudio.checkpoint import CheckpointError, CheckpointWarning
     from sslaudio.config import ConfigError
     from sslaudio.data import DataError
     from sslaudio.export import ExportError
     from sslaudio.probe import ProbeError
-    from sslaudio.train import RunMismatch, TrainingDiverged
+    from sslaudio.runfolder import RunMismatch
+    from sslaudio.runlock import RunLocked
+    from sslaudio.train import TrainingDiverged
 
     code, msg = 0, ""
+    show = warnings.showwarning
+
+    def show_warning(message, category, *args, **kwargs):
+        if issubclass(category, CheckpointWarning):
+            err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        else:
+            show(message, category, *args, **kwargs)
+
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CheckpointWarning)
+            warnings.showwarning = show_warning
+            yield
     except BrokenPipeError:  # `sslaudio extract ... --out - | head`
         sys.stderr.close()
         raise typer.Exit(0)
     except (ConfigError, CheckpointError, RunMismatch, ExportError) as e:
+        code, msg = EXIT_USAGE, str(e)
+    except RunLocked as e:  # another pretrain writes this run folder
         code, msg = EXIT_USAGE, str(e)
     except ProbeError as e:
         code, msg = e.code, str(e)
@@ -53,12 +72,26 @@ def guard():
         code, msg = EXIT_DIVERGED, str(e)
     except KeyboardInterrupt:
         code, msg = 130, "interrupted"
-    except (OSError, UnicodeDecodeError) as e:  # unwritable --out, a folder where a file should be, ...
-        where = getattr(e, "filename", None)
-        code, msg = EXIT_USAGE, f"{where}: {e.strerror}" if where and getattr(e, "strerror", None) else str(e)
+    except (OSError, UnicodeDecodeError, SafetensorError) as e:  # a full disk, --out onto a folder, no permission ...
+        code, msg = EXIT_USAGE, _io_error(e)
     if code:
         err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
         raise typer.Exit(code)
+
+
+def _io_error(e: BaseException) -> str:
+    """One line `<path>: <reason>` (just the reason when the path is unknown) for an I/O error."""
+    import os
+    import re
+
+    where = getattr(e, "filename", None)
+    reason = getattr(e, "strerror", None)
+    if reason is None and (m := re.search(r"\(os error (\d+)\)", str(e))):  # safetensors' Rust io::Error
+        reason = os.strerror(int(m.group(1)))
+    if reason is None:
+        lines = str(e).strip().splitlines()
+        reason = lines[0] if lines else type(e).__name__
+    return f"{where}: {reason}" if where else reason
 
 
 def _version(value: bool):
@@ -74,7 +107,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _warn_skip(path: str, reason: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] skip {path}: {reason}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[yellow]warning:[/yellow] skip {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
 
 
 class _Progress:
@@ -133,8 +168,10 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Pretrain an encoder on unlabeled audio; writes RUN/config.yaml, log.jsonl, ckpt/, export/."""
+    from rich.markup import escape
+
     from sslaudio.build import load_preset
-    from sslaudio.train import fit, resolve_device
+    from sslaudio.train import Interrupted, fit, resolve_device
 
     with guard():
         overrides = list(set_)
@@ -144,11 +181,16 @@ def pretrain(
             overrides.append(f"train.batch_size={batch_size}")
         p = load_preset(preset, overrides)
         dev = resolve_device(device)
-        skipped = []
-        with _Progress(not quiet) as bar:
-            summary = fit(p, data, out_dir, resume=resume, device=str(dev), on_log=bar,
-                          warn=lambda m: (skipped.append(m),
-                                          err.print(f"[yellow]warning:[/yellow] {m}", highlight=False)))
+        try:
+            with _Progress(not quiet) as bar:
+                summary = fit(p, data, out_dir, resume=resume, device=str(dev), on_log=bar,
+                              warn=lambda m: err.print(f"[yellow]warning:[/yellow] {escape(m)}", highlight=False,
+                                                       soft_wrap=True))
+        except Interrupted as e:  # Ctrl-C / SIGTERM: the last finished step is saved (exit code 130)
+            if e.step is not None:
+                err.print(f"{e.signal_name}: stopped after step {e.step}, which is saved in {out_dir}/ckpt; "
+                          f"run the same command to resume", highlight=False, soft_wrap=True)
+            raise
         if summary["rank"]:  # under torchrun, rank 0 reports
             return
         _print_table("pretrain", {
@@ -186,11 +228,15 @@ def extract(
                                                    "of the encoder's final output."),
     device: str = typer.Option("auto"),
 ):
-    """Write clip (and frame) embeddings per input file, mirroring the input tree."""
-    from sslaudio.inference import load_encoder
+    """Write clip (and frame) embeddings per input file, mirroring the input tree (several inputs:
+    each folder or manifest under its own name). A rerun into the same --out resumes."""
+    from rich.markup import escape
+
     from sslaudio.config import ConfigError
-    from sslaudio.data import DataError, scan_pairs
+    from sslaudio.data import DataError, dedupe, scan_entries
+    from sslaudio.features import OutputCollision, check_collisions
     from sslaudio.features import extract as run_extract
+    from sslaudio.inference import load_encoder
     from sslaudio.train import resolve_device
 
     with guard():
@@ -198,12 +244,22 @@ def extract(
             raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
         dev = resolve_device(device)
         bundle = load_encoder(ckpt).set_layer(layer)
-        items = scan_pairs(inputs)
+        items = scan_entries(inputs)
         if not items:
             raise DataError(f"no audio files in {' '.join(inputs)}")
         to_stdout = out_dir == "-"
+        try:
+            if not to_stdout:  # two inputs, one output file: a usage error, before anything is written
+                check_collisions(dedupe(items)[0], fmt, frames)
+        except OutputCollision as e:
+            raise ConfigError(str(e)) from None
+
+        def warn(message: str) -> None:  # one line each, whatever the terminal width or the names hold
+            text = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            err.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
+
         summary = run_extract(bundle, items, None if to_stdout else Path(out_dir), frames, fmt, dev, batch_size,
-                              encoder_id=ckpt, on_skip=_warn_skip)
+                              encoder_id=ckpt, on_skip=lambda p, r: warn(f"skip {p}: {r}"), on_warn=warn)
         if summary["written"] == 0:
             raise DataError(f"no usable audio file ({summary['skipped']} skipped)")
         msg = f"{summary['written']} files -> {out_dir} (dim {summary['clip_dim']}), {summary['skipped']} skipped, {summary['time_s']:.1f} s"
@@ -229,23 +285,28 @@ def probe(
 
     LABELS with onset,offset columns (seconds) is a sound event detection task: a frame-level
     linear probe on frame embeddings, reporting frame micro-F1 (`f1`), `f1_macro` and `map`."""
+    import errno
+    import os
+
     from sslaudio.atomic import atomic_text
     from sslaudio.evaluation import probe_checkpoint
 
     with guard():
+        if json_out is not None and json_out.is_dir():  # refused before the probe, not after it
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(json_out))
         res = probe_checkpoint(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop,
                                on_skip=_warn_skip)
-    t = Table(title=f"probe: {ckpt} on {labels}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k in ("accuracy", "f1", "f1_macro", "map", "knn_accuracy", "valid", "threshold", "protocol", "n_files",
-              "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs"):
-        if k in res:
-            v = res[k]
-            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    out.print(t)
-    if json_out:
-        atomic_text(json_out, json.dumps(res, indent=1))
+        t = Table(title=f"probe: {ckpt} on {labels}")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k in ("accuracy", "f1", "f1_macro", "map", "knn_accuracy", "valid", "threshold", "protocol", "n_files",
+                  "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs"):
+            if k in res:
+                v = res[k]
+                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        out.print(t)
+        if json_out:  # a full disk or an unwritable folder: one error line, no temp file left
+            atomic_text(json_out, json.dumps(res, indent=1))
 
 
 @app.command(epilog="Example: sslaudio export runs/byola --format onnx --out byola.onnx")
@@ -255,8 +316,8 @@ def export(
     out_file: Path = typer.Option(..., "--out", "-o", help="Output file."),
 ):
     """A deployable waveform -> clip-embedding model, checked against PyTorch."""
-    from sslaudio.inference import load_encoder
     from sslaudio.export import export as run_export
+    from sslaudio.inference import load_encoder
 
     with guard():
         res = run_export(load_encoder(ckpt), fmt, out_file)
@@ -293,12 +354,12 @@ def demo(
     device: str = typer.Option("auto"),
 ):
     """Generate a toy labeled dataset, pretrain on it, extract, probe vs random init, export."""
-    from sslaudio.inference import load_encoder
     from sslaudio.build import load_preset
     from sslaudio.data import scan_pairs
     from sslaudio.evaluation import probe_checkpoint
     from sslaudio.export import export as run_export
     from sslaudio.features import extract as run_extract
+    from sslaudio.inference import load_encoder
     from sslaudio.synth import make_dataset
     from sslaudio.train import fit, resolve_device
 

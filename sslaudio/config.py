@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,35 @@ def to_dict(obj: Any) -> Any:
 # registry validates them against the component's Config when it builds the component.
 
 
+def check_range(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Refuse a non-finite number or one outside [low, high] (open ends with low_open / high_open),
+    naming the dotted `key`: `optim.lr must be > 0, found nan`."""
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {_num(low)}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {_num(high)}")
+    need = " and ".join(bounds) or "a finite number"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (isinstance(value, int) or math.isfinite(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        finite = isinstance(value, float) and not math.isfinite(value)
+        raise ConfigError(f"{key} must be {'finite and ' if finite else ''}{need}, found {value!r}")
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+# the sample rates a preset may declare: telephone speech to high-resolution audio
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
+
+
 @dataclass
 class DataConfig:
     sample_rate: int = 16000
@@ -164,10 +194,12 @@ class DataConfig:
     norm_samples: int = 256  # crops used to estimate the frontend's normalisation statistics
 
     def __post_init__(self):
-        if self.sample_rate <= 0 or self.clip_seconds <= 0:
-            raise ConfigError("data.sample_rate and data.clip_seconds must be positive")
-        if self.segments < 1:
-            raise ConfigError("data.segments must be >= 1")
+        check_range("data.sample_rate", self.sample_rate, low=MIN_SAMPLE_RATE, high=MAX_SAMPLE_RATE)
+        check_range("data.clip_seconds", self.clip_seconds, low=0, low_open=True)  # one encoder frame: build.validate
+        check_range("data.min_seconds", self.min_seconds, low=0)
+        check_range("data.segments", self.segments, low=1)
+        check_range("data.num_workers", self.num_workers, low=0)
+        check_range("data.norm_samples", self.norm_samples, low=1)
 
 
 @dataclass
@@ -182,8 +214,14 @@ class OptimConfig:
     grad_clip: float = 0.0  # 0 disables clipping
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, found {self.lr}")
+        check_range("optim.lr", self.lr, low=0, low_open=True)
+        check_range("optim.weight_decay", self.weight_decay, low=0)
+        for i, b in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", b, low=0, high=1, high_open=True)
+        check_range("optim.eps", self.eps, low=0, low_open=True)
+        check_range("optim.warmup_steps", self.warmup_steps, low=0)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_range("optim.grad_clip", self.grad_clip, low=0)
 
 
 @dataclass
@@ -197,10 +235,8 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before stopping (exit 3)
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("train.steps and train.batch_size must be >= 1")
-        if self.keep_last < 1:
-            raise ConfigError("train.keep_last must be >= 1")
+        for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
+            check_range(f"train.{key}", getattr(self, key), low=1)
 
 
 @dataclass
@@ -215,6 +251,9 @@ class Preset:
     method: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_range("seed", self.seed, low=0, high=2**63, high_open=True)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -301,10 +340,24 @@ def load_preset_dict(name_or_path: str) -> dict:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{p}: {yaml_error(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a preset must be a YAML mapping")
     return data
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: where (line and column, 1-based) and what."""
+    mark, context, cmark = (getattr(e, a, None) for a in ("problem_mark", "context", "context_mark"))
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if context:
+        started = f" started at line {cmark.line + 1}" if cmark is not None and mark is not None \
+            and cmark.line != mark.line else ""
+        what += f" ({context}{started})"
+    mark = mark or cmark
+    if mark is None:
+        return f"invalid YAML ({what})"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
 def preset_tree(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Preset:

@@ -8,6 +8,7 @@ pure function of (seed, step), whatever the number of workers, and a resumed run
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,73 +17,172 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sslaudio.audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, load, probe
+from sslaudio import audio as _audio
+from sslaudio.audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, load, path_problem, probe
 
 
 class DataError(Exception):
     """Nothing usable in the input (exit code 4) or an unreadable manifest."""
 
 
-def _manifest_paths(path: Path) -> list[str]:
-    text = path.read_text(errors="replace")
+def _manifest_paths(path: Path, data: bytes | None = None) -> list[str]:
+    """The paths a manifest lists: a text file of paths (# comments), or a CSV/TSV with a `path`
+    column (a UTF-8 BOM and spaces around the delimiters are allowed). Relative paths are relative
+    to the manifest's folder; names that are not UTF-8 come back as the same file names."""
+    data = path.read_bytes() if data is None else data
+    if b"\x00" in data:
+        raise DataError(f"{path}: not an audio file or a text manifest")
+    text = data.decode("utf-8-sig", errors="surrogateescape")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         return []
-    delim = "\t" if path.suffix == ".tsv" or "\t" in lines[0] else ","
-    header = [h.strip() for h in lines[0].split(delim)]
+    delim = "\t" if path.suffix.lower() == ".tsv" or "\t" in lines[0] else ","
+    header = [h.strip() for h in next(csv.reader([lines[0]], delimiter=delim))]
     root = path.parent
     if "path" in header:
-        rows = csv.DictReader(lines, delimiter=delim)
-        paths = [r["path"].strip() for r in rows if r.get("path") and r["path"].strip()]
-    elif path.suffix in (".csv", ".tsv"):
+        col = header.index("path")
+        rows = csv.reader(lines[1:], delimiter=delim, skipinitialspace=True)
+        paths = [r[col].strip() for r in rows if len(r) > col and r[col].strip()]
+    elif path.suffix.lower() in (".csv", ".tsv"):
         raise DataError(f"{path}: a CSV/TSV manifest needs a 'path' column (found {header})")
     else:
         paths = [ln.strip() for ln in lines if not ln.lstrip().startswith("#")]
-    return [str(p if Path(p).is_absolute() else root / p) for p in paths]
+    return [os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p)) for p in paths]
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every entry under `folder` (recursively, sorted, symlinked folders not followed) that has an
+    audio extension and is not a folder, dangling and looping symlinks included, and every
+    subfolder that cannot be listed: probing them names what is wrong, so nothing is left out
+    without a word."""
+    try:
+        entries = sorted(_audio.list_dir(folder), key=lambda e: e.name)
+    except OSError:
+        yield folder
+        return
+    for e in entries:
+        p = folder / e.name
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk(p)
+        elif p.suffix.lower() in AUDIO_EXTENSIONS:
+            yield p
+
+
+def _entries_of(item: str) -> tuple[list[tuple[str, str]], bool]:
+    """(path, name relative to the input) of one input (a folder, an audio file or a manifest),
+    and whether the input is a single audio file."""
+    p = Path(item)
+    if p.is_dir():
+        return [(str(f), str(f.relative_to(p))) for f in _walk(p)], False
+    if p.suffix.lower() in AUDIO_EXTENSIONS and os.path.lexists(p):
+        return [(str(p), p.name)], True  # even a dangling link: probing it says why it is skipped
+    if not p.exists():
+        problem = path_problem(p) if os.path.lexists(p) else None
+        raise DataError(f"{item}: {problem or 'no such file or folder'}")
+    if not p.is_file():
+        raise DataError(f"{item}: not a regular file")
+    data = p.read_bytes()
+    if b"\x00" in data:  # binary: an audio file with another extension, or nothing we can use
+        try:
+            probe(p, check_finite=False)
+        except AudioError:
+            raise DataError(f"{item}: not an audio file or a text manifest") from None
+        return [(str(p), p.name)], True
+    base = os.path.abspath(p.parent)
+    out = []
+    for f in _manifest_paths(p, data):
+        rel = os.path.relpath(os.path.abspath(f), base)
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            rel = os.path.abspath(f).lstrip(os.sep)  # outside the manifest's folder: its absolute path
+        out.append((f, rel))
+    return out, False
+
+
+def _root_names(inputs: list[str]) -> dict[str, str]:
+    """A distinct folder name per distinct input (its folder / manifest name; -2, -3 ... when equal)."""
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for item in inputs:
+        key = os.path.abspath(item)
+        if key in names:
+            continue
+        p = Path(key)
+        name = (p.name if p.is_dir() or not p.suffix else p.stem) or "root"
+        cand, k = name, 2
+        while cand in used:
+            cand, k = f"{name}-{k}", k + 1
+        used.add(cand)
+        names[key] = cand
+    return names
+
+
+def scan_entries(inputs: list[str]) -> list[tuple[str, str]]:
+    """Every (path, output name) the inputs hold, in order, duplicates included.
+
+    Inputs are folders (recursive, audio extensions), audio files, or manifests. The name is
+    relative to the folder or manifest an entry came from; with several inputs, each folder or
+    manifest is mirrored under its own name (equal names get -2, -3 ...), audio files given
+    directly keep their file name. Unreadable subfolders, dangling symlinks and symlink loops are
+    entries too: probing them gives the reason they are skipped."""
+    scanned = [(item, *_entries_of(item)) for item in inputs]
+    several = len({os.path.abspath(i) for i in inputs}) > 1
+    roots = _root_names([item for item, _, is_file in scanned if not is_file]) if several else {}
+    found: list[tuple[str, str]] = []
+    for item, entries, is_file_input in scanned:
+        prefix = None if is_file_input else roots.get(os.path.abspath(item))
+        found += [(path, os.path.join(prefix, rel) if prefix else rel) for path, rel in entries]
+    return found
+
+
+def dedupe(entries: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
+    """Unique entries (the same file under the same output name), first occurrence first, and
+    [(path, times listed)] for each entry listed more than once."""
+    seen: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, str], tuple[str, str]] = {}
+    for path, rel in entries:
+        key = (os.path.abspath(path), rel)
+        seen[key] = seen.get(key, 0) + 1
+        first.setdefault(key, (path, rel))
+    return list(first.values()), [(first[k][0], n) for k, n in seen.items() if n > 1]
 
 
 def scan_pairs(inputs: list[str]) -> list[tuple[str, str]]:
-    """Folders (recursive, audio extensions), audio files, or manifests -> unique
-    (path, relative name) pairs; the name is relative to the folder or manifest it came from."""
-    found: list[tuple[str, str]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found += [(str(f), str(f.relative_to(p))) for f in sorted(p.rglob("*"))
-                      if f.suffix.lower() in AUDIO_EXTENSIONS and f.is_file()]
-        elif p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS:
-            found.append((str(p), p.name))
-        elif p.is_file():
-            for f in _manifest_paths(p):
-                try:
-                    rel = str(Path(f).resolve().relative_to(p.parent.resolve()))
-                except ValueError:
-                    rel = str(Path(f).resolve()).lstrip("/")
-                found.append((f, rel))
-        else:
-            raise DataError(f"{item}: no such file or folder")
-    return list({path: (path, rel) for path, rel in found}.values())
+    """Folders, audio files or manifests -> unique (path, output name) pairs (see scan_entries)."""
+    return dedupe(scan_entries(inputs))[0]
 
 
 def scan(inputs: list[str]) -> list[str]:
-    return [path for path, _ in scan_pairs(inputs)]
+    """Every path the inputs list, duplicates included: `validate` reports and drops them."""
+    return [path for path, _ in scan_entries(inputs)]
 
 
 def validate(paths: list[str], min_seconds: float, warn: Callable[[str], None] | None = None
              ) -> tuple[list[AudioInfo], list[tuple[str, str]]]:
-    """Probe every file; returns (usable infos, [(path, reason)] skipped), one warning per skip."""
+    """Probe every file; returns (usable infos, [(path, reason)] skipped), one warning per skip.
+
+    A path listed more than once is used once and reported once ("listed N times")."""
     warn = warn or (lambda m: print(m, file=sys.stderr))
-    ok, skipped = [], []
+    counts: dict[str, int] = {}
     for p in paths:
-        if not Path(p).is_file():
-            skipped.append((p, "missing"))
-            warn(f"skip {p}: missing")
+        counts[os.path.abspath(p)] = counts.get(os.path.abspath(p), 0) + 1
+    ok, skipped, done = [], [], set()
+    for p in paths:
+        key = os.path.abspath(p)
+        if key in done:
             continue
+        done.add(key)
         try:
             ok.append(probe(p, min_seconds=min_seconds))
+            reason = f"listed {counts[key]} times (duplicate entries are used once)" if counts[key] > 1 else None
         except AudioError as e:
-            skipped.append((p, str(e)))
-            warn(f"skip {p}: {e}")
+            reason = str(e) + (f" (listed {counts[key]} times)" if counts[key] > 1 else "")
+        if reason:
+            skipped.append((p, reason))
+            warn(f"skip {p}: {reason}")
     return ok, skipped
 
 

@@ -63,6 +63,9 @@ def _export(bundle: EncoderBundle, fmt: str, out: Path, seconds: float) -> dict:
     check = 0.1 * torch.randn(3, int(1.37 * seconds * sr), generator=g)  # other batch and length
     with torch.no_grad():  # the reference is the PyTorch path extraction uses (torch.stft)
         ref = bundle.encoder.pool(bundle(check))
+    if not bool(torch.isfinite(ref).all()):  # NaN weights would otherwise pass as "disagrees"
+        raise ExportError("the encoder's embeddings of random audio are not finite (NaN / inf weights?); "
+                          "nothing written")
     diff = None
 
     def write(tmp: str) -> None:  # an ExportError here leaves `out` as it was

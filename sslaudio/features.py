@@ -3,29 +3,49 @@
 Files of equal length are batched (so no padding changes any result) and pooled by the encoder's
 own `pool`; files longer than `chunk_seconds` are encoded chunk by chunk, with the encoder's clip
 statistics accumulated over the chunks (`encoders.base.ClipPool`). Frame timestamps are the
-encoder's `frame_times` (receptive-field centres), offset by each chunk's start. Each output file is written atomically; FEATS/manifest.jsonl,
-errors.jsonl and summary.json describe the run.
+encoder's `frame_times` (receptive-field centres), offset by each chunk's start. Files shorter
+than the encoder's minimum input are skipped, never zero-padded into frames past their end.
+
+`extract` writes each output file atomically, with an encoder identity in its metadata (a hash of
+the weights and of the options that change the numbers); a rerun into the same folder keeps the
+outputs of the same identity (and unchanged source file), computes the rest in the batches a
+clean run would use, so the result is byte-identical to one clean run, removes the temp files of
+an interrupted run, and rewrites FEATS/manifest.jsonl, errors.jsonl and summary.json for the
+whole input. Outputs of another identity are replaced, with a warning and a count.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import sys
 import time
+import weakref
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sslaudio import __version__
 from sslaudio.atomic import atomic_write
-from sslaudio.audio import AudioError, AudioInfo, blocks, load, probe
-from sslaudio.data import CropDataset, sample_for_stats
+from sslaudio.audio import AudioError, AudioInfo, blocks, load, probe, resampled_length
+from sslaudio.data import CropDataset, dedupe, sample_for_stats
 from sslaudio.encoders.base import ClipPool
 from sslaudio.inference import EncoderBundle
+
+RUN_FILES = ("manifest.jsonl", "errors.jsonl", "summary.json")
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temp names: .<name>.XXXXXXXX.tmp
+
+
+class OutputCollision(ValueError):
+    """Two inputs would be written to the same output file."""
 
 
 @dataclass
@@ -38,8 +58,40 @@ class Embedding:
     seconds: float
 
 
-def _min_samples(bundle: EncoderBundle) -> int:
-    return 2 * int(bundle.encoder.downsample)
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}".rstrip("0").rstrip(".")
+
+
+_MIN_SAMPLES: "weakref.WeakKeyDictionary[EncoderBundle, dict]" = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def min_samples(bundle: EncoderBundle, device: torch.device | str = "cpu") -> int:
+    """The shortest waveform (samples at bundle.sample_rate) the encoder turns into at least one
+    frame, found by bisection on silent inputs (every encoder's minimum grows with the length)."""
+    cache = _MIN_SAMPLES.setdefault(bundle, {})
+    key = (str(device), bundle.layer)
+    if key in cache:
+        return cache[key]
+
+    def works(n: int) -> bool:
+        try:
+            clip, _, lengths = bundle.embed(torch.zeros(1, n, device=device))
+            return int(lengths[0]) >= 1 and clip.shape[-1] > 0
+        except (ValueError, RuntimeError, IndexError):
+            return False
+
+    hi = max(2, 2 * int(bundle.encoder.downsample))
+    while not works(hi):
+        if hi > 64 * int(bundle.encoder.downsample) + 1_000_000:
+            raise RuntimeError(f"{type(bundle.encoder).__name__} embeds no input up to {hi} samples")
+        hi *= 2
+    lo = 0  # lo fails (or is empty), hi works
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
+    cache[key] = hi
+    return hi
 
 
 @torch.no_grad()
@@ -53,94 +105,233 @@ def fit_stats_if_needed(bundle: EncoderBundle, infos: list[AudioInfo], device: t
     bundle.needs_stats = False
 
 
-def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torch.device, frames: bool,
-                batch_size: int = 16, chunk_seconds: float = 30.0,
-                on_skip: Callable[[str, str], None] | None = None) -> Iterator[Embedding]:
-    """Yield one Embedding per usable file (unusable ones go to `on_skip(path, reason)`)."""
+@dataclass
+class Plan:
+    """The files to embed after probing, in the batches a full run uses (so that a resumed run
+    computes every remaining file in exactly the batch it would have had)."""
+    groups: dict[tuple[int, int], list[tuple[str, str]]] = field(default_factory=dict)  # (frames, sr) ->
+    long_files: list[tuple[str, str]] = field(default_factory=list)
+    lengths: dict[tuple[int, int], int] = field(default_factory=dict)  # group -> samples at the target rate
+    infos: dict[str, AudioInfo] = field(default_factory=dict)
+    need: int = 1  # the encoder's minimum input (samples)
+    chunk: int = 1  # samples per chunk of a long file
+
+    def items(self) -> list[tuple[str, str]]:
+        return [it for key in sorted(self.groups) for it in self.groups[key]] + self.long_files
+
+
+def plan_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torch.device,
+               chunk_seconds: float = 30.0, on_skip: Callable[[str, str], None] | None = None) -> Plan:
+    """Probe every file (unusable ones go to `on_skip(path, reason)`, once per item), estimate a
+    random-init bundle's statistics, and group the rest into equal-length batches and long files."""
     on_skip = on_skip or (lambda p, r: print(f"skip {p}: {r}", file=sys.stderr))
     sr = bundle.sample_rate
-    infos: dict[str, AudioInfo] = {}
-    for path, _ in items:
-        try:
-            infos[path] = probe(path)
-        except AudioError as e:
-            on_skip(path, str(e))
-        except OSError as e:
-            on_skip(path, f"unreadable ({e.strerror})")
     bundle.to(device).eval()
-    fit_stats_if_needed(bundle, list(infos.values()), device)
+    plan = Plan(need=min_samples(bundle, device))
     enc = bundle.encoder
-    chunk = max(1, int(chunk_seconds * sr / enc.downsample)) * enc.downsample  # whole frames per chunk
-    groups: dict[tuple[int, int], list[tuple[str, str]]] = defaultdict(list)
-    long_files = []
+    plan.chunk = max(1, int(chunk_seconds * sr / enc.downsample)) * enc.downsample  # whole frames per chunk
+    problems: dict[str, str] = {}
+    usable: list[tuple[str, str]] = []
     for path, rel in items:
-        if path not in infos:
-            continue
-        info = infos[path]
-        if info.frames * sr / info.sample_rate > chunk:
-            long_files.append((path, rel))
+        if path not in plan.infos and path not in problems:
+            try:
+                info = probe(path)
+                n = resampled_length(info.frames, info.sample_rate, sr)
+                if n < plan.need:
+                    raise AudioError(f"too short: {_ms(info.seconds)} ms < {_ms(plan.need / sr)} ms the "
+                                     f"encoder needs")
+                plan.infos[path] = info
+            except AudioError as e:
+                problems[path] = str(e)
+        if path in problems:
+            on_skip(path, problems[path])
+        else:
+            usable.append((path, rel))
+    fit_stats_if_needed(bundle, list(plan.infos.values()), device)
+    groups: dict[tuple[int, int], list[tuple[str, str]]] = defaultdict(list)
+    for path, rel in usable:
+        info = plan.infos[path]
+        n = resampled_length(info.frames, info.sample_rate, sr)
+        if n > plan.chunk:
+            plan.long_files.append((path, rel))
         else:
             groups[(info.frames, info.sample_rate)].append((path, rel))
+            plan.lengths[(info.frames, info.sample_rate)] = n
+    plan.groups = dict(groups)
+    return plan
+
+
+def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bool, batch_size: int = 16,
+             on_skip: Callable[[str, str], None] | None = None, done: set[str] | frozenset = frozenset()
+             ) -> Iterator[Embedding]:
+    """Yield one Embedding per usable file of `plan` whose output name is not in `done`. A batch
+    holding a done file is still computed whole, so the others get the numbers of a full run."""
+    on_skip = on_skip or (lambda p, r: print(f"skip {p}: {r}", file=sys.stderr))
+    sr, enc = bundle.sample_rate, bundle.encoder
 
     @torch.inference_mode()
     def run(audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if audio.shape[-1] < _min_samples(bundle):
-            audio = torch.nn.functional.pad(audio, (0, _min_samples(bundle) - audio.shape[-1]))
         return bundle.embed(audio.to(device))
 
     def finish(path, rel, clip, frame_list, time_list, seconds) -> Embedding:
         clip = clip.float().cpu().numpy()
         if frames:
-            f = torch.cat(frame_list).float().cpu().numpy()
-            return Embedding(path, rel, clip, f, np.concatenate(time_list), seconds)
+            f = torch.cat(frame_list).float().cpu().numpy() if frame_list else np.zeros((0, clip.shape[0]), np.float32)
+            t = np.concatenate(time_list) if time_list else np.zeros(0)
+            return Embedding(path, rel, clip, f, t, seconds)
         return Embedding(path, rel, clip, None, None, seconds)
 
-    for key in sorted(groups):
-        members = groups[key]
-        for i in range(0, len(members), batch_size):
-            part, audio = [], []
-            for path, rel in members[i:i + batch_size]:
-                try:
-                    audio.append(load(path, sr))
-                    part.append((path, rel))
-                except AudioError as e:
-                    on_skip(path, str(e))
-            if not part:
+    def embed_batch(members: list[tuple[str, str]], audio: list[torch.Tensor]) -> Iterator[Embedding]:
+        n = audio[0].shape[0]
+        clips, fr, flen = run(torch.stack(audio))
+        for j, (path, rel) in enumerate(members):
+            if rel in done:
                 continue
-            n = min(a.shape[0] for a in audio)
-            clips, fr, flen = run(torch.stack([a[:n] for a in audio]))
-            for j, (path, rel) in enumerate(part):
-                t = int(flen[j])
-                yield finish(path, rel, clips[j], [fr[j, :t]], [enc.frame_times(t).numpy()], n / sr)
-    for path, rel in long_files:
+            t = int(flen[j])
+            yield finish(path, rel, clips[j], [fr[j, :t]], [enc.frame_times(t).numpy()], n / sr)
+
+    for key in sorted(plan.groups):
+        members = plan.groups[key]
+        for i in range(0, len(members), batch_size):
+            batch = members[i:i + batch_size]
+            if all(rel in done for _, rel in batch):
+                continue
+            part, audio, alone = [], [], []
+            for path, rel in batch:
+                try:
+                    a = load(path, sr)
+                except AudioError as e:
+                    if rel not in done:
+                        on_skip(path, str(e))
+                    continue
+                if a.shape[0] == plan.lengths[key]:
+                    part.append((path, rel))
+                    audio.append(a)
+                elif rel not in done:  # decoded to another length than its header said: on its own
+                    alone.append(((path, rel), a))
+            if part:
+                yield from embed_batch(part, audio)
+            for (path, rel), a in alone:
+                if a.shape[0] < plan.need:
+                    on_skip(path, f"too short: {_ms(a.shape[0] / sr)} ms decoded < {_ms(plan.need / sr)} ms "
+                                  f"the encoder needs")
+                    continue
+                yield from embed_batch([(path, rel)], [a])
+    for path, rel in plan.long_files:
+        if rel in done:
+            continue
         pool, frame_list, time_list, total = ClipPool(enc.clip_pool), [], [], 0
         try:
-            for start, x in blocks(path, sr, chunk / sr):
+            for start, x in blocks(path, sr, plan.chunk / sr):
+                length = x.shape[0]
+                end = (start + length) / sr
+                if length < plan.need:  # a short tail: pad it, keep the frames centred in the file
+                    x = torch.nn.functional.pad(x, (0, plan.need - length))
                 _, fr, flen = run(x[None])
                 f = fr[0, : int(flen[0])]
+                times = enc.frame_times(f.shape[0]).numpy() + start / sr
+                keep = times < end
+                if not keep.all():
+                    f, times = f[torch.from_numpy(keep).to(f.device)], times[keep]
+                total += length
+                if f.shape[0] == 0:
+                    continue
                 pool.add(f)
                 if frames:
                     frame_list.append(f.cpu())
-                    time_list.append(enc.frame_times(f.shape[0]).numpy() + start / sr)
-                total += x.shape[0]
+                    time_list.append(times)
         except AudioError as e:
             on_skip(path, str(e))
             continue
         yield finish(path, rel, pool.value(), frame_list, time_list, total / sr)
 
 
+def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torch.device, frames: bool,
+                batch_size: int = 16, chunk_seconds: float = 30.0,
+                on_skip: Callable[[str, str], None] | None = None) -> Iterator[Embedding]:
+    """Yield one Embedding per usable file (unusable ones go to `on_skip(path, reason)`)."""
+    plan = plan_files(bundle, items, device, chunk_seconds, on_skip)
+    yield from run_plan(bundle, plan, device, frames, batch_size, on_skip)
+
+
+def encoder_identity(bundle: EncoderBundle, **options) -> str:
+    """A hash of the bundle's weights and buffers (state_dict tensors in key order), its frontend
+    and encoder settings, the sslaudio version and `options` (what else changes the numbers)."""
+    p = bundle.preset
+    h = hashlib.sha256(json.dumps({"frontend": p.frontend, "encoder": p.encoder, "sample_rate": p.data.sample_rate,
+                                   "version": __version__, "options": options}, sort_keys=True,
+                                  default=str).encode())
+    for name, t in sorted(bundle.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def output_names(rel: str, fmt: str, frames: bool) -> list[str]:
+    """The files (relative to FEATS) one input's features are written to."""
+    if fmt == "safetensors":
+        return [rel + ".safetensors"]
+    return [rel + s + ".npy" for s in ([""] + ([".frames", ".timestamps"] if frames else []))] + [rel + ".json"]
+
+
+def check_collisions(items: list[tuple[str, str]], fmt: str, frames: bool) -> None:
+    """Raise OutputCollision if two different inputs would be written to the same file."""
+    owner: dict[str, str] = {}
+    for path, rel in items:
+        for name in output_names(rel, fmt, frames):
+            key = os.path.normpath(name)
+            if key in owner and owner[key] != path:
+                raise OutputCollision(f"{owner[key]} and {path} would both be written to {name}; give their "
+                                      f"folders or a manifest instead, or extract them into separate --out folders")
+            owner[key] = path
+
+
+def remove_temp_files(out_dir: Path) -> int:
+    """Delete the temp files (.NAME.XXXXXXXX.tmp) an interrupted run left under out_dir."""
+    n = 0
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            if _TEMP.match(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
+
+
+def _text(s: str) -> str:
+    """A str that any UTF-8 writer accepts (non-UTF-8 file names as \\x escapes)."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _source_stamp(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str]) -> list[str]:
-    """FEATS/<rel>.safetensors ('clip', 'frames', 'timestamps'), or <rel>.npy (+ .frames.npy,
-    .timestamps.npy). Returns the written paths relative to out_dir."""
+    """FEATS/<rel>.safetensors ('clip', 'frames', 'timestamps'; `meta` and the source path in its
+    metadata), or <rel>.npy (+ .frames.npy, .timestamps.npy) and <rel>.json holding the metadata
+    (written last, so its presence means the .npy files are complete). Returns the written paths
+    relative to out_dir."""
     base = out_dir / e.rel
+    meta = {**meta, "source": _text(e.path), "seconds": repr(float(e.seconds)), "clip_dim": str(e.clip.shape[0]),
+            "frames": str(0 if e.frames is None else int(e.frames.shape[0]))}
     if fmt == "safetensors":
         tensors = {"clip": e.clip.astype(np.float32)}
         if e.frames is not None:
             tensors["frames"] = np.ascontiguousarray(e.frames, dtype=np.float32)
             tensors["timestamps"] = e.times.astype(np.float32)
         target = base.with_name(base.name + ".safetensors")
-        atomic_write(target, lambda t: save_file(tensors, t, metadata={**meta, "source": e.path}))
+        atomic_write(target, lambda t: save_file(tensors, t, metadata=meta))
         return [str(target.relative_to(out_dir))]
+    sidecar = base.with_name(base.name + ".json")
+    sidecar.unlink(missing_ok=True)  # absent until every array below is in place
     written = []
     arrays = [("", e.clip)] + ([(".frames", e.frames), (".timestamps", e.times)] if e.frames is not None else [])
     for suffix, arr in arrays:
@@ -152,23 +343,89 @@ def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str])
 
         atomic_write(target, write)
         written.append(str(target.relative_to(out_dir)))
-    return written
+    atomic_write(sidecar, lambda t: Path(t).write_text(json.dumps(meta, indent=1)))
+    return written + [str(sidecar.relative_to(out_dir))]
+
+
+def _existing(out_dir: Path, path: str, rel: str, fmt: str, frames: bool, identity: str, stamp: str | None
+              ) -> tuple[str, dict | None]:
+    """('same', manifest row) when out_dir holds this input's complete outputs of this identity and
+    source file version; ('other', None) when it holds outputs of something else; ('none', None)."""
+    names = output_names(rel, fmt, frames)
+    meta_file = out_dir / names[0] if fmt == "safetensors" else out_dir / names[-1]
+    if not any(os.path.lexists(out_dir / n) for n in names):
+        return "none", None
+    try:
+        if fmt == "safetensors":
+            with safe_open(str(meta_file), framework="np") as f:
+                meta = f.metadata() or {}
+        else:
+            meta = json.loads(meta_file.read_text())
+        complete = all((out_dir / n).is_file() for n in names)
+        same = (complete and meta.get("identity") == identity and stamp is not None
+                and meta.get("source_stat") == stamp and meta.get("source") == _text(path))
+        if same:
+            return "same", {"path": path, "outputs": names, "seconds": round(float(meta["seconds"]), 4),
+                            "frames": int(meta["frames"]), "clip_dim": int(meta["clip_dim"])}
+    except Exception:  # unreadable, not ours, or from an older sslaudio: replaced
+        pass
+    return "other", None
 
 
 def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path | None, frames: bool, fmt: str,
-            device: torch.device, batch_size: int, encoder_id: str, on_skip=None, on_file=None) -> dict:
-    """Write features for `items` under out_dir (None: JSON lines on stdout). Returns the summary."""
+            device: torch.device, batch_size: int, encoder_id: str, on_skip=None, on_file=None, on_warn=None,
+            chunk_seconds: float = 30.0) -> dict:
+    """Write features for `items` (path, output name) under out_dir (None: JSON lines on stdout).
+    Returns the summary. Entries listed twice are processed once (one `on_warn` line each); two
+    inputs with one output name raise OutputCollision before anything is written. A rerun into the
+    same out_dir resumes (see the module docstring)."""
     t0 = time.time()
-    errors: list[dict] = []
+    warn = on_warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
+    items, dups = dedupe(items)
+    for path, times in dups:
+        warn(f"{path}: listed {times} times; processed once")
+    order = {rel: i for i, (_, rel) in enumerate(items)}
+    first_of = {}
+    for i, (path, _) in enumerate(items):
+        first_of.setdefault(path, i)
+    errors: list[tuple[int, dict]] = []
 
     def skip(path: str, reason: str) -> None:
-        errors.append({"path": path, "error": reason})
+        errors.append((first_of.get(path, len(items)), {"path": path, "error": reason}))
         (on_skip or (lambda p, r: print(f"skip {p}: {r}", file=sys.stderr)))(path, reason)
 
-    meta = {"encoder": encoder_id, "sample_rate": str(bundle.sample_rate)}
-    manifest = []
-    dim = None
-    for e in embed_files(bundle, items, device, frames, batch_size, on_skip=skip):
+    temp_removed = 0
+    if out_dir is not None:
+        check_collisions(items, fmt, frames)
+        if out_dir.is_dir():
+            temp_removed = remove_temp_files(out_dir)
+            if temp_removed:
+                warn(f"removed {temp_removed} unfinished temp file(s) an interrupted run left in {out_dir}")
+    plan = plan_files(bundle, items, device, chunk_seconds, skip)
+    identity = encoder_identity(bundle, frames=frames, layer=bundle.layer, format=fmt, chunk_seconds=chunk_seconds,
+                                device=torch.device(device).type)
+    meta = {"encoder": _text(encoder_id), "sample_rate": str(bundle.sample_rate), "identity": identity}
+    rows: dict[str, dict] = {}  # output name -> manifest row
+    stamps: dict[str, str | None] = {}
+    other: set[str] = set()
+    if out_dir is not None:
+        for path, rel in plan.items():
+            stamps[rel] = _source_stamp(path)
+            state, row = _existing(out_dir, path, rel, fmt, frames, identity, stamps[rel])
+            if state == "same":
+                rows[rel] = row
+            elif state == "other":
+                other.add(rel)
+        if other:
+            warn(f"{len(other)} existing output(s) in {out_dir} hold features of another encoder, other options "
+                 f"or an older version of their audio file: they are replaced")
+    reused = len(rows)
+    replaced = printed = 0
+    dim = next((r["clip_dim"] for r in rows.values()), None)
+    for e in run_plan(bundle, plan, device, frames, batch_size, skip, done=set(rows)):
+        if not np.isfinite(e.clip).all() or (e.frames is not None and not np.isfinite(e.frames).all()):
+            skip(e.path, "the encoder's output is not finite")
+            continue
         dim = int(e.clip.shape[0])
         if out_dir is None:
             row = {"path": e.path, "clip": [round(float(v), 6) for v in e.clip]}
@@ -177,19 +434,24 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
                 row["timestamps"] = np.round(e.times, 4).tolist()
             sys.stdout.write(json.dumps(row) + "\n")
             sys.stdout.flush()
+            printed += 1
         else:
-            outputs = write_embedding(e, out_dir, fmt, meta)
-            manifest.append({"path": e.path, "outputs": outputs, "seconds": round(e.seconds, 4),
-                             "frames": 0 if e.frames is None else int(e.frames.shape[0])})
+            outputs = write_embedding(e, out_dir, fmt, {**meta, "source_stat": stamps.get(e.rel) or ""})
+            replaced += e.rel in other
+            rows[e.rel] = {"path": e.path, "outputs": outputs, "seconds": round(e.seconds, 4),
+                           "frames": 0 if e.frames is None else int(e.frames.shape[0]), "clip_dim": dim}
         if on_file:
             on_file(e)
-    summary = {"files": len(items), "written": len(items) - len(errors), "skipped": len(errors),
-               "clip_dim": dim, "encoder": encoder_id, "format": fmt, "frames": frames,
-               "time_s": round(time.time() - t0, 3)}
+    errors.sort(key=lambda x: x[0])
+    summary = {"files": len(items), "written": len(rows) + printed, "reused": reused, "skipped": len(errors),
+               "duplicates": len(dups), "replaced": replaced, "temp_removed": temp_removed,
+               "clip_dim": dim, "encoder": encoder_id, "identity": identity, "format": fmt, "frames": frames,
+               "layer": bundle.layer, "time_s": round(time.time() - t0, 3)}
     if out_dir is not None:
+        manifest = [{k: v for k, v in rows[rel].items() if k != "clip_dim"} for rel in sorted(rows, key=order.get)]
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, rows in (("manifest.jsonl", manifest), ("errors.jsonl", errors)):
+        for name, lines in (("manifest.jsonl", manifest), ("errors.jsonl", [r for _, r in errors])):
             atomic_write(out_dir / name,
-                         lambda t, rows=rows: Path(t).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+                         lambda t, lines=lines: Path(t).write_text("".join(json.dumps(r) + "\n" for r in lines)))
         atomic_write(out_dir / "summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=1)))
     return summary

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from sslaudio.build import build_encoder, build_method, load_preset, preset_from_dict
-from sslaudio.checkpoint import ENCODER_FORMAT, CheckpointError, latest, read_tensors
+from sslaudio.checkpoint import (ENCODER_FORMAT, HASH_KEY, CheckpointError, check_tensors, latest, read_tensors,
+                                 step_dirs)
 from sslaudio.config import Preset
 
 
@@ -76,8 +78,13 @@ def _preset_from_meta(meta: dict, where: Path) -> Preset:
         raise CheckpointError(f"{where}: no sslaudio config in its metadata") from None
 
 
-def load_encoder(spec: str) -> EncoderBundle:
-    """A run folder (latest step), a step folder, an exported encoder file, or `random:PRESET`."""
+def load_encoder(spec: str, warn: Callable[[str], None] | None = None) -> EncoderBundle:
+    """A run folder (its newest step that verifies; `warn` hears of each newer one skipped), a step
+    folder, an exported encoder file, or `random:PRESET`.
+
+    Weights are checked before use: against the sha256 in the file's metadata (files written
+    before the hashes existed have none and are accepted) and for NaN / inf; a file that fails
+    either is a CheckpointError naming it (and the tensor)."""
     if spec.startswith("random:"):
         preset = load_preset(spec[len("random:"):])
         torch.manual_seed(preset.seed)
@@ -85,24 +92,40 @@ def load_encoder(spec: str) -> EncoderBundle:
         bundle.needs_stats = True
         return bundle.eval()
     p = Path(spec)
-    if p.is_dir() and (p / "export" / "encoder.safetensors").is_file() and latest(p) is None:
-        p = p / "export" / "encoder.safetensors"
-    elif p.is_dir() and latest(p) is not None:
-        p = latest(p)
+    if p.is_dir() and not (p / "model.safetensors").is_file():  # a run folder
+        steps = step_dirs(p)
+        step = latest(p, warn) if steps else None
+        if step is not None:
+            p = step
+        elif steps:
+            raise CheckpointError(f"{spec}: none of its {len(steps)} checkpoint(s) verifies (see the warnings)")
+        elif (p / "export" / "encoder.safetensors").is_file():
+            p = p / "export" / "encoder.safetensors"
     if p.is_file():
         tensors, meta = read_tensors(p)
         if meta.get("format") != ENCODER_FORMAT:
             raise CheckpointError(f"{p}: not an sslaudio encoder file")
+        check_tensors(tensors, meta, p)
         bundle = _bundle(_preset_from_meta(meta, p))
         _load_into(bundle, tensors, p)
         return bundle.eval()
     if p.is_dir() and (p / "model.safetensors").is_file():
         tensors, meta = read_tensors(p / "model.safetensors")
+        check_tensors(tensors, meta, p / "model.safetensors", _state_hash(p, meta))
         preset = _preset_from_meta(meta, p)
         method = build_method(preset)
         _load_into(method, tensors, p)
         return EncoderBundle(method.frontend, method.inference_encoder(), preset).eval()
     raise CheckpointError(f"{spec}: not a run folder, step folder, encoder file or random:PRESET")
+
+
+def _state_hash(step_dir: Path, meta: dict) -> str | None:
+    """The model file's sha256 as the step's state.json records it (None for steps saved before
+    the hashes, or when state.json is unreadable: the file's own hash still applies)."""
+    try:
+        return (json.loads((step_dir / "state.json").read_text()).get(HASH_KEY) or {}).get("model.safetensors")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_into(module: nn.Module, tensors: dict[str, Tensor], where: Path) -> None:

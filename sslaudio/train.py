@@ -1,40 +1,66 @@
-"""The one training loop, for every method (nanoGPT-style: the whole loop fits on one screen).
+"""The one training loop, for every method (nanoGPT-style: the loop itself fits on one screen).
 
 Learning rate and EMA momentum are pure functions of the step. Every random draw is seeded by
 (seed, step): the batch (data.py), the augmentation / mask generator handed to the method, and the
 global torch RNG (dropout). A run stopped at step k and resumed therefore ends with the same
 weights as an uninterrupted one (bit-identical on the CPU).
 
+Crash safety. One process at a time writes a run folder (runlock.py: RUN/.lock). Nothing of an
+old run is touched before the new configuration and the data are checked; `--no-resume` moves the
+old run aside (RUN/.replaced-*) and deletes it only once the new run has committed a checkpoint.
+SIGINT / SIGTERM do not interrupt a step: the loop finishes the step, commits it and raises
+`Interrupted` (a second signal, a second or more later, stops at once without that step; during a
+commit it waits for the commit). A step is committed only after the model state is checked to be
+finite, so a checkpoint never holds a diverged model. What a SIGKILL leaves (a temp step folder,
+temp files) is removed at the next start.
+
 Under torchrun every process runs this loop on its shard of the global batch (distributed.py);
-rank 0 alone writes the run folder.
+rank 0 alone locks and writes the run folder.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from sslaudio import checkpoint, distributed
-from sslaudio.build import build_method
 from sslaudio.atomic import atomic_text
+from sslaudio.build import build_method
 from sslaudio.config import ConfigError, OptimConfig, Preset, dump_yaml
-from sslaudio.data import CropDataset, DataError, loader, sample_for_stats, scan, validate
+from sslaudio.data import (
+    CropDataset,
+    DataError,
+    loader,
+    sample_for_stats,
+    scan,
+    validate,
+)
+from sslaudio.interrupts import Interrupted, StopSignals, worker_init
+from sslaudio.runfolder import (
+    data_digest,
+    mismatch,
+    move_aside,
+    remove_leftovers,
+)
+from sslaudio.runlock import RunLock
+
+MAX_ABS_STATE = 1e12  # a weight or buffer beyond this (or non-finite) stops the run: it has diverged
 
 
 class TrainingDiverged(Exception):
-    """Repeated non-finite losses (exit code 3)."""
-
-
-class RunMismatch(Exception):
-    """RUN holds checkpoints of a different configuration (exit code 2)."""
+    """Repeated non-finite losses, or a model state that became non-finite (exit code 3)."""
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -76,9 +102,11 @@ class _Log:
     """RUN/log.jsonl, one JSON object per logged step."""
 
     def __init__(self, path: Path, start_step: int):
-        # drop lines past the checkpoint we resume from, so the log matches the weights
+        # drop lines past the checkpoint we resume from, so the log matches the weights (and a
+        # line cut short by a killed process)
         if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            keep = [ln for ln in path.read_text().splitlines() if (row := _json_or_none(ln)) is not None
+                    and row.get("step", 0) <= start_step]
             atomic_text(path, "".join(ln + "\n" for ln in keep))
         self.f = path.open("a")
 
@@ -90,41 +118,99 @@ class _Log:
         self.f.close()
 
 
+def _json_or_none(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _state_max_abs(module: nn.Module) -> torch.Tensor:
+    """max |x| over every floating-point parameter and buffer, as a device scalar (NaN if any is
+    NaN), in one foreach kernel per dtype; no host sync."""
+    ts = [t.detach() for t in itertools.chain(module.parameters(), module.buffers())
+          if t.is_floating_point() and t.numel()]
+    return torch.stack([n.float() for n in torch._foreach_norm(ts, float("inf"))]).max()
+
+
+def _worst_tensor(module: nn.Module) -> str:
+    bad = [(n, float(t.detach().float().abs().max())) for n, t in module.state_dict().items()
+           if t.is_floating_point() and t.numel()]
+    name, value = max(bad, key=lambda nv: (not nv[1] <= MAX_ABS_STATE, nv[1] if nv[1] == nv[1] else math.inf))
+    return f"{name} = {value:.3g}"
+
+
 def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = True, device: str = "auto",
         on_log: Callable[[int, int, dict | None], None] | None = None, warn=None) -> dict:
     """Train `preset` on the audio in `inputs` into `run_dir`. Returns a summary dict.
 
     on_log(start_step, total_steps, None) is called once before the first step, then
     on_log(done, total_steps, row) at every logged step with the row written to log.jsonl
-    (rank 0 only under torchrun). The method is built (so its components are checked) before any
-    data is scanned or any file written."""
+    (rank 0 only under torchrun). The method is built (so its components are checked), the run
+    folder locked (RunLocked) and the data scanned before anything in the run folder changes.
+    SIGINT / SIGTERM end the call with `Interrupted` after committing the last finished step."""
     run = Path(run_dir)
     world = distributed.from_env()
-    tc, seed = preset.train, preset.seed
+    tc = preset.train
     if tc.batch_size % world.size:
         raise ConfigError(f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
                           f"{world.size} processes")
-    dev = distributed.setup(world, device) if world.active else pick_device(device)
     if not world.main:
         warn, on_log = (lambda m: None), None
-    torch.manual_seed(seed)
-    method = build_method(preset).to(dev)
-    last = checkpoint.latest(run) if resume else None
-    if last is not None:
-        saved = json.loads((last / "state.json").read_text())
-        if saved.get("identity") != preset.identity():
-            raise RunMismatch(f"{run} holds a run with another configuration (see {run}/config.yaml); "
-                              f"use the same preset and --set values, --no-resume, or a new --out")
+    created = world.main and not run.exists()
+    lock = RunLock(run) if world.main else None
+    with StopSignals(announce=world.main) as stops:
+        try:
+            dev = distributed.setup(world, device) if world.active else pick_device(device)
+            torch.manual_seed(preset.seed)
+            method = build_method(preset).to(dev)
+            if lock is not None:
+                with stops.protect():  # never a descriptor of a held lock lost to a signal
+                    lock.acquire()
+            return _train(preset, inputs, run, resume, dev, world, method, stops, lock, on_log, warn)
+        finally:
+            stops.deferring = True  # cleaning up: a signal now only records itself
+            if lock is not None:
+                with stops.protect():
+                    lock.release()
+            if created:
+                try:  # nothing was written (a bad DATA, a refused config): leave no empty folder
+                    run.rmdir()
+                except OSError:
+                    pass
+            distributed.teardown(world)
+
+
+def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torch.device, world, method: nn.Module,
+           stops: StopSignals, lock: RunLock | None, on_log, warn) -> dict:
+    tc, seed = preset.train, preset.seed
+    last = checkpoint.latest(run, warn) if resume else None  # warn None: checkpoint's own default
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
+    saved = json.loads((last / "state.json").read_text()) if last is not None else {}
+    if last is not None and saved.get("identity") != preset.identity():
+        raise mismatch(run, saved, preset)
     if world.main:
-        if last is None and run.exists() and not resume:
-            shutil.rmtree(run / "ckpt", ignore_errors=True)
-            (run / "log.jsonl").unlink(missing_ok=True)
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_text(run / "config.yaml", dump_yaml(preset))
+        remove_leftovers(run)
+        if resume:
+            for d in sorted(run.glob(".replaced-*")):
+                warn(f"{d} holds a run that --no-resume was replacing when it stopped, before the new run "
+                     f"saved a checkpoint; move its files back into {run} to resume that run, or delete it")
 
     infos, skipped = validate(scan(inputs), preset.data.min_seconds, warn)
     if not infos:
         raise DataError(f"no usable audio file in {' '.join(inputs)} ({len(skipped)} skipped)")
+    digest = data_digest(infos)
+    if saved.get("data_sha256") not in (None, digest):
+        warn(f"DATA is not the list of files this run was trained on ({saved.get('files')} files then, "
+             f"{len(infos)} now): the resumed run will not match an uninterrupted one")
+    drop_replaced = False
+    if world.main:  # the first change to the run folder, once the configuration and the data are known good
+        with stops.protect():
+            if not resume and checkpoint.step_dirs(run):
+                move_aside(run)
+            drop_replaced = not resume
+            atomic_text(run / "config.yaml", dump_yaml(preset))
     dataset = CropDataset(infos, preset.data.sample_rate, preset.data.clip_seconds, preset.data.segments, seed)
 
     if world.active:
@@ -136,10 +222,10 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                                   betas=preset.optim.betas, eps=preset.optim.eps)
     start = 0
     if last is not None:
-        model_t, optim_t, optim_meta, state = checkpoint.load_step(last)
+        model_t, optim_t, optim_meta, saved = checkpoint.load_step(last)
         method.load_state_dict(model_t)
         checkpoint.load_optimizer(optimizer, optim_t, optim_meta)
-        start = state["step"]
+        start = saved["step"]
     else:
         method.prepare(sample_for_stats(dataset, preset.data.norm_samples, seed).to(dev))
 
@@ -147,24 +233,58 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     workers = min(preset.data.num_workers, os.cpu_count() or 1)
     batches = loader(dataset, tc.batch_size, seed, start, tc.steps, workers, world.shard(tc.batch_size))
+    if workers:
+        batches.worker_init_fn = functools.partial(worker_init, lock.handle() if lock is not None else None)
     log = _Log(run / "log.jsonl", start) if world.main else None
     crop_h = tc.batch_size * preset.data.segments * preset.data.clip_seconds / 3600
-    nonfinite, loss_sum, n_sum, t0, t_last, step = 0, 0.0, 0, time.time(), time.time(), start
-    state = {"skipped_files": len(skipped), "files": len(infos), "world_size": world.size}
+    # carried across a resume, so that the next log row and the non-finite count are an uninterrupted run's
+    nonfinite, loss_sum, n_sum = saved.get("nonfinite", 0), saved.get("log_loss_sum", 0.0), saved.get("log_steps", 0)
+    t0, t_last, step = time.time(), time.time(), start
+    state = {"skipped_files": len(skipped), "files": len(infos), "world_size": world.size, "data_sha256": digest}
     rank = (world.rank,) if world.rank else ()  # rank 0 draws what a single process draws
+    health, health_at, committed = None, start, start  # max |state| after step health_at, not yet checked
+
+    def check_health(value: float) -> None:
+        nonlocal health
+        health = None
+        if not value <= MAX_ABS_STATE:  # NaN too
+            raise TrainingDiverged(f"weights became non-finite (or exceeded 1e12) at step {health_at} "
+                                   f"({_worst_tensor(method)}); try a lower optim.lr")
 
     def commit(at: int, check: bool = True) -> None:
+        nonlocal committed, drop_replaced
+        if health is not None:  # nothing non-finite is ever committed
+            check_health(float(health))
         if check:  # not on an interrupt: the other processes may be gone
             distributed.check_in_sync(params, world)
         if world.main:
-            checkpoint.save(run, at, method, optimizer, preset, {**state, "nonfinite": nonfinite}, tc.keep_last)
-            checkpoint.export_encoder(run / "export" / "encoder.safetensors", method, preset)
+            with stops.protect():
+                try:
+                    checkpoint.save(run, at, method, optimizer, preset, {**state, "nonfinite": nonfinite,
+                                    "log_loss_sum": loss_sum, "log_steps": n_sum}, tc.keep_last)
+                except checkpoint.NonFiniteWeights as e:  # the optimizer state, which the health check skips
+                    raise TrainingDiverged(f"{e}; try a lower optim.lr") from None
+                checkpoint.export_encoder(run / "export" / "encoder.safetensors", method, preset, step=at)
+                if drop_replaced:  # the new run has a checkpoint: the one it replaces can go
+                    for d in run.glob(".replaced-*"):
+                        shutil.rmtree(d, ignore_errors=True)
+                    drop_replaced = False
+        committed = at
+
+    def stop(at: int):  # a signal asked to stop; `at` steps are done
+        if at > committed:
+            commit(at, check=False)
+        return Interrupted(stops.signum, at if world.main and at > start else None)
 
     method.train()
     if on_log is not None:
         on_log(start, tc.steps, None)
+    it = iter(batches)
     try:
-        for step, batch in enumerate(batches, start=start):
+        stops.deferring = True  # from here a signal stops the loop at the end of a step
+        for step, batch in enumerate(it, start=start):
+            if stops.signum is not None:  # arrived while the batch loaded: stop before the step
+                raise stop(step)
             lr = lr_at(step, preset.optim, tc.steps)
             for group in optimizer.param_groups:
                 group["lr"] = preset.optim.lr if group.get("constant_lr") else lr
@@ -175,8 +295,14 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                 out = method(batch, step, gen, tc.steps)
             loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
-            # the step's one host sync: finiteness (the same verdict on every process) and the log
-            loss_value = float(distributed.mean_scalar(loss.detach(), world))
+            # the step's one host sync: the loss (finiteness, the same verdict on every process; the log)
+            # and the state after the previous step (finiteness of the weights)
+            loss_t = distributed.mean_scalar(loss.detach(), world).float()
+            if health is None:
+                loss_value = float(loss_t)
+            else:
+                loss_value, worst = torch.stack([loss_t, health]).tolist()
+                check_health(worst)
             if math.isfinite(loss_value):
                 nonfinite = 0
                 loss.backward()
@@ -192,6 +318,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                     raise TrainingDiverged(f"loss was non-finite for {nonfinite} consecutive steps "
                                            f"(last at step {step}); try a lower optim.lr")
             done = step + 1
+            health, health_at = _state_max_abs(method), done  # checked at the next sync or commit
             if n_sum and log is not None and (done % tc.log_every == 0 or done == tc.steps):
                 now = time.time()
                 sps = n_sum / max(now - t_last, 1e-9)
@@ -204,15 +331,14 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
                 loss_sum, n_sum, t_last = 0.0, 0, now
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 commit(done)
-    except KeyboardInterrupt:
-        if step > start:
-            commit(step, check=False)  # the last fully finished step, so the run resumes from there
-        raise
+            if stops.signum is not None and done < tc.steps:
+                raise stop(done)
     finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:  # now, not when the traceback is freed: workers ignore signals
+            shutdown()
         if log is not None:
             log.close()
-        distributed.teardown(world)
     return {"run": str(run), "steps": tc.steps, "start_step": start, "files": len(infos),
             "skipped": len(skipped), "time_s": time.time() - t0, "device": str(dev), "precision": precision,
             "world_size": world.size, "rank": world.rank}
-

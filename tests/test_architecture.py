@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent / "sslaudio"
 # Lowest first; a module may import modules of its own layer or below. The README's layout lists
 # the same order.
 LAYERS = [
-    ["sslaudio", "sslaudio.registry", "sslaudio.config", "sslaudio.atomic"],
-    ["sslaudio.audio", "sslaudio.distributed"],
+    ["sslaudio", "sslaudio.registry", "sslaudio.config", "sslaudio.atomic", "sslaudio.runlock"],
+    ["sslaudio.audio", "sslaudio.distributed", "sslaudio.interrupts", "sslaudio.runfolder"],
     ["sslaudio.data", "sslaudio.augment", "sslaudio.frontends", "sslaudio.masking", "sslaudio.synth"],
     ["sslaudio.encoders"],
     ["sslaudio.methods"],

@@ -65,9 +65,9 @@ def test_extract_skips_bad_files_and_counts(run_dir, bad_dir, tmp_path):
     r = invoke("extract", run_dir, bad_dir, "--out", tmp_path / "f")
     assert r.exit_code == 0
     s = json.loads((tmp_path / "f" / "summary.json").read_text())
-    assert s["written"] == 3 and s["skipped"] == 3  # the 100-sample file is padded, not skipped
+    assert s["written"] == 2 and s["skipped"] == 4  # the 100-sample file is shorter than the encoder needs
     errors = [json.loads(x) for x in (tmp_path / "f" / "errors.jsonl").read_text().splitlines()]
-    assert {e["path"].split("/")[-1] for e in errors} == {"empty.wav", "corrupt.wav", "nan.wav"}
+    assert {e["path"].split("/")[-1] for e in errors} == {"empty.wav", "corrupt.wav", "nan.wav", "short.wav"}
 
 
 def test_probe_json_and_random_baseline(run_dir, labeled_dir, tmp_path):
@@ -113,7 +113,7 @@ def test_no_usable_input_exits_4(bad_dir, tmp_path):
         f.unlink()
     r = invoke("pretrain", bad_dir, "--preset", "tiny/byol-a", "--out", tmp_path / "r", "--quiet", *SMALL)
     assert r.exit_code == 4 and "no usable audio" in r.output
-    (bad_dir / "short.wav").unlink()  # too short to train on, but extraction pads it
+    (bad_dir / "short.wav").unlink()  # too short to train on or to extract
     r = invoke("extract", "random:tiny/byol-a", bad_dir, "--out", tmp_path / "f")
     assert r.exit_code == 4 and "no usable audio" in r.output
 

@@ -8,7 +8,8 @@ from sslaudio import checkpoint
 from sslaudio.build import load_preset
 from sslaudio.data import DataError
 from sslaudio.inference import load_encoder
-from sslaudio.train import RunMismatch, TrainingDiverged, fit, lr_at
+from sslaudio.runfolder import RunMismatch
+from sslaudio.train import TrainingDiverged, fit, lr_at
 
 SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
          "views[0].memory=8", "train.batch_size=4", "train.steps=4", "train.ckpt_every=2",

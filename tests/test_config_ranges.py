@@ -1,0 +1,109 @@
+"""Values the config accepted at load time that crashed (or went silently wrong) later are refused
+when the preset is loaded, with the dotted key in one line; a YAML syntax error names its line."""
+
+import pytest
+from typer.testing import CliRunner
+
+from sslaudio.build import load_preset
+from sslaudio.cli import app
+from sslaudio.config import ConfigError
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.ckpt_every=0", "train.ckpt_every"),  # ZeroDivisionError at the first step
+    ("train.log_every=0", "train.log_every"),
+    ("train.max_nonfinite=0", "train.max_nonfinite"),
+    ("seed=-1", "seed"),  # numpy's seed sequences refuse negative entries
+    ("seed=18446744073709551616", "seed"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.norm_samples=0", "data.norm_samples"),
+    ("optim.lr=.nan", "optim.lr"),  # nan <= 0 is False: it used to pass
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=-.inf", "optim.lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.weight_decay=.nan", "optim.weight_decay"),
+    ("optim.betas=[1.0, 0.999]", r"optim.betas\[0\]"),
+    ("optim.betas=[0.9, -0.1]", r"optim.betas\[1\]"),
+    ("optim.betas=[0.9, .nan]", r"optim.betas\[1\]"),
+    ("optim.eps=0", "optim.eps"),
+    ("optim.eps=-1e-8", "optim.eps"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"),
+    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("optim.grad_clip=.inf", "optim.grad_clip"),
+    ("data.min_seconds=-0.5", "data.min_seconds"),
+    ("data.clip_seconds=.nan", "data.clip_seconds"),
+    ("data.clip_seconds=0", "data.clip_seconds"),
+    ("data.sample_rate=10", "data.sample_rate"),
+    ("data.sample_rate=0", "data.sample_rate"),
+    ("data.sample_rate=100000000", "data.sample_rate"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key} must be ") as info:
+        load_preset("tiny/byol-a", [override])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("override", [
+    "optim.grad_clip=0", "optim.warmup_steps=0", "optim.min_lr_ratio=0", "optim.min_lr_ratio=1",
+    "optim.betas=[0.0, 0.0]", "optim.weight_decay=0", "data.num_workers=0", "data.min_seconds=0", "seed=0",
+    "train.log_every=1", "train.ckpt_every=1", "train.max_nonfinite=1", "data.sample_rate=768000",
+])
+def test_the_edges_of_each_range_are_accepted(override):
+    load_preset("tiny/byol-a", [override])
+
+
+@pytest.mark.parametrize("preset, clip, encoder", [
+    ("tiny/byol-a", 0.001, "audiontt"),  # a CNN with three 2x poolings: 8 log-mel frames at least
+    ("tiny/byol-a", 0.05, "audiontt"),
+    ("tiny/m2d", 0.1, "vit"),  # less than one 16-frame patch column
+    ("tiny/data2vec-wave", 0.001, "conv_transformer"),  # shorter than the conv stack's receptive field
+])
+def test_a_clip_too_short_for_one_encoder_frame_is_refused(preset, clip, encoder):
+    with pytest.raises(ConfigError, match=rf"^data\.clip_seconds: {clip:g} s .* gives the encoder '{encoder}' no "
+                                          rf"output frame; it needs at least [0-9.]+ s$"):
+        load_preset(preset, [f"data.clip_seconds={clip}"])
+
+
+def test_the_shortest_clip_the_message_names_is_accepted():
+    with pytest.raises(ConfigError) as info:
+        load_preset("tiny/m2d", ["data.clip_seconds=0.01"])
+    need = float(str(info.value).rsplit(" ", 2)[-2])
+    load_preset("tiny/m2d", [f"data.clip_seconds={need}"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\ntrain:\n  steps: 3\n   batch_size: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: invalid YAML at line 4, column 14: mapping values"):
+        load_preset(str(bad))
+    bad.write_text("seed: 0\nviews: [\n  {name: mixup}\n  {name: rrc}\nmethod: {}\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line 4, column 3: .*\(while parsing a flow sequence "
+                                          r"started at line 2\)$"):
+        load_preset(str(bad))
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--set", "train.ckpt_every=0"], "error: train.ckpt_every must be >= 1, found 0"),
+    (["--set", "optim.lr=.nan"], "error: optim.lr must be finite and > 0, found nan"),
+    (["--set", "data.clip_seconds=0.001"], "error: data.clip_seconds: 0.001 s (16 samples at 16000 Hz) gives the "
+                                           "encoder 'audiontt' no output frame; it needs at least"),
+])
+def test_the_cli_prints_one_line_and_exits_2(args, text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["pretrain", ".", "--preset", "tiny/byol-a", "--out", "run", *args])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(text), r.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_clip_check_leaves_the_global_rng_alone():
+    import torch
+
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    load_preset("tiny/byol-a", ["data.clip_seconds=0.4321"])  # a length no other test checks: built now
+    assert torch.equal(torch.rand(4), want)
