@@ -1,16 +1,26 @@
 """MoCo v2 and v3: each loss against explicit loops on the method's own sub-modules, the
 temperature, the v2 queue (FIFO, pointer, normalised detached keys, exact resume through a
-checkpoint), no gradient into the momentum encoders, exact EMA, and short runs without collapse."""
+checkpoint), v2 shuffle-BN (split-batch groups in one process, the batch shuffle across two gloo
+processes), no gradient into the momentum encoders, exact EMA, the v3 presets' official ResNet
+variant, and short runs without collapse."""
 
 import copy
 import math
+import os
 import shutil
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch import nn
 
-from sslaudio.build import load_preset
+from sslaudio import distributed
+from sslaudio.build import build_method, load_preset
+from sslaudio.methods.moco import MoCoV3
 from sslaudio.train import fit
 from tests.conftest import build_tiny, first_last, gen, replay_views, run_steps, synth_clips
 
@@ -34,17 +44,30 @@ def _ce(logits, label):
 
 
 # -- MoCo v2 ------------------------------------------------------------------------------------
-def _v2_step(tau):
-    """One forward of a fresh method plus the same step recomputed by hand on a copy."""
-    m = _method("moco-v2", f"method.temperature={tau}")
+def _replay_v2(ref, audio, seed):
+    """The views, then the shuffle-BN permutation, as forward draws them from gen(seed)."""
+    g, chain = gen(seed), ref.views.global_chains[0]
+    x = ref.features(audio[:, 0])
+    v1, v2 = chain(x, g), chain(x, g)
+    return v1, v2, torch.randperm(audio.shape[0], generator=g)
+
+
+def _v2_step(tau, *over, batch=4):
+    """One forward of a fresh method plus the same step recomputed by hand on a copy: keys by
+    shuffle-BN (tiny preset: the permuted key batch in 2 groups, each group encoded on its own)."""
+    m = _method("moco-v2", f"method.temperature={tau}", *over)
     ref = copy.deepcopy(m)
-    audio = torch.randn(4, 1, S) * 0.1
-    torch.manual_seed(11)  # dropout draws: query encoder, then key encoder, as in forward
+    audio = torch.randn(batch, 1, S) * 0.1
+    torch.manual_seed(11)  # dropout draws: query encoder, then key encoder group by group, as forward
     out = m({"audio": audio}, 0, gen(7), 10)
-    v1, v2 = replay_views(ref, audio, 7)
+    v1, v2, perm = _replay_v2(ref, audio, 7)
     torch.manual_seed(11)
     q = ref.projector(ref.encoder.pool(ref.encoder(v1)))
-    k = ref.key_projector(ref.key_encoder.pool(ref.key_encoder(v2)))
+    k = torch.empty(batch, 16)
+    splits = ref.cfg.shuffle_bn_splits if ref.cfg.shuffle_bn else 1
+    with torch.no_grad():
+        for idx in perm.tensor_split(splits):
+            k[idx] = ref.key_projector(ref.key_encoder.pool(ref.key_encoder(v2[idx])))
     return m, ref, out, q, k
 
 
@@ -135,6 +158,144 @@ def test_v2_queue_survives_checkpoint_round_trip(audio_dir, tmp_path):
     assert int(wa["queue_ptr"]) == (4 * 4) % 12
 
 
+def _first_bn_inputs(encoder):
+    """Record the input of the encoder's first BatchNorm at every call: (list, hook handle)."""
+    bn = next(mod for mod in encoder.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm))
+    seen = []
+    return seen, bn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+
+
+def _v2_loss(q, k, queue, tau):
+    want = 0.0
+    for i in range(q.shape[0]):
+        qi = _unit(q[i])
+        logits = [float(qi @ _unit(k[i])) / tau] + [float(qi @ _unit(row)) / tau for row in queue]
+        want += _ce(logits, 0) / q.shape[0]
+    return want
+
+
+def test_v2_shuffle_bn_groups_key_bn_statistics():
+    """Shuffle-BN in one process (S = 2, B = 6): the key encoder's first BN runs once per group of
+    the permuted batch, over exactly that group's rows (3, never the whole batch), the keys come
+    back in batch order, and the loss is the hand computation on those keys."""
+    m = _method("moco-v2", "method.temperature=0.2")
+    assert m.cfg.shuffle_bn and m.cfg.shuffle_bn_splits == 2  # the tiny preset's setting
+    m_copy = copy.deepcopy(m)
+    seen, hook = _first_bn_inputs(m.key_encoder)
+    audio = torch.randn(6, 1, S) * 0.1
+    torch.manual_seed(11)
+    out = m({"audio": audio}, 0, gen(7), 10)
+    hook.remove()
+    v1, v2, perm = _replay_v2(m_copy, audio, 7)
+    groups = perm.tensor_split(2)
+    assert sorted(torch.cat(groups).tolist()) == list(range(6)) and [len(g) for g in groups] == [3, 3]
+    # the key encoder's BN: one call per group, never the whole batch
+    assert [x.shape[0] for x in seen] == [3, 3]
+    ref_seen, ref_hook = _first_bn_inputs(m_copy.key_encoder)
+    torch.manual_seed(11)
+    q = m_copy.projector(m_copy.encoder.pool(m_copy.encoder(v1)))
+    k = torch.empty(6, 16)
+    with torch.no_grad():
+        for idx in groups:
+            k[idx] = m_copy.key_projector(m_copy.key_encoder.pool(m_copy.key_encoder(v2[idx])))
+        whole = m_copy.key_encoder.pool(m_copy.key_encoder(v2))  # the batch statistics without shuffle-BN
+    ref_hook.remove()
+    for x, y in zip(seen, ref_seen):
+        assert torch.allclose(x, y, atol=1e-6)  # exactly the rows of the group, in permuted order
+        # its statistics are the group's, not the whole batch's
+        assert not torch.allclose(x.mean(dim=(0, 2, 3)), ref_seen[2].mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(ref_seen[2][perm], torch.cat(seen), atol=1e-6)
+    # keys in batch order: the enqueued keys are the hand keys row by row
+    assert torch.allclose(m._new_keys, nn.functional.normalize(k, dim=1), atol=1e-6)
+    assert not torch.allclose(k, m_copy.key_projector(whole), atol=1e-4)  # the grouping changed them
+    assert out["loss"].item() == pytest.approx(_v2_loss(q, k, m_copy.queue, 0.2), abs=1e-5)
+
+
+@pytest.mark.parametrize("over", [["method.shuffle_bn=false"], ["method.shuffle_bn_splits=1"]])
+def test_v2_shuffle_bn_off_encodes_the_key_batch_whole(over):
+    audio = torch.randn(4, 1, S) * 0.1
+    m = _method("moco-v2", "method.temperature=0.2", *over)
+    ref = copy.deepcopy(m)
+    seen, hook = _first_bn_inputs(m.key_encoder)
+    torch.manual_seed(11)
+    out = m({"audio": audio}, 0, gen(7), 10)
+    hook.remove()
+    assert [x.shape[0] for x in seen] == [4]  # one BN batch: the previous behaviour
+    v1, v2, _ = _replay_v2(ref, audio, 7)
+    torch.manual_seed(11)
+    q = ref.projector(ref.encoder.pool(ref.encoder(v1)))
+    k = ref.key_projector(ref.key_encoder.pool(ref.key_encoder(v2)))
+    assert out["loss"].item() == pytest.approx(_v2_loss(q, k, ref.queue, 0.2), abs=1e-5)
+
+
+def test_v2_shuffle_bn_config_and_small_batch():
+    from sslaudio.config import ConfigError
+    with pytest.raises(ConfigError, match="shuffle_bn_splits"):
+        _method("moco-v2", "method.shuffle_bn_splits=0")
+    m = _method("moco-v2", "method.shuffle_bn_splits=3")
+    with pytest.raises(ValueError, match="shuffle_bn_splits"):
+        m({"audio": torch.randn(2, 1, S) * 0.1}, 0, gen(), 10)
+    out = m({"audio": torch.randn(5, 1, S) * 0.1}, 0, gen(), 10)  # groups of 2, 2 and 1 rows
+    assert torch.isfinite(out["loss"]) and m._new_keys.shape == (5, 16)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _no_dropout(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    return m
+
+
+def _shuffle_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        m = _no_dropout(_method("moco-v2"))
+        m.gather_fn = distributed.gather_rows
+        views = torch.randn(8, 64, 96, generator=gen(5))  # the global key batch; this rank has 4 rows
+        seen, hook = _first_bn_inputs(m.key_encoder)
+        mine, every = m._keys(views[4 * rank:4 * rank + 4], gen(100 + rank))  # generators differ by rank
+        hook.remove()
+        audio = torch.randn(8, 1, S, generator=gen(6)) * 0.1
+        m({"audio": audio[4 * rank:4 * rank + 4]}, 0, gen(200 + rank), 10)
+        m.after_step(0, 10)
+        torch.save({"mine": mine, "every": every, "bn": seen, "queue": m.queue.clone(),
+                    "ptr": int(m.queue_ptr)}, Path(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_v2_shuffle_bn_across_two_processes(tmp_path):
+    """The official batch shuffle over 2 gloo processes with different step generators: both
+    draw one permutation (rank 0's seed), each encodes its slice of the permuted global batch
+    (the only rows its BN sees), and the unshuffled keys are the global batch's in order."""
+    mp.spawn(_shuffle_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"{k}.pt") for k in range(2)]
+    views = torch.randn(8, 64, 96, generator=gen(5))
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen(100))[0])
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))
+    ref = _no_dropout(_method("moco-v2"))
+    ref_seen, hook = _first_bn_inputs(ref.key_encoder)
+    with torch.no_grad():
+        shuffled = torch.cat([ref._encode_keys(views[perm[4 * k:4 * k + 4]]) for k in range(2)])
+    hook.remove()
+    want = shuffled[torch.argsort(perm)]
+    assert not torch.equal(perm, torch.arange(8))
+    for k in range(2):
+        assert len(r[k]["bn"]) == 1 and torch.allclose(r[k]["bn"][0], ref_seen[k], atol=1e-5)
+        assert torch.allclose(r[k]["every"], want, atol=1e-5)
+        assert torch.allclose(r[k]["mine"], want[4 * k:4 * k + 4], atol=1e-5)
+        assert r[k]["ptr"] == 8  # every process's keys were enqueued
+    assert torch.equal(r[0]["queue"], r[1]["queue"])  # the replicas' queues stay identical
+
+
 # -- MoCo v3 ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tau", [0.2, 1.0])
 def test_v3_loss_matches_explicit_logits(tau):
@@ -185,6 +346,25 @@ def test_v3_no_gradient_to_momentum_encoder_and_cosine_ema():
     tau = 1 - 0.5 * (1 + math.cos(math.pi * 3 / 10)) * (1 - 0.99)
     for b, t, s in zip(before, mom, online):
         assert torch.allclose(t, tau * b + (1 - tau) * s, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny/moco-v3", "moco-v3"])
+def test_v3_presets_build_the_official_resnet_variant(preset):
+    """MoCo_ResNet (official moco/builder.py), as our encoder is a CNN: 2-layer projector ending in
+    an affine-free BN, 2-layer predictor without the output BN, no output bias, temperature 1.0; the
+    Config defaults are the same variant."""
+    torch.manual_seed(0)
+    m = build_method(load_preset(preset))
+    linear = [[x for x in head if isinstance(x, nn.Linear)] for head in (m.projector, m.predictor)]
+    assert [len(x) for x in linear] == [2, 2]
+    assert linear[0][-1].bias is None and linear[1][-1].bias is None  # hidden ones: cancelled by BN
+    assert isinstance(m.projector[-1], nn.BatchNorm1d) and not m.projector[-1].affine
+    assert isinstance(m.predictor[-1], nn.Linear)
+    assert sum(isinstance(x, nn.BatchNorm1d) for x in m.predictor) == 1  # the hidden layer's only
+    assert m.cfg.temperature == 1.0
+    default = MoCoV3.Config()
+    assert (default.proj_layers, default.pred_last_bn, default.temperature) == (2, False, 1.0)
+    assert (m.cfg.proj_layers, m.cfg.pred_last_bn) == (default.proj_layers, default.pred_last_bn)
 
 
 # -- short runs ---------------------------------------------------------------------------------
