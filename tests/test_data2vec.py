@@ -396,8 +396,19 @@ def test_mel_data2vec2_loss_matches_hand_computation():
     patch_loss = regression_by_hand(pred[mask.masked], y_k[mask.masked])
     cls_target = torch.stack([y[r // K].mean(0) for r in range(B * K)])  # clip mean of the targets
     cls_loss = regression_by_hand(st.cls, cls_target)
-    assert torch.allclose(out["cls_loss"], cls_loss, atol=1e-5)
-    assert torch.allclose(out["loss"], patch_loss + m.cfg.cls_loss * cls_loss, atol=1e-5)
+    assert torch.allclose(out["cls_loss"], cls_loss, atol=1e-5)  # logged: the per-clip mean
+    # the official formula (fairseq data2vec2.py / EAT_pretraining.py + ModelCriterion): per-element
+    # losses (pred - y)^2 / sqrt(D); losses["regression"] over the masked tokens (weight d2v_loss 1),
+    # losses["cls"] over the B*K clips times cls_loss * sample_size; the summed loss divided by
+    # sample_size = the number of masked tokens
+    sample_size = int(mask.masked.sum())
+    reg_sum = ((pred[mask.masked] - y_k[mask.masked]) ** 2 / math.sqrt(D)).sum()
+    cls_sum = ((st.cls - cls_target) ** 2 / math.sqrt(D)).sum() * (m.cfg.cls_loss * sample_size)
+    official = (reg_sum + cls_sum) / sample_size
+    assert torch.allclose(out["loss"], official, atol=1e-5, rtol=1e-5)
+    # i.e. the CLS term is B*K times the clip mean (EAT: 12 x 16 = 192 per GPU), not the clip mean
+    assert torch.allclose(out["loss"], patch_loss + m.cfg.cls_loss * B * K * cls_loss, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out["loss"], patch_loss + m.cfg.cls_loss * cls_loss, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["data2vec", "data2vec2"])
@@ -435,3 +446,14 @@ def test_mel_short_run_lowers_loss_without_collapse(name):
 def test_mel_config_checks():
     with pytest.raises(ConfigError, match="cls_loss needs a CLS token"):
         method("data2vec2", "encoder.cls_token=false")
+
+
+def test_eat_preset_uses_post_ln_blocks():
+    """EAT (layer_norm_first false): post-LN blocks after an input LayerNorm, no final norm."""
+    p = load_preset("data2vec2-mel")
+    assert p.encoder["norm_first"] is False and p.method["cls_loss"] == 1.0
+    m = method("data2vec2", "encoder.norm_first=false").eval()
+    assert m.encoder.input_norm is not None and not any(b.norm_first for b in m.encoder.blocks.blocks)
+    assert m.teacher.input_norm is not None  # the teacher is an EMA of the whole ViT, input norm included
+    out = m({"audio": tones(2, 0.5)}, 0, gen(7), 10)
+    assert torch.isfinite(out["loss"]) and out["cls_loss"] > 0

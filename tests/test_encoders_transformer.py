@@ -26,6 +26,7 @@ W2V = {"name": "conv_transformer", "conv_layers": TINY_CONV, "dim": 32, "depth":
        "ffn_dim": 64, "pos_conv_kernel": 16, "pos_conv_groups": 4}
 D2V = {**W2V, "extractor_mode": "layer", "pos_conv_depth": 5, "pos_conv_kernel": 15, "layer_norm_first": True}
 D2V2 = {**D2V, "layer_norm_first": False, "alibi": True}  # data2vec 2.0: ALiBi on top of conv positions
+VIT_POST = {**VIT, "norm_first": False, "cls_token": True}  # EAT / data2vec 2.0: post-LN + input LayerNorm
 
 
 def build(section: dict, seed: int = 0):
@@ -46,7 +47,8 @@ def crop(x, n):
     return x[..., :n]
 
 
-ENCS = pytest.mark.parametrize("section", [VIT, W2V, D2V, D2V2], ids=["vit", "wav2vec2", "data2vec", "data2vec2"])
+ENCS = pytest.mark.parametrize("section", [VIT, VIT_POST, W2V, D2V, D2V2],
+                               ids=["vit", "vit-post-ln", "wav2vec2", "data2vec", "data2vec2"])
 
 
 @ENCS
@@ -132,7 +134,8 @@ def test_return_layers_and_ffn_outputs(section):
     out = enc(x, lengths, return_layers=True)
     assert len(out.layers) == 2 and len(out.ffn) == 2
     assert all(h.shape == out.tokens.shape for h in out.layers + out.ffn)
-    if section.get("layer_norm_first", section["name"] == "vit"):
+    pre_ln = section.get("norm_first", True) if section["name"] == "vit" else section.get("layer_norm_first", False)
+    if pre_ln:
         torch.testing.assert_close(out.tokens, enc.norm(out.layers[-1]))
     else:
         torch.testing.assert_close(out.tokens, out.layers[-1])
@@ -298,3 +301,91 @@ def test_alibi_scale_is_learned():
     x, lengths = batch(D2V2)
     enc(x, lengths).tokens.sum().backward()
     assert enc.alibi_scale.grad is not None and float(enc.alibi_scale.grad.abs().sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# post-LN ViT (EAT / data2vec 2.0, layer_norm_first false) and the always-built feature projection
+
+
+def hand_layer_norm(x, ln):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def test_post_ln_vit_matches_hand_computation():
+    """fairseq AltBlock with layer_norm_first false: x = LN1(x + attn(x)); t = mlp(x) (the FFN
+    target, before the residual and LN2); x = LN2(x + t). The modality encoder's BlockEncoder
+    layer-norms the tokens (CLS included) before the blocks, and no final norm follows."""
+    enc = build(VIT_POST)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so a swapped norm would show
+        for m in enc.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    assert enc.input_norm is not None and isinstance(enc.norm, torch.nn.Identity)
+    x = torch.randn(2, 32, 12, generator=gen(4))
+    out = enc(x, return_layers=True)
+    D, H = 32, 4
+    tokens = enc.patch_embed(x) + sincos_pos_embed_2d(D, enc.token_grid(x.shape))
+    h = torch.cat([enc.cls.expand(2, -1, -1), tokens], 1)
+    h = hand_layer_norm(h, enc.input_norm)
+    ffns = []
+    for blk in enc.blocks.blocks:
+        B, N, _ = h.shape
+        q, k, v = blk.attn.qkv(h).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-1, -2)) / math.sqrt(D // H)).softmax(-1) @ v
+        a = blk.attn.proj(a.transpose(1, 2).reshape(B, N, D))
+        r = hand_layer_norm(h + a, blk.norm1)
+        t = blk.fc2(F.gelu(blk.fc1(r)))
+        ffns.append(t)
+        h = hand_layer_norm(r + t, blk.norm2)
+    torch.testing.assert_close(out.tokens, h[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cls, h[:, 0], atol=1e-5, rtol=1e-5)
+    for got, want in zip(out.ffn, ffns):
+        torch.testing.assert_close(got, want[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_vit_norm_first_default_is_pre_ln():
+    enc = build(VIT)
+    assert enc.cfg.norm_first and enc.input_norm is None and isinstance(enc.norm, torch.nn.LayerNorm)
+    assert all(b.norm_first for b in enc.blocks.blocks)
+    assert not any(b.norm_first for b in build(VIT_POST).blocks.blocks)
+
+
+def test_post_ln_vit_exports_to_torchscript(tmp_path):
+    from sslaudio.build import build_encoder, load_preset
+    from sslaudio.export import export
+    from sslaudio.inference import EncoderBundle
+
+    p = load_preset("tiny/data2vec2", ["encoder.norm_first=false"])
+    torch.manual_seed(p.seed)
+    bundle = EncoderBundle(*build_encoder(p), p).eval()
+    assert not bundle.encoder.cfg.norm_first
+    bundle.needs_stats = False
+    r = export(bundle, "torchscript", tmp_path / "m.torchscript")  # raises if it disagrees with PyTorch
+    assert r["dim"] == bundle.encoder.frame_dim and r["max_abs_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_always_project_builds_the_projection_at_equal_widths(always):
+    same = [[32, k, st] for _, k, st in TINY_CONV]  # conv width 32 == dim 32
+    enc = build({**W2V, "conv_layers": same, "always_project": always})
+    assert isinstance(enc.project, torch.nn.Linear) == always
+    if always:
+        assert enc.project.weight.shape == (32, 32)
+        x, lengths = batch(W2V)
+        out = enc(x, lengths)
+        torch.testing.assert_close(out.local, enc.project(out.features))
+    wider = build({**W2V, "always_project": always})  # 16 -> 32: projected either way
+    assert isinstance(wider.project, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("name", ["data2vec-wave", "data2vec2-wave"])
+def test_data2vec_wave_presets_project_equal_widths(name):
+    from sslaudio.build import build_encoder, load_preset
+
+    p = load_preset(f"tiny/{name}")
+    enc = build_encoder(p)[1]
+    assert p.encoder["always_project"] and enc.extractor.out_channels == enc.dim
+    assert isinstance(enc.project, torch.nn.Linear)

@@ -1,6 +1,7 @@
 """wav2vec 2.0 / HuBERT / data2vec audio encoder: conv feature extractor + transformer.
 
 waveform (B, S) -> conv features (B, T, C) -> LayerNorm -> Linear to D (+ dropout) -> [mask]
+(the Linear only when C != D unless `always_project`, as data2vec's post_extract_proj)
 -> + conv positional embedding -> transformer (post-LN by default, pre-LN with
 `layer_norm_first`) -> (B, T, D). Baevski et al. 2020 (wav2vec 2.0), Hsu et al. 2021 (HuBERT),
 Baevski et al. 2022 (data2vec); official code: fairseq `models/wav2vec/wav2vec2.py`,
@@ -67,6 +68,9 @@ class ConvTransformer(Encoder):
         # data2vec 2.0 audio: ALiBi attention bias with a learned per-head scale (init 1, clamped
         # at 0), on top of the conv positions (fairseq use_alibi_encoder, learned_alibi_scale)
         alibi: bool = False
+        # build the feature projection even when the conv width equals `dim` (fairseq data2vec_audio
+        # always builds post_extract_proj; wav2vec 2.0 only when the widths differ)
+        always_project: bool = False
 
         def __post_init__(self):
             if not self.conv_layers or any(len(c) != 3 or min(c) < 1 for c in self.conv_layers):
@@ -96,7 +100,7 @@ class ConvTransformer(Encoder):
         self.extractor = ConvFeatureExtractor(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias)
         c = self.extractor.out_channels
         self.feature_norm = nn.LayerNorm(c)
-        self.project = nn.Linear(c, cfg.dim) if c != cfg.dim else nn.Identity()
+        self.project = nn.Linear(c, cfg.dim) if c != cfg.dim or cfg.always_project else nn.Identity()
         self.input_dropout = nn.Dropout(cfg.input_dropout)
         self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
         self.pos_conv = ConvPositionalEmbedding(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups,

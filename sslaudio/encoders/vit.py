@@ -7,6 +7,11 @@ f * Tg + t. Positions are fixed 2-D sin-cos computed for any grid, so clips long
 training crop work. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens after positions are
 added; a replace mask swaps hidden patch embeddings for a learned token before positions.
 
+Blocks: pre-LN with a final LayerNorm (`norm_first`, default; ViT, MAE, M2D), or post-LN after a
+LayerNorm on the input tokens with no final norm (`norm_first: false`; data2vec 2.0 / EAT,
+layer_norm_first false), where a block's FFN target is its MLP output before the residual add and
+the block's second LayerNorm (fairseq AltBlock).
+
 Multi-mask (data2vec 2.0 `clone_batch`): a mask whose batch is K times the input's encodes every
 input K times, patch embedding computed once; rows are ordered b * K + k (`repeat_interleave`).
 """
@@ -54,6 +59,11 @@ class ViT(Encoder):
         drop_path: float = 0.0  # stochastic depth, rising linearly to this value in the last block
         norm_eps: float = 1e-6
         cls_token: bool = False
+        # True: pre-LN blocks and a final LayerNorm (ViT, MAE, M2D). False: post-LN blocks with a
+        # LayerNorm on the block input and no final norm, as data2vec 2.0 / EAT with
+        # layer_norm_first false (fairseq AltBlock; BlockEncoder's norm before the blocks;
+        # Data2VecMultiModel.norm only built when layer_norm_first)
+        norm_first: bool = True
 
         def __post_init__(self):
             if len(self.patch) != 2 or min(self.patch) < 1:
@@ -92,9 +102,12 @@ class ViT(Encoder):
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = TransformerStack([
             Block(cfg.dim, cfg.heads, int(cfg.dim * cfg.mlp_ratio), qkv_bias=cfg.qkv_bias,
-                  drop_path=dpr[i], norm_first=True, norm_eps=cfg.norm_eps)
+                  drop_path=dpr[i], norm_first=cfg.norm_first, norm_eps=cfg.norm_eps)
             for i in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        # pre-LN: final norm after the blocks; post-LN: input norm before them (every block already
+        # ends with its own LayerNorm), applied to the CLS token too
+        self.input_norm = None if cfg.norm_first else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
         init_vit_(self.blocks)
         nn.init.normal_(self.mask_token, std=0.02)
         if self.cls is not None:
@@ -184,6 +197,8 @@ class ViT(Encoder):
             n_cls = 1
             tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
             attn_padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding], 1)
+        if self.input_norm is not None:
+            tokens = self.input_norm(tokens)
 
         y, layers, ffns = self.blocks(tokens, attn_padding if attn_padding.any() else None,
                                       return_layers=return_layers)

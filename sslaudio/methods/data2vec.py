@@ -31,7 +31,12 @@ official code github.com/cwx-worst-one/EAT, config/pretraining_AS2M.yaml): as EA
 (patch embedding and CLS token included) and encodes the unmasked spectrogram itself; the 2.0
 decoder is the 2-D grouped conv over the (freq, time) patch grid (fairseq `Decoder2d`), and
 `cls_loss` > 0 regresses the clip mean of the targets from the student's CLS token (EAT's
-utterance-level loss, weight 1; the data2vec 2.0 image config uses 0.01). data2vec (v1) on patches
+utterance-level loss, weight 1; the data2vec 2.0 image config uses 0.01). As in the official code
+(fairseq data2vec2.py / EAT_pretraining.py: the cls term is multiplied by `cls_loss * sample_size`
+before the criterion divides everything by sample_size), that term is summed over the student's
+clips, not averaged: cls_loss * (B * K) * the per-clip mean. Like fairseq, the weight follows the
+clips each process sees (the per-GPU batch x clone_batch), so the EAT preset reproduces EAT's 192
+on 4 processes of 12 clips; on one process with the same global batch it is 4x stronger. data2vec (v1) on patches
 uses the same whole-ViT teacher with replace-mode masks.
 
 Both evaluate the student encoder (`inference_encoder` default). Loss: `losses.regression_loss`
@@ -241,7 +246,7 @@ class Data2Vec2(_TeacherStudent):
         decoder_groups: int = 16
         decoder_input_dropout: float = 0.1
         mask_noise_std: float = 0.01  # hidden frames enter the decoder as N(0, std^2) noise
-        cls_loss: float = 0.0  # weight of the CLS -> clip-mean-target regression (ViT with cls_token)
+        cls_loss: float = 0.0  # CLS -> clip-mean-target regression (ViT with cls_token); weight per clip, summed
         ema: EMAConfig = field(default_factory=lambda: EMAConfig(
             start=0.999, end=0.99999, schedule="linear", steps=75000))
 
@@ -295,8 +300,12 @@ class Data2Vec2(_TeacherStudent):
         logs = {}
         if self.cfg.cls_loss > 0:  # EAT utterance loss / fairseq cls_loss: CLS -> mean target
             clip_target = masked_mean(y, padding).repeat_interleave(K, 0)
-            cls = losses.regression_loss(out.cls, clip_target, self.cfg.loss_beta)
-            loss = loss + self.cfg.cls_loss * cls
+            cls = losses.regression_loss(out.cls, clip_target, self.cfg.loss_beta)  # mean over clips
+            # fairseq / EAT: losses["cls"] = d2v_loss(cls_pred, cls_target) * (cls_loss * sample_size)
+            # summed over its (B*K, D) elements, and the criterion divides the whole loss by
+            # sample_size (the masked-token count): the CLS term is cls_loss * Σ_clips, i.e. the
+            # clip mean times the number of student clips this process sees (EAT: 12 x 16 = 192)
+            loss = loss + self.cfg.cls_loss * out.cls.shape[0] * cls
             logs["cls_loss"] = cls.detach()
         return {"loss": loss, "target_var": token_std(y_k[sel]), "pred_var": token_std(pred[sel]),
                 "emb_std": embedding_std(masked_mean(out.tokens, out.padding)),
