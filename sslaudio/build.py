@@ -66,6 +66,8 @@ def validate(preset: Preset) -> None:
     if needs.segments and preset.data.segments != needs.segments:
         raise ConfigError(f"data.segments: method '{name}' with this config uses {needs.segments} "
                           f"crop(s) per file, found {preset.data.segments}")
+    # a frontend is cheap to build: its own checks (f_max below Nyquist, no empty mel filter) run at load
+    build_component(FRONTENDS, preset.frontend, "frontend", sample_rate=preset.data.sample_rate)
     check_clip_length(preset)
 
 

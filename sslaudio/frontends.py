@@ -7,7 +7,9 @@ the weights, so extraction and export apply them without being told.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torchaudio
@@ -32,6 +34,14 @@ class LogMel(Frontend):
 
     BYOL-A (Niizumi et al. 2021) and M2D compute log(mel + eps) and normalise by the dataset mean
     and std ("pre-normalisation"); we estimate both once before training and keep them as buffers.
+
+    Filterbank: `mel_scale` htk (torchaudio's default, 2595 log10(1 + f / 700)) or slaney (linear
+    below 1 kHz, log above: librosa's and nnAudio's default), `mel_norm` none (peak 1) or slaney
+    (each triangle scaled by 2 / bandwidth: librosa / nnAudio `norm=1`). The official BYOL-A v2
+    (v2/train_v2.py) and M2D (m2d/runtime_audio.py) front ends are nnAudio.features.MelSpectrogram
+    with its defaults htk=False, norm=1, i.e. slaney / slaney; BYOL-A v1's train.py uses torchaudio's
+    MelSpectrogram with its defaults (htk, no norm), today's default here. A filter with no FFT bin
+    under it (too many bands for the FFT resolution at low frequencies) is a config error.
     """
 
     @dataclass
@@ -44,6 +54,8 @@ class LogMel(Frontend):
         f_max: float = 7800.0
         eps: float = 1.1920929e-07  # torch.finfo(float32).eps, as the BYOL-A code adds before log
         normalize: bool = True
+        mel_scale: Literal["htk", "slaney"] = "htk"
+        mel_norm: Literal["none", "slaney"] = "none"
 
         def __post_init__(self):
             if self.n_mels < 1 or self.hop < 1 or self.n_fft < 2:
@@ -59,9 +71,17 @@ class LogMel(Frontend):
         self.sample_rate = sample_rate
         self.hop = cfg.hop
         self.out_channels = cfg.n_mels
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length or cfg.n_fft,
-            hop_length=cfg.hop, f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels, power=2.0)
+        with warnings.catch_warnings():  # torchaudio warns of empty filters; the check below refuses them
+            warnings.filterwarnings("ignore", message="At least one mel filterbank has all zero values")
+            self.mel = torchaudio.transforms.MelSpectrogram(
+                sample_rate=sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length or cfg.n_fft,
+                hop_length=cfg.hop, f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels, power=2.0,
+                norm=None if cfg.mel_norm == "none" else cfg.mel_norm, mel_scale=cfg.mel_scale)
+        empty = (self.mel.mel_scale.fb.amax(dim=0) <= 0).nonzero().flatten().tolist()  # fb: (n_freq, n_mels)
+        if empty:
+            raise ConfigError(f"frontend: mel bin {empty[0]} of {cfg.n_mels} is empty (0-based; empty bins: {empty}) "
+                              f"with n_fft {cfg.n_fft}, f_min {cfg.f_min}, mel_scale {cfg.mel_scale}; "
+                              "use fewer n_mels or a larger n_fft")
         self.conv_stft = False
         self.register_buffer("norm_mean", torch.zeros(()))
         self.register_buffer("norm_std", torch.ones(()))

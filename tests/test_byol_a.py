@@ -57,18 +57,57 @@ def test_byol_a_loss_matches_hand_computation():
     audio = torch.randn(4, 1, 15200) * 0.1
     torch.manual_seed(11)  # dropout draws
     out = m({"audio": audio}, 0, gen(7), 10)
-    # recompute: same views from the same generator draws, then 2 - 2 cos both ways
+    # recompute as the official train.py / byol_pytorch.diff: the two views (the preset's `views`
+    # chain, applied once per view) standardised together (NormalizeBatch over all 2B views), then
+    # each view its own forward pass through the online and the target networks; 2 - 2 cos both ways
     m2 = _method()
-    v = torch.cat(replay_views(m2, audio, 7))  # the preset's `views` chain, applied once per view
+    v = torch.cat(replay_views(m2, audio, 7))
+    v = (v - v.mean()) / v.std()
+    v1, v2 = v[:4], v[4:]
     torch.manual_seed(11)
-    z = m2.projector(m2.encoder.pool(m2.encoder(v)))
-    p = m2.predictor(z)
-    t = m2.target_projector(m2.target_encoder.pool(m2.target_encoder(v))).detach()
+    z1 = m2.projector(m2.encoder.pool(m2.encoder(v1)))
+    z2 = m2.projector(m2.encoder.pool(m2.encoder(v2)))
+    p1, p2 = m2.predictor(z1), m2.predictor(z2)
+    t1 = m2.target_projector(m2.target_encoder.pool(m2.target_encoder(v1))).detach()
+    t2 = m2.target_projector(m2.target_encoder.pool(m2.target_encoder(v2))).detach()
     want = 0.0
-    for a, b in ((p[:4], t[4:]), (p[4:], t[:4])):
+    for a, b in ((p1, t2), (p2, t1)):
         for i in range(4):
             want += (2 - 2 * torch.dot(a[i], b[i]) / (a[i].norm() * b[i].norm())) / 4
     assert torch.allclose(out["loss"], want, atol=1e-5)
+
+
+def test_batchnorm_statistics_are_per_view():
+    """Official BYOL.forward(image_one, image_two) runs online_encoder(image_one), then
+    online_encoder(image_two) (and the target likewise): every BatchNorm sees B rows, never 2B."""
+    m = _method()
+    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and any(b in dict(m.encoder.named_modules()).values() for b in bns)
+    assert any(b in dict(m.target_encoder.named_modules()).values() for b in bns)
+    seen = []
+    hooks = [b.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0])) for b in bns]
+    m({"audio": torch.randn(4, 1, 15200) * 0.1}, 0, gen(), 10)
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {4}
+    enc_bn = [b for b in m.encoder.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)][0]
+    assert int(enc_bn.num_batches_tracked) == 2  # two passes through the online encoder
+
+
+def test_post_norm_standardises_both_views_together_for_v1_and_v2():
+    """train.py (v1) and v2/train_v2.py both apply NormalizeBatch (axis [0, 2, 3] of (2B, 1, F, T):
+    one mean / std over all views) before the forward."""
+    from sslaudio.build import load_preset
+
+    for name in ("byol-a", "tiny/byol-a", "byol-a-v2", "tiny/byol-a-v2"):
+        assert load_preset(name).method["post_norm"] is True, name
+    m = _method()
+    seen = []
+    h = m.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    m({"audio": torch.randn(4, 1, 15200) * 0.1}, 0, gen(), 10)
+    h.remove()
+    both = torch.cat(seen[:2])  # the online encoder's two inputs
+    assert abs(float(both.mean())) < 1e-5 and abs(float(both.std()) - 1) < 1e-4
 
 
 def test_no_gradient_reaches_target_and_ema_is_exact():

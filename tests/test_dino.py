@@ -217,3 +217,35 @@ def test_short_run_lowers_the_loss_without_collapse():
     assert 0.05 < end["teacher_entropy"] < math.log(32) - 1.0, end
     assert end["teacher_mean_entropy"] > end["teacher_entropy"] + 1.0, end
     assert end["emb_std"] > 0.1 / math.sqrt(16), end
+
+
+def test_teacher_keeps_its_own_batchnorm_statistics():
+    """Official main_dino.py: the EMA loops over `zip(student.module.parameters(),
+    teacher_without_ddp.parameters())` only; the teacher (in train mode, as the student) updates its
+    BatchNorm running statistics from its own forwards on the global views and never takes the
+    student's, which also saw the local crops. The evaluated teacher must carry those statistics."""
+    m = _method("method.eval_teacher=true").train()
+    t_bns = [b for b in m.teacher_encoder.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+    s_bns = [b for b in m.encoder.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+    assert t_bns and len(t_bns) == len(s_bns)
+    audio = torch.randn(4, 1, S) * 0.1
+    m.frontend.estimate_stats(audio[:, 0])
+    inputs = []
+    hook = t_bns[0].register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
+    for step in range(2):
+        mean0 = t_bns[0].running_mean.clone()
+        m({"audio": audio}, step, gen(step), 10)
+        x = inputs[-1]  # the teacher's first BN input: the 2 global views, B rows each
+        assert x.shape[0] == 2 * 4
+        dims = [d for d in range(x.dim()) if d != 1]
+        assert torch.allclose(t_bns[0].running_mean, 0.9 * mean0 + 0.1 * x.mean(dims), atol=1e-6)
+        t_buf = [b.clone() for bn in t_bns for b in (bn.running_mean, bn.running_var)]
+        s_buf = [b.clone() for bn in s_bns for b in (bn.running_mean, bn.running_var)]
+        m.after_step(step, 10)
+        after = [b for bn in t_bns for b in (bn.running_mean, bn.running_var)]
+        assert all(torch.equal(a, b) for a, b in zip(after, t_buf))  # the EMA left them alone
+        assert not all(torch.allclose(a, b) for a, b in zip(after, s_buf))  # not the student's
+    hook.remove()
+    assert int(t_bns[0].num_batches_tracked) == 2  # one teacher pass (the globals) per step
+    assert int(s_bns[0].num_batches_tracked) == 4  # globals and locals per step
+    assert m.inference_encoder() is m.teacher_encoder

@@ -287,3 +287,28 @@ def test_short_run_lowers_loss_without_collapse():
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert hist[-1]["emb_std"] > 0.5 * hist[0]["emb_std"] and hist[-1]["emb_std"] > 0.02
     assert all(0.05 < h["altered_frac"] < 0.15 for h in hist)
+
+
+@pytest.mark.parametrize("name", ["tera", "tiny/tera"])
+def test_tera_presets_follow_s3prl_tera_config_model(name):
+    """Both TERA presets follow one file, s3prl pretrain/tera/config_model.yaml: mask_proportion
+    0.15, mask_consecutive 7, mask_frequency 0.2, noise_proportion 0.0, L1; 80 log-mel bins at
+    25 / 10 ms; the full preset also its transformer (3 x 768, 12 heads, FFN 3072, dropout 0.1,
+    layer_norm_eps 1e-12) and sequence_length 1500."""
+    from pathlib import Path
+
+    p = load_preset(name)
+    method = TERA.Config(**{k: v for k, v in p.method.items() if k != "name"})
+    assert (method.mask_proportion, method.mask_consecutive, method.mask_frequency) == (0.15, 7, 0.2)
+    assert method.noise_proportion == 0.0 and method.loss == "l1"
+    assert (method.zero_prob, method.random_prob) == (0.8, 0.1)
+    fe = p.frontend
+    assert (fe["n_mels"], fe["n_fft"], fe["hop"], fe["f_min"], fe["f_max"]) == (80, 400, 160, 0, 8000)
+    assert p.data.sample_rate == 16000
+    if name == "tera":
+        enc = p.encoder
+        assert (enc["dim"], enc["depth"], enc["heads"], enc["ffn_dim"]) == (768, 3, 12, 3072)
+        assert (enc["dropout"], enc["attention_dropout"], enc["norm_eps"]) == (0.1, 0.1, 1e-12)
+        assert round(p.data.clip_seconds * p.data.sample_rate) // fe["hop"] == 1500
+        text = (Path(__file__).parents[1] / "presets" / "tera.yaml").read_text()
+        assert "pretrain/tera/config_model.yaml" in text and "noise_proportion 0.0" in text

@@ -8,9 +8,16 @@ github.com/nttcslab/byol-a (train.py, v2/train_v2.py, byol_pytorch.diff).
 One log-mel crop per file, pre-normalised by the frontend's dataset statistics, is augmented
 twice by the preset's `views` chain (mixup -> random resize crop [-> random linear fader in v2]).
 Online = encoder + projector + predictor, target = EMA(encoder + projector) with tau 0.99 held
-constant (the official code uses byol-pytorch's fixed moving_average_decay). Both views go through
-the networks as one concatenated batch, as byol-pytorch does, and the loss is the sum of the two
-directions of 2 - 2 cos. v2 also standardises the batch of both views after augmentation.
+constant (the official code uses byol-pytorch's fixed moving_average_decay). The loss is the sum of
+the two directions of 2 - 2 cos.
+
+Both official training scripts (train.py and v2/train_v2.py, `BYOLALearner.training_step`)
+concatenate the two augmented batches, standardise them with one mean and std over all 2B views
+(`post_norm = NormalizeBatch()`, axis [0, 2, 3] of (2B, 1, F, T)), split them again and call
+`BYOL.forward(image_one, image_two)`, which (byol_pytorch.diff) runs `online_encoder(image_one)`,
+`online_encoder(image_two)`, then the target encoder on each view separately: each view is its own
+forward pass, so BatchNorm statistics are those of one view's B rows. `post_norm` (default on) is
+that batch standardisation, for v1 as for v2.
 The views come from the view-method base: one crop, the `views` chain applied twice.
 """
 
@@ -36,7 +43,7 @@ class BYOLA(ViewMethod):
         proj_hidden: int = 4096
         proj_dim: int = 256
         ema: EMAConfig = field(default_factory=EMAConfig)  # 0.99, constant
-        post_norm: bool = False  # v2: standardise the augmented batch
+        post_norm: bool = True  # standardise the 2B augmented views together (official NormalizeBatch)
 
     @classmethod
     def needs(cls, cfg) -> Needs:
@@ -55,13 +62,17 @@ class BYOLA(ViewMethod):
         with torch.no_grad():
             views = torch.cat(self.make_views(batch["audio"], generator))  # (2B, F, T)
             if self.cfg.post_norm:
-                views = normalize_batch(views)
-        z = self.projector(clip_embedding(self.encoder, views))  # (2B, P)
-        p = self.predictor(z)
+                views = normalize_batch(views)  # one mean / std over both views, as NormalizeBatch
+        v1, v2 = views[:B], views[B:]
+        # each view its own pass through online and target networks (BatchNorm statistics per view)
+        z1 = self.projector(clip_embedding(self.encoder, v1))  # (B, P)
+        z2 = self.projector(clip_embedding(self.encoder, v2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
-            t = self.target_projector(clip_embedding(self.target_encoder, views))
-        loss = losses.byol_loss(p[:B], t[B:]) + losses.byol_loss(p[B:], t[:B])
-        return {"loss": loss, "emb_std": embedding_std(z[:B]), "target_std": embedding_std(t[:B])}
+            t1 = self.target_projector(clip_embedding(self.target_encoder, v1))
+            t2 = self.target_projector(clip_embedding(self.target_encoder, v2))
+        loss = losses.byol_loss(p1, t2) + losses.byol_loss(p2, t1)
+        return {"loss": loss, "emb_std": embedding_std(z1), "target_std": embedding_std(t1)}
 
     def after_step(self, step: int, max_steps: int) -> None:
         tau = momentum(self.cfg.ema, step, max_steps)

@@ -12,6 +12,11 @@ random `local_frames` window of it, augmented by the same chain.
 
 Student = encoder + DINOHead; teacher = their EMA copy (momentum 0.996 -> 1, cosine over the run,
 `ema.momentum`; the update after step k uses the momentum of step k, as the official schedule).
+The EMA moves the parameters only (official train_one_epoch: `for param_q, param_k in
+zip(student.module.parameters(), teacher_without_ddp.parameters())`); the teacher starts as a copy
+of the student (`teacher_without_ddp.load_state_dict(student.module.state_dict())`) and from then
+on keeps its own BatchNorm running statistics, updated by its own train-mode forwards on the global
+views, never copied from the student (whose statistics also see the local crops).
 The teacher sees only the global views, the student all of them; `losses.dino_loss` compares every
 teacher view with every other student view. As the official `MultiCropWrapper`, the views of one
 length go through the encoder as one batch (globals together, locals together: BatchNorm
@@ -45,7 +50,7 @@ from sslaudio.augment import MultiCrop
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
 from sslaudio.methods.base import ViewMethod, embedding_std, multicrop_embed
-from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
+from sslaudio.methods.ema import EMAConfig, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
@@ -172,11 +177,23 @@ class DINO(ViewMethod):
 
     def after_step(self, step: int, max_steps: int) -> None:
         tau = momentum(self.cfg.ema, step, max_steps)
-        ema_update(self.teacher_encoder, self.encoder, tau)
-        ema_update(self.teacher_head, self.head, tau)
+        _ema_parameters(self.teacher_encoder, self.encoder, tau)
+        _ema_parameters(self.teacher_head, self.head, tau)
         if self._batch_center is not None:
             self.update_center(self._batch_center)
             self._batch_center = None
 
     def inference_encoder(self) -> nn.Module:
         return self.teacher_encoder if self.cfg.eval_teacher else self.encoder
+
+
+@torch.no_grad()
+def _ema_parameters(teacher: nn.Module, student: nn.Module, tau: float) -> None:
+    """teacher <- tau * teacher + (1 - tau) * student for parameters only: the teacher's buffers
+    (BatchNorm running statistics) stay its own, as in the official DINO update."""
+    t_params = list(teacher.parameters())
+    s_params = [p.detach() for p in student.parameters()]
+    if tau >= 1.0:
+        return
+    torch._foreach_mul_(t_params, tau)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
