@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -112,16 +113,26 @@ def _clip_problem(preset: Preset, samples: int) -> str | None:
 
         if frames(min(samples, sr // 4)) > 0 or (samples > sr // 4 and frames(samples) > 0):
             return None
-        bad, good = samples, max(2 * samples, 1)  # the shortest input that gives a frame: double, then bisect
-        while frames(good) == 0:
-            if good > MAX_SEARCH_SECONDS * sr:
-                return None  # fails at every length: not a length problem; building the method says what
-            bad, good = good, 2 * good
-        while good - bad > 1:
-            mid = (bad + good) // 2
-            bad, good = (bad, mid) if frames(mid) > 0 else (mid, good)
+        good = shortest_length(lambda n: frames(n) > 0, max(2 * samples, 1), int(MAX_SEARCH_SECONDS * sr))
+    if good is None:
+        return None  # fails at every length: not a length problem; building the method says what
     return (f"data.clip_seconds: {preset.data.clip_seconds:g} s ({samples} samples at {sr} Hz) gives the encoder "
             f"'{preset.encoder.get('name')}' no output frame; it needs at least {good / sr:.4g} s")
+
+
+def shortest_length(works: Callable[[int], bool], start: int, limit: int) -> int | None:
+    """The smallest n >= 1 with works(n), for a `works` that holds from some length on (an encoder
+    gives frames for every input at least that long): doubling from `start`, then bisection. None
+    when nothing up to `limit` works."""
+    lo, hi = 0, max(1, start)  # lo fails (or is empty), hi is tried
+    while not works(hi):
+        if hi > limit:
+            return None
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
+    return hi
 
 
 def preset_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Preset:

@@ -36,6 +36,7 @@ from safetensors.numpy import save_file
 from sslaudio import __version__
 from sslaudio.atomic import atomic_write
 from sslaudio.audio import AudioError, AudioInfo, blocks, load, probe, resampled_length
+from sslaudio.build import shortest_length
 from sslaudio.data import CropDataset, dedupe, sample_for_stats
 from sslaudio.encoders.base import ClipPool
 from sslaudio.inference import EncoderBundle
@@ -81,17 +82,12 @@ def min_samples(bundle: EncoderBundle, device: torch.device | str = "cpu") -> in
         except (ValueError, RuntimeError, IndexError):
             return False
 
-    hi = max(2, 2 * int(bundle.encoder.downsample))
-    while not works(hi):
-        if hi > 64 * int(bundle.encoder.downsample) + 1_000_000:
-            raise RuntimeError(f"{type(bundle.encoder).__name__} embeds no input up to {hi} samples")
-        hi *= 2
-    lo = 0  # lo fails (or is empty), hi works
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if works(mid) else (mid, hi)
-    cache[key] = hi
-    return hi
+    limit = 64 * int(bundle.encoder.downsample) + 1_000_000
+    n = shortest_length(works, max(2, 2 * int(bundle.encoder.downsample)), limit)
+    if n is None:
+        raise RuntimeError(f"{type(bundle.encoder).__name__} embeds no input up to {limit} samples")
+    cache[key] = n
+    return n
 
 
 @torch.no_grad()
