@@ -18,6 +18,7 @@ from typing import Callable
 from safetensors import SafetensorError
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error (safetensors) ends
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temp files: .<name>.XXXXXXXX.tmp
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], *, mode: int | None = None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 import weakref
@@ -34,15 +33,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sslaudio import __version__
-from sslaudio.atomic import atomic_write
+from sslaudio.atomic import TEMP_NAME, atomic_write
 from sslaudio.audio import AudioError, AudioInfo, blocks, load, probe, resampled_length
 from sslaudio.build import shortest_length
+from sslaudio.checkpoint import tensors_sha256
 from sslaudio.data import CropDataset, dedupe, sample_for_stats
 from sslaudio.encoders.base import ClipPool
 from sslaudio.inference import EncoderBundle
 
 RUN_FILES = ("manifest.jsonl", "errors.jsonl", "summary.json")
-_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temp names: .<name>.XXXXXXXX.tmp
 
 
 class OutputCollision(ValueError):
@@ -257,10 +256,7 @@ def encoder_identity(bundle: EncoderBundle, **options) -> str:
     h = hashlib.sha256(json.dumps({"frontend": p.frontend, "encoder": p.encoder, "sample_rate": p.data.sample_rate,
                                    "version": __version__, "options": options}, sort_keys=True,
                                   default=str).encode())
-    for name, t in sorted(bundle.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(tensors_sha256(bundle.state_dict()).encode())  # the weights, hashed as checkpoints hash them
     return h.hexdigest()[:32]
 
 
@@ -288,7 +284,7 @@ def remove_temp_files(out_dir: Path) -> int:
     n = 0
     for root, _, files in os.walk(out_dir):
         for name in files:
-            if _TEMP.match(name):
+            if TEMP_NAME.match(name):
                 try:
                     os.unlink(os.path.join(root, name))
                     n += 1
