@@ -77,6 +77,14 @@ def setup(world: World, device: str) -> torch.device:
     return dev
 
 
+def finish(world: World) -> None:
+    """After a run that ended well on every process: wait until all are done (rank 0 writes the
+    last checkpoint after the others have finished their steps), so that no process tears the
+    group down while another still uses it (a gloo rank could abort at exit then)."""
+    if world.active and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown(world: World) -> None:
     if world.active and dist.is_initialized():
         dist.destroy_process_group()

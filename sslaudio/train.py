@@ -168,7 +168,9 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
             if lock is not None:
                 with stops.protect():  # never a descriptor of a held lock lost to a signal
                     lock.acquire()
-            return _train(preset, inputs, run, resume, dev, world, method, stops, lock, on_log, warn)
+            summary = _train(preset, inputs, run, resume, dev, world, method, stops, lock, on_log, warn)
+            distributed.finish(world)
+            return summary
         finally:
             stops.deferring = True  # cleaning up: a signal now only records itself
             if lock is not None:
