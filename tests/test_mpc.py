@@ -77,7 +77,7 @@ def test_positions_are_s3prl_table_for_any_length():
 def test_encoder_rejects_masks_and_short_or_wrong_input():
     enc = _encoder(["encoder.downsample=3"])
     x = torch.randn(1, 80, 10)
-    with pytest.raises(ValueError, match="no Mask"):
+    with pytest.raises(ValueError, match="mask_token"):
         enc(x, mask=Mask.from_masked(torch.zeros(1, 3, dtype=torch.bool), "replace"))
     with pytest.raises(ValueError, match="at least 3 frame"):
         enc(torch.randn(1, 80, 2))
@@ -86,6 +86,21 @@ def test_encoder_rejects_masks_and_short_or_wrong_input():
     with pytest.raises(ValueError, match=r"expected input \(B, 80, T\)"):
         enc(torch.randn(1, 64, 10))
     assert enc(x, return_layers=True).layers[-1] is not None  # 3 // 3 tokens: fine
+
+
+def test_mask_token_swaps_hidden_tokens_only():
+    enc = _encoder(["encoder.mask_token=true"]).eval()
+    x = torch.randn(2, 80, 12)
+    hidden = torch.zeros(2, 12, dtype=torch.bool)
+    hidden[0, 3:6] = True
+    out = enc(x, mask=Mask.from_masked(hidden, "replace"))
+    y = x.clone()
+    y[0, :, 3:6] += 5.0  # what hidden frames held does not reach the output
+    assert torch.allclose(out.tokens, enc(y, mask=Mask.from_masked(hidden, "replace")).tokens, atol=1e-5)
+    assert not torch.allclose(out.tokens, enc(x).tokens)
+    assert torch.equal(out.features, x.transpose(1, 2))  # the quantizer input: the frames themselves
+    with pytest.raises(ValueError, match="mask_token"):
+        enc(x, mask=Mask.from_masked(torch.zeros(2, 12, dtype=torch.bool), "keep"))
 
 
 def test_stacking_round_trips():

@@ -17,7 +17,11 @@ each item's own result.
 
 Masks: Mockingjay and TERA alter the input frames themselves (zeros, other frames, a zeroed
 frequency band, noise), so the method corrupts the spectrogram and calls the encoder without a
-`Mask`; this encoder rejects one. With `return_layers`, `layers` holds the output of every block
+`Mask`. With `mask_token: true` the encoder also takes a replace-mode `Mask` (the log-mel tiny
+versions of wav2vec 2.0 and HuBERT): hidden tokens are swapped, after the input projection and
+before the positions, for a learned vector (uniform init, as fairseq's mask_emb); `features` is
+then the stacked input frames (the log-mel stand-in for wav2vec 2.0's conv features) and `local`
+the projected tokens before the swap. With `return_layers`, `layers` holds the output of every block
 (s3prl's `output_all_encoded_layers` also lists the input representation before the first block).
 """
 
@@ -64,6 +68,7 @@ class FrameTransformer(Encoder):
         dropout: float = 0.1  # hidden_dropout_prob: input representation, attention and FFN outputs
         attention_dropout: float = 0.1  # attention_probs_dropout_prob
         norm_eps: float = 1e-12  # layer_norm_eps
+        mask_token: bool = False  # a learned vector for replace-mode masks (wav2vec 2.0 / HuBERT on log-mel)
 
         def __post_init__(self):
             if self.depth < 1 or self.heads < 1 or self.ffn_dim < 1:
@@ -102,6 +107,8 @@ class FrameTransformer(Encoder):
                   attention_dropout=cfg.attention_dropout, norm_first=False, norm_eps=cfg.norm_eps)
             for _ in range(cfg.depth)])
         init_bert_(self)  # s3prl init_Transformer_weights: Linear N(0, 0.02), zero bias, unit LayerNorm
+        if cfg.mask_token:
+            self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
 
     # ---- helpers for methods ----
 
@@ -154,16 +161,23 @@ class FrameTransformer(Encoder):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None,
                 return_layers: bool = False) -> EncoderOut:
-        if mask is not None:
-            raise ValueError("frame_transformer takes no Mask: Mockingjay / TERA alter the input frames "
-                             "themselves (the method corrupts x and calls the encoder without a mask)")
+        if mask is not None and not (self.cfg.mask_token and mask.mode == "replace"):
+            raise ValueError("frame_transformer takes a Mask only in replace mode with encoder.mask_token: "
+                             "true (Mockingjay / TERA alter the input frames themselves)")
         if lengths is None:  # every item spans the whole input
             self._check(x, torch.full((x.shape[0],), x.shape[-1], dtype=torch.long))
         else:
             self._check(x, lengths)
-        h = self.stack_frames(x)  # (B, N, F * r)
-        n = h.shape[1]
-        h = self.input_proj(h)  # (B, N, D)
+        frames = self.stack_frames(x)  # (B, N, F * r)
+        n = frames.shape[1]
+        local = self.input_proj(frames)  # (B, N, D)
+        h = local
+        if mask is not None:
+            hidden = mask.masked.to(h.device)
+            if hidden.shape != h.shape[:2]:
+                raise ValueError(f"frame_transformer: mask shape {tuple(hidden.shape)} does not fit "
+                                 f"{tuple(h.shape[:2])} tokens")
+            h = torch.where(hidden.unsqueeze(-1), self.mask_emb.to(h.dtype), h)
         h = self.input_dropout(self.input_norm(h + self.positions(n, h)))
         padding, token_lengths = None, None
         if lengths is not None:
@@ -172,4 +186,6 @@ class FrameTransformer(Encoder):
         attn_padding = padding if padding is not None and bool(padding.any()) else None
         h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers)
         return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None,
-                          ffn=ffns if return_layers else None, lengths=token_lengths, grid=(n,))
+                          ffn=ffns if return_layers else None, lengths=token_lengths, grid=(n,),
+                          local=local, features=frames,
+                          frame_padding=padding)
