@@ -162,8 +162,20 @@ def build_encoder(preset: Preset) -> tuple[nn.Module, nn.Module]:
 
 
 def build_method(preset: Preset) -> Method:
-    """Frontend, encoder, masker and method of a validated preset."""
+    """Frontend, encoder, masker and method of a validated preset; the frontend and encoder of
+    each source the method reads (`Method.sources`), built from the preset recorded for it."""
     frontend, encoder = build_encoder(preset)
     masker = build_component(MASKERS, preset.masker, "masker") if preset.masker else None
+    method_cls, method_cfg = component_config(METHODS, preset.method, "method")
+    extra = {}
+    names = method_cls.sources(method_cfg)
+    if names:
+        extra["sources"] = {}
+        for name, spec in names.items():
+            recorded = preset.method.get(f"{name}_preset")
+            if not recorded:
+                raise ConfigError(f"method.{name}_preset: the preset of {spec} is not recorded (the trainer "
+                                  f"fills it in from the checkpoint)")
+            extra["sources"][name] = build_encoder(preset_from_dict(recorded))
     return build_component(METHODS, preset.method, "method", inputs=input_spec(preset), frontend=frontend,
-                           encoder=encoder, masker=masker)
+                           encoder=encoder, masker=masker, **extra)

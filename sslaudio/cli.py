@@ -166,6 +166,9 @@ def pretrain(
     set_: List[str] = typer.Option([], "--set", help="Override any key: --set optim.lr=1e-4 (repeatable)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from RUN's latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="HuBERT's k-means targets: 'mfcc' (iteration 1) "
+                                          "or RUN_OR_CKPT[:LAYER] (iteration 2: block LAYER, from 1, of that "
+                                          "model; default the preset's method.layer)."),
 ):
     """Pretrain an encoder on unlabeled audio; writes RUN/config.yaml, log.jsonl, ckpt/, export/."""
     from rich.markup import escape
@@ -179,6 +182,8 @@ def pretrain(
             overrides.append(f"train.steps={steps}")
         if batch_size is not None:
             overrides.append(f"train.batch_size={batch_size}")
+        if targets is not None:
+            overrides.append(f"method.targets={json.dumps(targets)}")  # a string, whatever it looks like
         p = load_preset(preset, overrides)
         dev = resolve_device(device)
         try:

@@ -266,3 +266,16 @@ def sample_for_stats(dataset: CropDataset, count: int, seed: int) -> torch.Tenso
     rng = np.random.default_rng([seed, 0x57A7])
     idx = rng.choice(len(dataset), size=count, replace=count > len(dataset))
     return torch.cat([dataset[(int(i), -2, k)]["audio"] for k, i in enumerate(idx)])
+
+
+def sample_batches(dataset: CropDataset, seed: int, device: torch.device | str, count: int,
+                   batch: int) -> Iterator[torch.Tensor]:
+    """`count` crops drawn with a fixed seed (another stream than `sample_for_stats`), yielded as
+    (<= batch, S) tensors on `device`, the first segment of each: the sample a method fits a
+    codebook on before training (HuBERT's k-means), read a batch at a time so memory stays bounded."""
+    rng = np.random.default_rng([seed, 0xC0DE])
+    idx = rng.choice(len(dataset), size=count, replace=count > len(dataset))
+    for start in range(0, count, batch):
+        # step -2 as the stats sample, slots far above any stats count: crops of their own
+        rows = [dataset[(int(i), -2, 1 << 30 | (start + k))]["audio"][:1] for k, i in enumerate(idx[start:start + batch])]
+        yield torch.cat(rows).to(device)

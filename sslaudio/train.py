@@ -20,6 +20,7 @@ rank 0 alone locks and writes the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -43,10 +44,12 @@ from sslaudio.data import (
     CropDataset,
     DataError,
     loader,
+    sample_batches,
     sample_for_stats,
     scan,
     validate,
 )
+from sslaudio.inference import load_encoder
 from sslaudio.interrupts import Interrupted, StopSignals, worker_init
 from sslaudio.runfolder import (
     data_digest,
@@ -141,6 +144,41 @@ def _worst_tensor(module: nn.Module) -> str:
     return f"{name} = {value:.3g}"
 
 
+def resolve_sources(preset: Preset, run: Path, resume: bool) -> Preset:
+    """Record, in the method section, the preset of every checkpoint the method reads
+    (`Method.sources`) as `<name>_preset`: from the run's own config.yaml when resuming a run that
+    read the same source (so the source may be gone by then), else from the source itself."""
+    from sslaudio.build import load_components
+    from sslaudio.config import component_config, load_preset_dict
+    from sslaudio.registry import METHODS
+
+    load_components()
+    method_cls, cfg = component_config(METHODS, preset.method, "method")
+    names = method_cls.sources(cfg)
+    if not names:
+        return preset
+    saved = {}
+    if resume and (run / "config.yaml").is_file():
+        try:
+            saved = load_preset_dict(str(run / "config.yaml")).get("method") or {}
+        except Exception:  # an unreadable config.yaml is reported by the resume checks
+            saved = {}
+    method = dict(preset.method)
+    for name, spec in names.items():
+        key = f"{name}_preset"
+        if method.get(key):
+            continue
+        same = all(saved.get(k) == v for k, v in preset.method.items() if k != key)
+        if same and saved.get(key):
+            method[key] = saved[key]
+            continue
+        try:
+            method[key] = load_encoder(spec).preset.to_dict()
+        except (checkpoint.CheckpointError, OSError) as e:
+            raise ConfigError(f"method: cannot read the checkpoint {spec!r} ({str(e).splitlines()[0]})") from None
+    return dataclasses.replace(preset, method=method)
+
+
 def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = True, device: str = "auto",
         on_log: Callable[[int, int, dict | None], None] | None = None, warn=None) -> dict:
     """Train `preset` on the audio in `inputs` into `run_dir`. Returns a summary dict.
@@ -163,6 +201,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     with StopSignals(announce=world.main) as stops:
         try:
             dev = distributed.setup(world, device) if world.active else pick_device(device)
+            preset = resolve_sources(preset, run, resume)
             torch.manual_seed(preset.seed)
             method = build_method(preset).to(dev)
             if lock is not None:
@@ -222,14 +261,18 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(method.param_groups(preset.optim.weight_decay), lr=preset.optim.lr,
                                   betas=preset.optim.betas, eps=preset.optim.eps)
-    start = 0
+    start, state = 0, {}
     if last is not None:
         model_t, optim_t, optim_meta, saved = checkpoint.load_step(last)
         method.load_state_dict(model_t)
         checkpoint.load_optimizer(optimizer, optim_t, optim_meta)
         start = saved["step"]
     else:
-        method.prepare(sample_for_stats(dataset, preset.data.norm_samples, seed).to(dev))
+        for name, spec in method.sources(method.cfg).items():  # e.g. HuBERT's iteration-1 model
+            getattr(method, name).load_state_dict(load_encoder(spec).state_dict())
+        method.prepare(sample_for_stats(dataset, preset.data.norm_samples, seed).to(dev),
+                       functools.partial(sample_batches, dataset, seed, dev))
+    state["method"] = method.run_info()
 
     precision = tc.precision if tc.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -242,7 +285,8 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     # carried across a resume, so that the next log row and the non-finite count are an uninterrupted run's
     nonfinite, loss_sum, n_sum = saved.get("nonfinite", 0), saved.get("log_loss_sum", 0.0), saved.get("log_steps", 0)
     t0, t_last, step = time.time(), time.time(), start
-    state = {"skipped_files": len(skipped), "files": len(infos), "world_size": world.size, "data_sha256": digest}
+    state.update({"skipped_files": len(skipped), "files": len(infos), "world_size": world.size,
+                  "data_sha256": digest})
     rank = (world.rank,) if world.rank else ()  # rank 0 draws what a single process draws
     health, health_at, committed = None, start, start  # max |state| after step health_at, not yet checked
 

@@ -29,9 +29,11 @@ def test_every_method_has_full_and_tiny_presets():
 
 
 def audio_batch(p, m) -> torch.Tensor:
-    """(4, segments, S) random crops for preset p; fits the frontend statistics (no-op if none)."""
+    """(4, segments, S) random crops for preset p; runs the method's `prepare` on them as the
+    trainer does before a new run (frontend statistics; HuBERT's k-means on 8 more crops)."""
     audio = torch.randn(4, p.data.segments, int(round(p.data.clip_seconds * p.data.sample_rate))) * 0.1
-    m.frontend.estimate_stats(audio[:, 0])
+    more = torch.randn(8, audio.shape[-1], generator=gen(1)) * 0.1
+    m.prepare(audio[:, 0], lambda count, batch: iter(more[:count].split(batch)))
     return audio
 
 

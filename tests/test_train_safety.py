@@ -67,8 +67,8 @@ def hooks(monkeypatch):
             if step in calls:
                 calls[step](m)
 
-        def prepare_hooked(audio):
-            prepare(audio)
+        def prepare_hooked(audio, sample=None):
+            prepare(audio, sample)
             if "prepare" in calls:
                 calls["prepare"](m)
 

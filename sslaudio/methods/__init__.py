@@ -7,6 +7,7 @@ from sslaudio.methods import (
     cpc,  # noqa: F401  CPC
     data2vec,  # noqa: F401  data2vec, data2vec 2.0
     dino,  # noqa: F401  DINO
+    hubert,  # noqa: F401  HuBERT
     m2d,  # noqa: F401
     moco,  # noqa: F401  MoCo v2, v3
     mpc,  # noqa: F401  Mockingjay, TERA

@@ -4,7 +4,9 @@ A method is an `nn.Module` holding the frontend, the online encoder and whatever
 queues or memories its objective needs. It is built from its own Config, an `InputSpec` (the
 training crops and the preset's view chain), the frontend, the encoder and an optional masker.
 The trainer calls:
-- `prepare(audio)` once before the first step of a new run, with (N, S) training crops;
+- `prepare(audio, sample)` once before the first step of a new run, with (N, S) training crops and
+  `sample(count, batch)`, an iterator over `count` more crops in (<= batch, S) tensors (a larger
+  sample read in bounded memory: HuBERT's k-means);
 - `forward(batch, step, generator, max_steps) -> {"loss": ..., ...}`: the loss and other scalars to
   log (tensors; the trainer converts them only when it logs);
 - `after_step(step, max_steps)` after each optimizer step (EMA, queues, centres);
@@ -14,6 +16,14 @@ The trainer calls:
   for methods whose loss needs every process's rows; None in one process.
 `inference_encoder()` is what extraction and export use; `needs(cfg)` declares which components
 the method works with, checked when the preset is loaded.
+
+A method that reads other checkpoints (HuBERT's label model of iteration 2) lists them in
+`sources(cfg) -> {name: spec}`. The trainer records each source's preset in the method section as
+`<name>_preset` (so the run's config holds the architecture and a resume needs no source), the
+builder passes `sources={name: (frontend, encoder)}` built from it, and for a new run the trainer
+loads the source's weights into the method's module `name` (a ModuleDict of frontend and encoder,
+frozen); the weights then travel in every checkpoint. `run_info()` is JSON stored in every
+checkpoint's state.json (HuBERT: the codebook's source, k and inertia).
 """
 
 from __future__ import annotations
@@ -76,9 +86,18 @@ class Method(nn.Module):
         return x
 
     # -- the interface ------------------------------------------------------------------------
-    def prepare(self, audio: Tensor) -> None:
+    @classmethod
+    def sources(cls, cfg) -> dict[str, str]:
+        """Checkpoints the method reads (name -> run folder, step folder or encoder file)."""
+        return {}
+
+    def run_info(self) -> dict:
+        """JSON-able facts about the run stored in every checkpoint's state.json."""
+        return {}
+
+    def prepare(self, audio: Tensor, sample=None) -> None:
         """Before the first step of a new run, from (N, S) training crops: the frontend's
-        normalisation statistics."""
+        normalisation statistics. `sample(count, batch)` iterates over more crops (see above)."""
         self.frontend.estimate_stats(audio)
 
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:

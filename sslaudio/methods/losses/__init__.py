@@ -16,7 +16,7 @@ detached inside, so no caller can forget it.
 """
 
 from sslaudio.methods.losses._common import GatherFn, LossOut
-from sslaudio.methods.losses.clustering import dino_loss, sinkhorn, swav_loss
+from sslaudio.methods.losses.clustering import cluster_prediction_loss, dino_loss, sinkhorn, swav_loss
 from sslaudio.methods.losses.contrastive import (
     cpc_info_nce,
     info_nce_queue,
@@ -37,6 +37,6 @@ __all__ = [
     "byol_loss", "negative_cosine", "regression_loss", "average_top_k_layers",
     "nt_xent", "info_nce_queue", "moco_v3_loss", "cpc_info_nce",
     "barlow_twins_loss", "vicreg_loss",
-    "dino_loss", "sinkhorn", "swav_loss",
+    "dino_loss", "sinkhorn", "swav_loss", "cluster_prediction_loss",
     "apc_l1_loss", "masked_reconstruction_loss",
 ]

@@ -129,3 +129,26 @@ def swav_loss(scores: Tensor, crops_for_assign: Sequence[int] = (0, 1), temperat
         h_mean = h_mean + _dist_entropy(q.mean(dim=0))
     A = len(assign)
     return LossOut(loss / A, {"q_entropy": (h / A).detach(), "q_mean_entropy": (h_mean / A).detach()})
+
+
+@_fp32
+def cluster_prediction_loss(pred: Tensor, codewords: Tensor, labels: Tensor, temperature: float = 0.1) -> LossOut:
+    """HuBERT: predict each frame's cluster id from cosine similarities to learned codeword embeddings.
+
+    Hsu et al. 2021, "HuBERT: Self-Supervised Speech Representation Learning by Masked Prediction
+    of Hidden Units", eq. 1-3; fairseq `models/hubert/hubert.py` `compute_nce` / `compute_logits`
+    and `criterions/hubert_criterion.py`. logits_c = cos(pred, e_c) / temperature for every
+    codeword c; cross-entropy against the frame's label, summed over the rows (the criterion divides
+    by the frame count; the caller does). fairseq puts the positive first and gives -inf to the
+    "negatives" equal to it, which is this same softmax over all codewords.
+
+    pred (N, D) projected frames, codewords (C, D), labels (N,) long in [0, C).
+    Returns the summed loss; terms: correct (rows whose label has the highest logit; fairseq
+    compute_correct, whose argmax-and-argmin case only arises with all logits equal), rows."""
+    # one (N, D) x (D, C) product of unit vectors, not an (N, C, D) broadcast
+    logits = F.normalize(pred.float(), dim=-1) @ F.normalize(codewords.float(), dim=-1).t() / temperature
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    with torch.no_grad():
+        top, bottom = logits.argmax(-1) == labels, logits.argmin(-1) == labels
+        correct = (top & ~bottom).sum().float()
+    return LossOut(loss, {"correct": correct, "rows": torch.tensor(float(labels.numel()), device=loss.device)})
