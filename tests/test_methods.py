@@ -74,6 +74,7 @@ EXPORTS = [
     ("tiny/apc", (), 128, 160),  # rnn
     ("tiny/mockingjay", (), 128, 160),  # frame_transformer
     ("tiny/cpc", (), 128, 160),  # cpc
+    ("tiny/npc", (), 64, 160),  # npc
     ("tiny/data2vec2-wave", (), 64, 320),  # conv_transformer + ALiBi
     ("tiny/tera", ("encoder.downsample=2",), 128, 320),  # frame_transformer stacking 2 frames a token
 ]

@@ -11,6 +11,7 @@ from sslaudio.methods import (
     m2d,  # noqa: F401
     moco,  # noqa: F401  MoCo v2, v3
     mpc,  # noqa: F401  Mockingjay, TERA
+    npc,  # noqa: F401  NPC
     redundancy,  # noqa: F401  Barlow Twins, VICReg
     simclr,  # noqa: F401
     swav,  # noqa: F401
