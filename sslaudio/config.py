@@ -212,10 +212,15 @@ class OptimConfig:
     schedule: typing.Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     grad_clip: float = 0.0  # 0 disables clipping
+    # weight decay follows a cosine from weight_decay to this over the run (DINO, ATST: 0.04 -> 0.4);
+    # None: constant. Only the parameter groups that decay at all (weight_decay > 0) follow it.
+    weight_decay_end: float | None = None
 
     def __post_init__(self):
         check_range("optim.lr", self.lr, low=0, low_open=True)
         check_range("optim.weight_decay", self.weight_decay, low=0)
+        if self.weight_decay_end is not None:
+            check_range("optim.weight_decay_end", self.weight_decay_end, low=0)
         for i, b in enumerate(self.betas):
             check_range(f"optim.betas[{i}]", b, low=0, high=1, high_open=True)
         check_range("optim.eps", self.eps, low=0, low_open=True)
@@ -265,6 +270,8 @@ class Preset:
         for k in ("log_every", "ckpt_every", "keep_last"):
             d["train"].pop(k, None)
         d["data"].pop("num_workers", None)
+        if d["optim"].get("weight_decay_end") is None:  # runs from before the option keep their identity
+            d["optim"].pop("weight_decay_end", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -136,6 +136,86 @@ class LogMel(Frontend):
         self.norm_std.copy_(x.std().clamp_min(1e-5))
 
 
+@FRONTENDS.register("mel_db")
+class MelDB(LogMel):
+    """Mel power in dB, floored `top_db` below each clip's maximum, scaled by fixed dB bounds: the
+    ATST front end (Li et al. 2022 / 2024; github.com/Audio-WestlakeU/audiossl,
+    methods/atst/transform.py and methods/atstframe/transform.py): torchaudio MelSpectrogram (htk
+    scale, no filter norm, power 2, centred STFT), AmplitudeToDB(power, top_db=80), then
+    MinMax(min=-79.6482, max=50.6842): x = (dB - min) / (max - min) * 2 - 1.
+
+    AmplitudeToDB on one clip's (1, F, T) spectrogram clamps at 80 dB below that clip's maximum;
+    here the maximum is taken per item over its valid frames (torchaudio's batched call would take
+    it over the whole batch). The min-max scaling is kept in LogMel's normalisation buffers
+    (mean (min + max) / 2, std (max - min) / 2), fixed constants never re-estimated.
+    """
+
+    @dataclass
+    class Config:
+        n_mels: int = 64
+        n_fft: int = 1024
+        win_length: int = 0  # 0: n_fft
+        hop: int = 160
+        f_min: float = 60.0
+        f_max: float = 7800.0
+        top_db: float = 80.0  # 0: no floor
+        db_min: float = -79.6482  # official MinMax bounds (dB), computed on AudioSet
+        db_max: float = 50.6842
+        mel_scale: Literal["htk", "slaney"] = "htk"
+        mel_norm: Literal["none", "slaney"] = "none"
+
+        def __post_init__(self):
+            if self.n_mels < 1 or self.hop < 1 or self.n_fft < 2:
+                raise ConfigError("frontend: n_mels, hop and n_fft must be positive")
+            if self.win_length > self.n_fft:
+                raise ConfigError("frontend.win_length must be <= n_fft")
+            if self.top_db < 0:
+                raise ConfigError(f"frontend.top_db must be >= 0 (0: no floor), found {self.top_db}")
+            if not self.db_max > self.db_min:
+                raise ConfigError(f"frontend.db_max ({self.db_max}) must exceed frontend.db_min ({self.db_min})")
+
+    AMIN = 1e-10  # torchaudio AmplitudeToDB's floor on the power before log10
+
+    def __init__(self, cfg: Config, sample_rate: int):
+        super().__init__(cfg, sample_rate)
+        self.norm_mean.fill_((cfg.db_min + cfg.db_max) / 2)
+        self.norm_std.fill_((cfg.db_max - cfg.db_min) / 2)
+
+    def power_mel(self, audio: Tensor) -> Tensor:
+        """(B, S) -> (B, n_mels, T) mel power, computed in float32."""
+        min_len = self.cfg.n_fft // 2 + 1  # reflect padding needs more than half a window
+        if audio.shape[-1] < min_len:
+            audio = nn.functional.pad(audio, (0, min_len - audio.shape[-1]))
+        with torch.autocast(audio.device.type, enabled=False):
+            return self._mel_conv(audio.float()) if self.conv_stft else self.mel(audio.float())
+
+    def log_mel(self, audio: Tensor, frame_lengths: Tensor | None = None) -> Tensor:
+        """(B, S) -> (B, n_mels, T) dB, floored top_db below each item's maximum over its valid
+        frames (all frames without frame_lengths), before the min-max scaling."""
+        db = 10.0 * torch.log10(self.power_mel(audio).clamp_min(self.AMIN))
+        if self.cfg.top_db <= 0:
+            return db
+        if frame_lengths is None:
+            top = db.amax(dim=(1, 2), keepdim=True)
+        else:
+            pad = torch.arange(db.shape[-1], device=db.device)[None, :] >= frame_lengths.to(db.device)[:, None]
+            top = db.masked_fill(pad[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
+        return torch.maximum(db, top - self.cfg.top_db)
+
+    def forward(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        frame_lengths = None
+        if lengths is not None:
+            n_frames = max(audio.shape[-1], self.cfg.n_fft // 2 + 1) // self.hop + 1
+            frame_lengths = torch.clamp(lengths // self.hop + 1, max=n_frames)
+        db = self.log_mel(audio, frame_lengths)  # (B, F, T)
+        if frame_lengths is None:
+            frame_lengths = torch.full((db.shape[0],), db.shape[-1], dtype=torch.long, device=db.device)
+        return (db - self.norm_mean) / self.norm_std, frame_lengths
+
+    def estimate_stats(self, audio: Tensor) -> None:
+        """Nothing to estimate: the scaling is the official fixed dB bounds."""
+
+
 @FRONTENDS.register("waveform")
 class Waveform(Frontend):
     """Raw waveform (B, S); optionally normalised per utterance to zero mean and unit variance

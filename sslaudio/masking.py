@@ -11,7 +11,8 @@ the encoder drops hidden tokens; this needs the same number of visible tokens pe
 In replace mode (wav2vec 2.0 / HuBERT / data2vec) hidden tokens are swapped for a learned vector.
 
 Maskers: "none", "random" (MAE / M2D patches), "span" (wav2vec 2.0 / HuBERT / data2vec, fairseq
-`compute_mask_indices`), "block" (time / frequency blocks: TERA, ATST-Frame), "inverse_block"
+`compute_mask_indices`; also ATST-Frame's "block" masks, which the official code draws with fairseq's
+overlapping spans), "block" (time / frequency blocks: TERA), "inverse_block"
 (data2vec 2.0: visible blocks, the rest hidden). Padding (B, N) marks tokens that are padding;
 padding is assumed to be a suffix in time. In keep mode every masker equalises the hidden count
 across rows (hiding or revealing random tokens as fairseq's `require_same_masks` does).
@@ -234,9 +235,10 @@ class BlockMasker(Masker):
     Time: round(ratio * valid_T / length) blocks of `length` whole time columns. overlap=True
     (TERA, Liu et al. 2021): starts drawn without replacement from [0, valid_T - length), blocks may
     overlap, so fewer than ratio * T columns may be hidden; overlap=False: blocks placed uniformly
-    without overlapping, hiding the ratio up to rounding (ATST-Frame style, Li et al. 2024).
+    without overlapping, hiding the ratio up to rounding.
     Frequency (2-D grids, TERA): one band of U{0..floor(freq_ratio * F)} consecutive rows hidden at
-    every time step. TERA: ratio 0.15, length 7, freq_ratio 0.2; ATST-Frame: 0.65, 5, no overlap.
+    every time step. TERA: ratio 0.15, length 7, freq_ratio 0.2. (ATST-Frame's block masks are the
+    official code's fairseq spans: the "span" masker, p 0.65, length 5, overlapping.)
     """
 
     @dataclass

@@ -76,6 +76,15 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def weight_decay_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """optim.weight_decay, or a cosine from it to optim.weight_decay_end over the run (the official
+    DINO / ATST `cosine_scheduler(wd, wd_end, ...)` per step)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    frac = min(step / max(max_steps, 1), 1.0)
+    return cfg.weight_decay_end - (cfg.weight_decay_end - cfg.weight_decay) * (1 + math.cos(math.pi * frac)) / 2
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (SplitMix-style mixing; stable across runs and platforms)."""
     h = 0x9E3779B97F4A7C15
@@ -261,6 +270,8 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(method.param_groups(preset.optim.weight_decay), lr=preset.optim.lr,
                                   betas=preset.optim.betas, eps=preset.optim.eps)
+    # the groups a weight-decay schedule drives (indices: a resume replaces the group dicts)
+    decaying = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
     start, state = 0, {}
     if last is not None:
         model_t, optim_t, optim_meta, saved = checkpoint.load_step(last)
@@ -334,6 +345,10 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             lr = lr_at(step, preset.optim, tc.steps)
             for group in optimizer.param_groups:
                 group["lr"] = preset.optim.lr if group.get("constant_lr") else lr
+            if preset.optim.weight_decay_end is not None:
+                wd = weight_decay_at(step, preset.optim, tc.steps)
+                for i in decaying:
+                    optimizer.param_groups[i]["weight_decay"] = wd
             torch.manual_seed(derive_seed(seed, step, 1, *rank))
             gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2, *rank))
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}

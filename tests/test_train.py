@@ -95,3 +95,34 @@ def test_loaded_encoder_matches_training_weights(audio_dir, tmp_path):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     with pytest.raises(checkpoint.CheckpointError):
         load_encoder(str(tmp_path / "nothing"))
+
+
+def test_weight_decay_schedule_is_cosine_and_resumes(tmp_path, audio_dir):
+    """optim.weight_decay_end: a cosine from weight_decay to it over the run, applied to the decaying
+    groups only; resume replays it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sslaudio.build import load_preset
+    from sslaudio.train import fit, weight_decay_at
+
+    p = load_preset("tiny/byol-a", ["train.steps=4", "train.ckpt_every=2", "train.batch_size=4",
+                                    "data.num_workers=0", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"])
+    assert weight_decay_at(0, p.optim, 10) == pytest.approx(0.04)
+    assert weight_decay_at(5, p.optim, 10) == pytest.approx(0.22)
+    assert weight_decay_at(10, p.optim, 10) == pytest.approx(0.4)
+    plain = load_preset("tiny/byol-a")
+    assert weight_decay_at(7, plain.optim, 10) == plain.optim.weight_decay
+    fit(p, [str(audio_dir)], tmp_path / "a", device="cpu")
+    fit(p, [str(audio_dir)], tmp_path / "b", device="cpu")
+    shutil.rmtree(tmp_path / "b" / "ckpt" / "step-000000004")
+    fit(p, [str(audio_dir)], tmp_path / "b", device="cpu")
+    a = load_file(str(tmp_path / "a/ckpt/step-000000004/model.safetensors"))
+    b = load_file(str(tmp_path / "b/ckpt/step-000000004/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = load_preset("tiny/byol-a", ["train.steps=4", "train.ckpt_every=2", "train.batch_size=4",
+                                    "data.num_workers=0", "optim.weight_decay=0.04"])
+    fit(c, [str(audio_dir)], tmp_path / "c", device="cpu")
+    cw = load_file(str(tmp_path / "c/ckpt/step-000000004/model.safetensors"))
+    assert any(not torch.equal(a[k], cw[k]) for k in a)  # the schedule changed the weights

@@ -3,9 +3,21 @@ models: M2D (Niizumi et al. 2023; 16x16 patches on 80 mel bins, official code nt
 ATST (Li et al. 2022/2024; 64x4 patches on 64 mel bins).
 
 Tokens follow MAE/M2D patchify order: row-major over the (freq, time) patch grid, index
-f * Tg + t. Positions are fixed 2-D sin-cos computed for any grid, so clips longer than the
-training crop work. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens after positions are
-added; a replace mask swaps hidden patch embeddings for a learned token before positions.
+f * Tg + t. Positions are fixed 2-D sin-cos computed for any grid (`pos: sincos`, default), so clips
+longer than the training crop work; or learned (`pos: learned`, ATST's `pos_type cut`): one vector
+per patch of the first `pos_len` time columns, the first Tg of them added to an input of Tg
+columns. A learned-position ViT encodes an input of more than pos_len columns in chunks of pos_len
+columns, each chunk a batch row of its own (the official ATST extraction,
+`get_intermediate_layers_chunks` / embedding.py: chunks of the training length), so it accepts any
+length; the CLS output is then the mean of the chunks' CLS outputs weighted by their valid columns.
+A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens after positions are added; a replace mask
+swaps hidden patch embeddings for a learned token before positions.
+
+Clip embedding: the mean of the frames (`Encoder.pool`). With `cls_frames` every frame of
+`to_frames` starts with the CLS output, so that mean is [CLS, mean of the patch frames]: ATST-Clip's
+clip representation (official get_intermediate_layers_chunks with avgpool), pooled the same way
+however the input is chunked, here or by extraction. (With `--layer` the CLS part stays the last
+block's.)
 
 Blocks: pre-LN with a final LayerNorm (`norm_first`, default; ViT, MAE, M2D), or post-LN after a
 LayerNorm on the input tokens with no final norm (`norm_first: false`; data2vec 2.0 / EAT,
@@ -19,8 +31,10 @@ input K times, patch embedding computed once; rows are ordered b * K + k (`repea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
@@ -64,6 +78,15 @@ class ViT(Encoder):
         # layer_norm_first false (fairseq AltBlock; BlockEncoder's norm before the blocks;
         # Data2VecMultiModel.norm only built when layer_norm_first)
         norm_first: bool = True
+        # "sincos": fixed 2-D positions for any grid; "learned": ATST's pos_type "cut", pos_len
+        # columns (ATST-Frame 250 = 10 s of 40 ms patches), longer inputs encoded in chunks of pos_len
+        pos: Literal["sincos", "learned"] = "sincos"
+        pos_len: int = 250
+        # "mae": xavier-uniform Linear weights (MAE, M2D); "trunc_normal": N(0, 0.02) truncated at
+        # +-2 for Linear and patch weights, positions, CLS and mask tokens (ATST / DINO _init_weights)
+        init: Literal["mae", "trunc_normal"] = "mae"
+        # every frame of to_frames starts with the CLS output: clip embedding [CLS, mean] (ATST-Clip)
+        cls_frames: bool = False
 
         def __post_init__(self):
             if len(self.patch) != 2 or min(self.patch) < 1:
@@ -78,8 +101,16 @@ class ViT(Encoder):
                 raise ConfigError(f"encoder.mlp_ratio must be positive, found {self.mlp_ratio}")
             if not 0.0 <= self.drop_path < 1.0:
                 raise ConfigError(f"encoder.drop_path must be in [0, 1), found {self.drop_path}")
+            if self.pos not in ("sincos", "learned"):
+                raise ConfigError(f"encoder.pos: {self.pos!r} is not one of ['sincos', 'learned']")
+            if self.pos_len < 1:
+                raise ConfigError(f"encoder.pos_len must be >= 1, found {self.pos_len}")
+            if self.init not in ("mae", "trunc_normal"):
+                raise ConfigError(f"encoder.init: {self.init!r} is not one of ['mae', 'trunc_normal']")
+            if self.cls_frames and not self.cls_token:
+                raise ConfigError("encoder.cls_frames puts the CLS output into every frame; set encoder.cls_token: true")
 
-    def __init__(self, cfg: "ViT.Config", frontend):
+    def __init__(self, cfg: ViT.Config, frontend):
         super().__init__()
         self.cfg = cfg
         fp, tp = cfg.patch
@@ -91,7 +122,7 @@ class ViT(Encoder):
         self.freq_grid = n_freq // fp
         self.tokens_per_time = self.freq_grid  # tokens per patch column (Fg)
         self.dim = cfg.dim
-        self.frame_dim = self.freq_grid * cfg.dim
+        self.frame_dim = self.freq_grid * cfg.dim + (cfg.dim if cfg.cls_frames else 0)
         self.hop = int(frontend.hop)
         self.downsample = self.hop * tp
         self.sample_rate = int(frontend.sample_rate)
@@ -108,10 +139,27 @@ class ViT(Encoder):
         # ends with its own LayerNorm), applied to the CLS token too
         self.input_norm = None if cfg.norm_first else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.norm_first else nn.Identity()
-        init_vit_(self.blocks)
-        nn.init.normal_(self.mask_token, std=0.02)
-        if self.cls is not None:
-            nn.init.normal_(self.cls, std=0.02)
+        self.pos_embed = nn.Parameter(torch.zeros(self.freq_grid, cfg.pos_len, cfg.dim)) \
+            if cfg.pos == "learned" else None
+        if cfg.init == "trunc_normal":
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            for p in (self.mask_token, self.cls):
+                if p is not None:
+                    nn.init.trunc_normal_(p, std=0.02)
+        else:
+            init_vit_(self.blocks)
+            nn.init.normal_(self.mask_token, std=0.02)
+            if self.cls is not None:
+                nn.init.normal_(self.cls, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     # ---- helpers for methods: grids and padding for maskers, patches for pixel targets ----
 
@@ -181,42 +229,86 @@ class ViT(Encoder):
                 hidden = mask.masked.to(tokens.device).unsqueeze(-1)
                 tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
 
-        if torch.jit.is_tracing():  # export: positions must follow the input length
+        chunks, tg = 1, grid[1]
+        chunk_padding = padding
+        if self.pos_embed is not None:  # learned positions, cut to the input (chunks beyond pos_len)
+            tokens, chunk_padding, chunks, cols, tg = self._chunk(tokens, padding)
+            tokens = tokens + self.pos_embed[:, :cols].reshape(-1, self.dim).to(tokens.dtype)
+        elif torch.jit.is_tracing():  # export: positions must follow the input length
             tokens = tokens + sincos_pos_embed_2d_traced(self.dim, grid[0], tokens)
         else:
             tokens = tokens + sincos_pos_embed_2d(self.dim, grid, tokens.device, tokens.dtype)
         keep = mask is not None and mask.mode == "keep"
         if keep:
+            if chunks > 1:
+                raise ValueError(f"vit: a keep mask needs an input of at most encoder.pos_len = "
+                                 f"{self.cfg.pos_len} patch columns, found {grid[1]}")
             idx = mask.keep_idx.to(tokens.device)
             tokens = gather_tokens(tokens, idx)
-            padding = torch.gather(padding, 1, idx)
+            padding = chunk_padding = torch.gather(padding, 1, idx)
 
         n_cls = 0
-        attn_padding = padding
+        attn_padding = chunk_padding
         if self.cls is not None:
             n_cls = 1
             tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], 1)
-            attn_padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding], 1)
+            attn_padding = torch.cat([chunk_padding.new_zeros(chunk_padding.shape[0], 1), chunk_padding], 1)
         if self.input_norm is not None:
             tokens = self.input_norm(tokens)
 
-        y, layers, ffns = self.blocks(tokens, attn_padding if attn_padding.any() else None,
+        # a traced graph with chunks keeps the mask: its last chunk is padded at other lengths
+        traced_chunks = self.pos_embed is not None and torch.jit.is_tracing()
+        y, layers, ffns = self.blocks(tokens, attn_padding if traced_chunks or attn_padding.any() else None,
                                       return_layers=return_layers)
         y = self.norm(y)
+        cls = y[:, 0] if self.cls is not None else None
+        if chunks > 1 or traced_chunks:
+            y, layers, ffns = (self._unchunk(y[:, n_cls:], chunks, tg),
+                               [self._unchunk(h[:, n_cls:], chunks, tg) for h in layers],
+                               [self._unchunk(f[:, n_cls:], chunks, tg) for f in ffns])
+            n_cls = 0
+            if cls is not None:  # the chunks' CLS outputs, weighted by their valid columns
+                w = (~chunk_padding).sum(1).to(cls.dtype).view(-1, chunks, 1)  # (B, n, 1)
+                cls = (cls.view(-1, chunks, cls.shape[-1]) * w).sum(1) / w.sum(1).clamp_min(1)
         return EncoderOut(tokens=y[:, n_cls:], padding=padding,
                           layers=[h[:, n_cls:] for h in layers] if return_layers else None,
                           ffn=[f[:, n_cls:] for f in ffns] if return_layers else None,
-                          cls=y[:, 0] if self.cls is not None else None, grid=grid, keep=keep, clone=clone,
-                          frame_padding=frame_padding)
+                          cls=cls, grid=grid, keep=keep, clone=clone, frame_padding=frame_padding)
+
+    def _chunk(self, tokens: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, int, int, int]:
+        """(B, Fg*Tg, D) tokens and (B, Fg*Tg) padding -> chunks of c = min(Tg, pos_len) time
+        columns as batch rows (B*n, Fg*c, D) and (B*n, Fg*c), the last chunk padded; and n, c, Tg
+        (from the token count, so a traced graph follows the input length). A traced (exported)
+        graph always uses c = pos_len, so it holds for every input length."""
+        B, N, D = tokens.shape
+        fg, L = self.freq_grid, self.cfg.pos_len
+        tg = N // fg
+        c = L if torch.jit.is_tracing() else min(tg, L)
+        n = (tg + c - 1) // c
+        extra = n * c - tg
+        t = F.pad(tokens.reshape(B, fg, tg, D), (0, 0, 0, extra))
+        t = t.reshape(B, fg, n, c, D).transpose(1, 2).reshape(B * n, fg * c, D)
+        p = F.pad(padding.reshape(B, fg, tg), (0, extra), value=True)
+        p = p.reshape(B, fg, n, c).transpose(1, 2).reshape(B * n, fg * c)
+        return t, p, n, c, tg
+
+    def _unchunk(self, y: Tensor, n: int, tg: int) -> Tensor:
+        """(B*n, Fg*c, D) chunk outputs -> (B, Fg*Tg, D) in token order, the padding cut off."""
+        fg, D = self.freq_grid, y.shape[-1]
+        c = y.shape[1] // fg
+        y = y.reshape(-1, n, fg, c, D).transpose(1, 2).reshape(-1, fg, n * c, D)
+        return y[:, :, :tg].reshape(-1, fg * tg, D)
 
     def to_frames(self, out: EncoderOut) -> tuple[Tensor, Tensor]:
         """Patch tokens regrouped per time column as M2D does, 'b (f t) d -> b t (f d)':
         (B, Tg, Fg*D) and (B,) valid columns. Needs every token (no keep mask)."""
         if out.grid is None or out.keep:
             raise ValueError("vit.to_frames needs all tokens; encode without a keep mask")
-        fg, tg = out.grid
+        fg, _ = out.grid
         B, _, D = out.tokens.shape
         # -1 rather than tg keeps a traced (exported) graph valid for any length
         frames = out.tokens.reshape(B, fg, -1, D).permute(0, 2, 1, 3).reshape(B, -1, fg * D)
         lengths = (~out.padding.reshape(B, fg, -1)[:, 0, :]).sum(1)
+        if self.cfg.cls_frames:  # (B, Tg, D + Fg*D): the mean over frames is [CLS, mean of frames]
+            frames = torch.cat([out.cls[:, None, :].expand(-1, frames.shape[1], -1).to(frames.dtype), frames], -1)
         return frames, lengths

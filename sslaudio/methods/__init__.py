@@ -2,6 +2,7 @@
 
 from sslaudio.methods import (
     apc,  # noqa: F401  APC
+    atst,  # noqa: F401  ATST-Clip, ATST-Frame, ATST-C2F
     byol,  # noqa: F401  BYOL, SimSiam
     byol_a,  # noqa: F401  BYOL-A (2021, 2022)
     cpc,  # noqa: F401  CPC
