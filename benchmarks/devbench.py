@@ -11,6 +11,10 @@ skipped) and the frame-level linear probe of `sound_events` (frame micro-F1 at 1
 devbench's own baseline) for the pretrained encoder and for `random:<preset>`. A budget in minutes sets
 train.steps from a short timing of the preset on this machine. Prints a Markdown table and writes
 RUNS/devbench_results.json. Make the data with ../shared/devbench/make_devbench.py first.
+
+`--finetune` also fine-tunes each encoder on `sound_events` (`sslaudio probe --finetune`, its
+defaults or the --ft-* values given) and prints a second table: frozen against fine-tuned frame
+micro-F1, segment-based F1 (1 s) and event-based F1 (200 ms collar), for SSL and random init.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import torch
 
 from sslaudio.build import load_preset
 from sslaudio.evaluation import probe_checkpoint
+from sslaudio.finetune import FinetuneConfig
 from sslaudio.train import fit
 
 TASKS = ("words", "instrument_family", "speaker_id", "pitch_class", "sound_events")
+SED_KEYS = ("f1", "segment_f1", "event_f1")
 
 
 def main() -> None:
@@ -44,7 +50,17 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--layer", type=int, default=None, help="probe this encoder block (default: the output)")
     ap.add_argument("--no-train", action="store_true", help="probe the existing runs in RUNS only")
+    ap.add_argument("--finetune", action="store_true", help="also fine-tune on sound_events (frozen vs fine-tuned)")
+    ap.add_argument("--ft-epochs", type=int, default=None)
+    ap.add_argument("--ft-lr", type=float, default=None)
+    ap.add_argument("--ft-encoder-lr-ratio", type=float, default=None)
+    ap.add_argument("--ft-patience", type=int, default=None)
+    ap.add_argument("--ft-batch-size", type=int, default=None)
+    ap.add_argument("--rnn-head", action="store_true", help="fine-tune with the BiGRU head")
     a = ap.parse_args()
+    ft_given = {k: getattr(a, f"ft_{k}") for k in ("epochs", "lr", "encoder_lr_ratio", "patience", "batch_size")}
+    ft_cfg = FinetuneConfig(rnn_head=a.rnn_head, **{k: v for k, v in ft_given.items() if v is not None}) \
+        if a.finetune else None
     torch.set_num_threads(a.threads)
     pool = a.devbench / "pretrain_pool" / "audio"
     results = {}
@@ -74,9 +90,17 @@ def main() -> None:
                 continue
             # the run's resolved config, so --set overrides reach the random-init baseline too
             for kind, ckpt in (("ssl", str(run)), ("random", f"random:{run / 'config.yaml'}")):
-                r = probe_checkpoint(ckpt, labels, device=a.device, layer=a.layer)
-                if task == "sound_events":  # frame micro-F1 at 100 ms (files.csv beside the labels)
+                sed = task == "sound_events"
+                r = probe_checkpoint(ckpt, labels, device=a.device, layer=a.layer,
+                                     finetune_cfg=ft_cfg if sed else None)
+                if sed:  # frame micro-F1 at 100 ms (files.csv beside the labels)
                     row[f"{task}_{kind}"], row[f"{task}_{kind}_map"] = r["f1"], r["map"]
+                    for key in SED_KEYS:
+                        row[f"{task}_{kind}_frozen_{key}"] = r[key]
+                        if "finetune" in r:
+                            row[f"{task}_{kind}_ft_{key}"] = r["finetune"][key]
+                    if "finetune" in r:
+                        row[f"{task}_{kind}_ft_epochs"] = r["finetune"]["epochs"]
                 else:
                     row[f"{task}_{kind}"] = r["accuracy"]
                     row[f"{task}_{kind}_knn"] = r["knn_accuracy"]
@@ -97,6 +121,22 @@ def main() -> None:
                  for t in tasks for k in ("ssl", "random")]
         print(f"| {name} | {r['steps']} | {r['train_s']:.0f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
               + " | ".join(cells) + " |")
+    print_finetune_table(results)
+
+
+def print_finetune_table(results: dict) -> None:
+    """Frozen vs fine-tuned sound_events: frame micro-F1, segment-based F1, event-based F1."""
+    rows = [(name, kind, r) for name, r in results.items() for kind in ("ssl", "random")
+            if f"sound_events_{kind}_ft_f1" in r]
+    if not rows:
+        return
+    print("\nsound_events, frozen linear probe -> fine-tuned (epochs: the best valid epoch, 0 = the frozen head)\n")
+    print("| preset | encoder | frame F1 | segment F1 (1 s) | event F1 (200 ms) | epochs |")
+    print("|---|---|---|---|---|---|")
+    for name, kind, r in rows:
+        cells = [f"{r[f'sound_events_{kind}_frozen_{k}']:.3f} -> {r[f'sound_events_{kind}_ft_{k}']:.3f}"
+                 for k in SED_KEYS]
+        print(f"| {name} | {kind} | " + " | ".join(cells) + f" | {r[f'sound_events_{kind}_ft_epochs']} |")
 
 
 if __name__ == "__main__":

@@ -272,24 +272,49 @@ def extract(
 
 
 @app.command(epilog="Example: sslaudio probe runs/byola data/labels.csv --json results.json\n\n"
-                    "Baseline: sslaudio probe random:tiny/byol-a data/labels.csv")
+                    "Baseline: sslaudio probe random:tiny/byol-a data/labels.csv\n\n"
+                    "Fine-tuned beside frozen: sslaudio probe runs/byola sound_events/labels.csv --finetune --rnn-head")
 def probe(
     ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
     labels: Path = typer.Argument(..., help="CSV with path,label[,split]; paths relative to the CSV's folder."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto"),
-    seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds."),
+    seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds (and of fine-tuning)."),
     layer: Optional[int] = typer.Option(None, help="Probe this block's output (0-based; -1 the last)."),
     files: Optional[Path] = typer.Option(None, "--files", help="Sound event detection: CSV path[,split] of "
                                          "every clip (default: files.csv beside LABELS if there)."),
     frame_hop: float = typer.Option(0.1, "--frame-hop", min=0.01, help="Sound event detection: seconds per "
                                     "scored frame."),
+    median_filter: Optional[int] = typer.Option(None, "--median-filter", help="Sound event detection: median "
+                                                "filter window (odd, in frames) for every class before events "
+                                                "are decoded; 1 = none [default: per class, picked on valid]."),
+    finetune_: bool = typer.Option(False, "--finetune", help="Also fine-tune the encoder with the probe head "
+                                   "(needs a split column) and report its metrics beside the frozen probe's."),
+    ft_epochs: Optional[int] = typer.Option(None, "--ft-epochs", help="Fine-tuning: at most this many epochs "
+                                            "[default: 10]."),
+    ft_lr: Optional[float] = typer.Option(None, "--ft-lr", help="Fine-tuning: the head's learning rate "
+                                          "[default: 1e-3]."),
+    ft_encoder_lr_ratio: Optional[float] = typer.Option(None, "--ft-encoder-lr-ratio", help="Fine-tuning: the "
+                                                        "encoder's learning rate over the head's [default: 0.1]."),
+    ft_layer_decay: Optional[float] = typer.Option(None, "--ft-layer-decay", help="Fine-tuning: each encoder "
+                                                   "layer below the top learns this much slower [default: 1, none]."),
+    ft_patience: Optional[int] = typer.Option(None, "--ft-patience", help="Fine-tuning: stop after this many "
+                                              "epochs without a better valid score [default: 3]."),
+    ft_batch_size: Optional[int] = typer.Option(None, "--ft-batch-size", help="Fine-tuning: files per step "
+                                                "[default: 8]."),
+    rnn_head: bool = typer.Option(False, "--rnn-head", help="Fine-tuning, sound event detection: add a "
+                                  "bidirectional GRU over the frame embeddings to the linear head."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Fine-tuning: write the fine-tuned encoder "
+                                        "(DIR/encoder.safetensors) and head (DIR/head.safetensors); "
+                                        "otherwise nothing is written."),
 ):
     """Linear and kNN probes on frozen clip embeddings; prints accuracy / F1 (or mAP).
 
     LABELS with onset,offset columns (seconds) is a sound event detection task: a frame-level
-    linear probe on frame embeddings, reporting frame micro-F1 (`f1`), `f1_macro` and `map`."""
+    linear probe on frame embeddings, reporting frame micro-F1 (`f1`), `f1_macro` and `map`, and
+    the DCASE segment-based (1 s) and event-based (200 ms collar) F1. --finetune also trains the
+    encoder with the head and reports the same metrics beside the frozen ones (JSON: `finetune`)."""
     import errno
     import os
 
@@ -299,19 +324,51 @@ def probe(
     with guard():
         if json_out is not None and json_out.is_dir():  # refused before the probe, not after it
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(json_out))
+        cfg = _finetune_config(finetune_, rnn_head, epochs=ft_epochs, lr=ft_lr, encoder_lr_ratio=ft_encoder_lr_ratio,
+                               layer_decay=ft_layer_decay, patience=ft_patience, batch_size=ft_batch_size)
+        if save is not None and save.exists() and not save.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(save))
+
+        def on_epoch(epoch: int, total: int, loss: float, score: float) -> None:
+            err.print(f"fine-tune epoch {epoch}/{total}: train loss {loss:.4f}, valid {score:.4f}", highlight=False)
+
         res = probe_checkpoint(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop,
-                               on_skip=_warn_skip)
+                               on_skip=_warn_skip, median=median_filter, finetune_cfg=cfg, save=save,
+                               on_epoch=on_epoch)
+        ft = res.get("finetune")
         t = Table(title=f"probe: {ckpt} on {labels}")
         t.add_column("metric")
-        t.add_column("value", justify="right")
-        for k in ("accuracy", "f1", "f1_macro", "map", "knn_accuracy", "valid", "threshold", "protocol", "n_files",
+        t.add_column("frozen" if ft else "value", justify="right")
+        if ft:
+            t.add_column("fine-tuned", justify="right")
+
+        def cell(r: dict, k: str) -> str:
+            v = r.get(k, "")
+            return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+        for k in ("accuracy", "f1", "f1_macro", "map", "segment_f1", "segment_f1_macro", "segment_error_rate",
+                  "event_f1", "event_f1_macro", "knn_accuracy", "valid", "threshold", "protocol", "n_files",
                   "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs"):
             if k in res:
-                v = res[k]
-                t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+                t.add_row(k, cell(res, k), *([cell(ft, k)] if ft else []))
         out.print(t)
         if json_out:  # a full disk or an unwritable folder: one error line, no temp file left
             atomic_text(json_out, json.dumps(res, indent=1))
+
+
+def _finetune_config(enabled: bool, rnn_head: bool, **given):
+    """The FinetuneConfig of the probe's --ft-* options (None without --finetune; an --ft-* option
+    without it is a usage error)."""
+    from sslaudio.finetune import FinetuneConfig
+    from sslaudio.probe import ProbeError
+
+    options = {k: v for k, v in given.items() if v is not None}
+    if not enabled:
+        if options or rnn_head:
+            name = "rnn-head" if rnn_head else "ft-" + next(iter(options)).replace("_", "-")
+            raise ProbeError(f"--{name} is a fine-tuning option: add --finetune")
+        return None
+    return FinetuneConfig(rnn_head=rnn_head, **options)
 
 
 @app.command(epilog="Example: sslaudio export runs/byola --format onnx --out byola.onnx")

@@ -6,7 +6,9 @@ decay and epoch count on valid; report test once. Without a split column, strati
 cross-validation, each fold picking its hyper-parameters on a stratified 20 % of its training part.
 Single-label tasks report `accuracy` and macro `f1`; multi-label tasks (labels joined by ';')
 report `map` (mean average precision over classes), micro `f1` and `f1_macro` at a threshold picked
-on valid. Sound event detection (strong labels with onset / offset) is at the end of this module.
+on valid. Sound event detection (strong labels with onset / offset) and its DCASE segment- and
+event-based metrics are at the end of this module. `ProbeFit` hands the linear probe's choice
+(standardisation, weights, splits, threshold) to fine-tuning (sslaudio.finetune).
 """
 
 from __future__ import annotations
@@ -134,6 +136,21 @@ def _standardize(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
     return [torch.from_numpy((a - mu) / sd).float() for a in (train, *others)]
 
 
+@dataclass
+class ProbeFit:
+    """What the frozen linear probe chose, for fine-tuning to start from (sslaudio.finetune):
+    the training split's standardisation, the weights at the chosen (lr, wd, epochs), the split
+    indices into the probed items, and the decision threshold (multi-label and SED)."""
+    W: torch.Tensor  # (D, C)
+    b: torch.Tensor  # (C,)
+    mu: np.ndarray  # (D,)
+    sd: np.ndarray  # (D,)
+    train: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    test: np.ndarray | None = None
+    threshold: float | None = None
+
+
 def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
     """Full-batch Adam on CE (or BCE) + wd * ||W||^2 for every (lr, wd) of the grid at once (the
     summed loss has independent gradients per config, and Adam is elementwise, so each config
@@ -161,8 +178,35 @@ def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
             yield epoch, torch.cat(Ws).detach(), torch.cat(bs).detach()[:, 0]
 
 
-def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool, seed: int = 0) -> dict:
-    """Pick (lr, wd, epochs) on valid, report test. y are class indices, or (N, C) 0/1 matrices."""
+def pick_threshold(p_va: np.ndarray, yva: np.ndarray) -> float:
+    """The global threshold on valid probabilities (N, C) that maximises valid micro-F1."""
+    return float(max(np.arange(0.05, 0.95, 0.05), key=lambda t: micro_f1(p_va >= t, yva)))
+
+
+def report_metrics(s_va: np.ndarray, yva: np.ndarray, s_te: np.ndarray, yte: np.ndarray, n_classes: int,
+                 multilabel: bool) -> dict:
+    """Test metrics from logits (N, C): `accuracy` and macro `f1` (single-label), or `map`, micro
+    `f1` and `f1_macro` at the `threshold` picked on the valid logits (multi-label)."""
+    if multilabel:
+        p_va, p_te = 1 / (1 + np.exp(-s_va)), 1 / (1 + np.exp(-s_te))
+        thr = pick_threshold(p_va, yva)
+        return {"map": mean_average_precision(s_te, yte), "f1": micro_f1(p_te >= thr, yte),
+                "f1_macro": macro_f1_multilabel(p_te >= thr, yte), "threshold": thr}
+    pred = s_te.argmax(1)
+    return {"accuracy": accuracy(pred, yte), "f1": macro_f1(pred, yte, n_classes)}
+
+
+def valid_score(s_va: np.ndarray, yva: np.ndarray, multilabel: bool) -> float:
+    """What the probes select on: valid mAP (multi-label, SED frames) or valid accuracy."""
+    return mean_average_precision(s_va, yva) if multilabel else accuracy(s_va.argmax(1), yva)
+
+
+def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool, seed: int = 0,
+                 return_fit: bool = False):
+    """Pick (lr, wd, epochs) on valid, report test. y are class indices, or (N, C) 0/1 matrices.
+    With return_fit, returns (metrics, ProbeFit) and the metrics hold the valid and test logits
+    under `scores_valid` / `scores_test`."""
+    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
     Xtr, Xva, Xte = _standardize(Xtr, Xva, Xte)
     Ytr = torch.from_numpy(ytr).float() if multilabel else torch.from_numpy(ytr).long()
     grid = list(itertools.product(LRS, WDS))
@@ -170,21 +214,17 @@ def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool,
     for epoch, Ws, bs in _fit_linear(Xtr, Ytr, multilabel, seed):
         S = (torch.matmul(Xva, Ws) + bs[:, None]).numpy()  # (G, N, C)
         for k, (lr, wd) in enumerate(grid):
-            score = mean_average_precision(S[k], yva) if multilabel else accuracy(S[k].argmax(1), yva)
+            score = valid_score(S[k], yva, multilabel)
             if score > best[0]:
                 best = (score, (lr, wd, epoch, Ws[k], bs[k]))
     score_va, (lr, wd, epoch, W, b) = best
     s_va, s_te = (Xva @ W + b).numpy(), (Xte @ W + b).numpy()
-    out = {"valid": score_va, "lr": lr, "weight_decay": wd, "epochs": epoch}
-    if multilabel:
-        p_va, p_te = 1 / (1 + np.exp(-s_va)), 1 / (1 + np.exp(-s_te))
-        thr = max(np.arange(0.05, 0.95, 0.05), key=lambda t: micro_f1(p_va >= t, yva))
-        out.update(map=mean_average_precision(s_te, yte), f1=micro_f1(p_te >= thr, yte),
-                   f1_macro=macro_f1_multilabel(p_te >= thr, yte), threshold=float(thr))
-    else:
-        pred = s_te.argmax(1)
-        out.update(accuracy=accuracy(pred, yte), f1=macro_f1(pred, yte, n_classes))
-    return out
+    out = {"valid": score_va, "lr": lr, "weight_decay": wd, "epochs": epoch,
+           **report_metrics(s_va, yva, s_te, yte, n_classes, multilabel)}
+    if not return_fit:
+        return out
+    out.update(scores_valid=s_va, scores_test=s_te)
+    return out, ProbeFit(W.clone(), b.clone(), mu, sd, threshold=out.get("threshold"))
 
 
 def knn_probe(Xtr, ytr, Xva, yva, Xte, yte, ks=(1, 5, 10, 20)) -> dict:
@@ -213,8 +253,9 @@ def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> list[np.ndarray]
     return [np.array(sorted(f), dtype=int) for f in folds]
 
 
-def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | None], seed: int = 0) -> dict:
-    """Run the probes on embeddings X (N, D) with their labels and splits; returns the metrics."""
+def encode_labels(labels: list[tuple[str, ...]]) -> tuple[list[str], np.ndarray, bool]:
+    """-> (sorted classes, y, multilabel): y (N,) class indices, or (N, C) 0/1 when any item has
+    several labels."""
     classes = sorted({c for ls in labels for c in ls})
     multilabel = any(len(ls) > 1 for ls in labels)
     if len(classes) < 2:
@@ -224,29 +265,48 @@ def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | No
         y = np.zeros((len(labels), len(classes)), dtype=np.int64)
         for i, ls in enumerate(labels):
             y[i, [cidx[c] for c in ls]] = 1
-        strat = y.argmax(1)
-    else:
-        y = np.array([cidx[ls[0]] for ls in labels])
-        strat = y
+        return classes, y, True
+    return classes, np.array([cidx[ls[0]] for ls in labels]), False
+
+
+def split_indices(splits: list[str | None], strat: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """(train, valid, test) indices of a split column; without valid rows, a stratified 20 % of train."""
+    sp = np.array(splits)
+    tr, va, te = (np.flatnonzero(sp == s) for s in SPLITS)
+    if len(tr) == 0 or len(te) == 0:
+        raise ProbeError("the split column needs train and test rows", code=4)
+    if len(va) == 0:  # carve a stratified 20 % of train as valid
+        fold = stratified_folds(strat[tr], 5, seed)[0]
+        va, tr = tr[fold], np.delete(tr, fold)
+    return tr, va, te
+
+
+def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | None], seed: int = 0,
+             return_fit: bool = False):
+    """Run the probes on embeddings X (N, D) with their labels and splits; returns the metrics
+    (with return_fit, and a split column: (metrics, ProbeFit of the linear probe))."""
+    classes, y, multilabel = encode_labels(labels)
+    strat = y.argmax(1) if multilabel else y
     res = {"n_files": len(labels), "n_classes": len(classes), "dim": int(X.shape[1]),
            "task": "multilabel" if multilabel else "multiclass"}
 
-    def one(tr, va, te) -> dict:
-        r = linear_probe(X[tr], y[tr], X[va], y[va], X[te], y[te], len(classes), multilabel, seed)
+    def one(tr, va, te, keep: bool = False):
+        r = linear_probe(X[tr], y[tr], X[va], y[va], X[te], y[te], len(classes), multilabel, seed, return_fit=keep)
+        fit = None
+        if keep:
+            r, fit = r
+            del r["scores_valid"], r["scores_test"]
+            fit.train, fit.valid, fit.test = tr, va, te
         if not multilabel:
             r.update(knn_probe(X[tr], y[tr], X[va], y[va], X[te], y[te]))
-        return r
+        return (r, fit) if keep else r
 
     if splits[0] is not None:
-        sp = np.array(splits)
-        tr, va, te = (np.flatnonzero(sp == s) for s in SPLITS)
-        if len(tr) == 0 or len(te) == 0:
-            raise ProbeError("the split column needs train and test rows", code=4)
-        if len(va) == 0:  # carve a stratified 20 % of train as valid
-            fold = stratified_folds(strat[tr], 5, seed)[0]
-            va, tr = tr[fold], np.delete(tr, fold)
-        res.update(protocol="train/valid/test", **one(tr, va, te))
-        return res
+        r, fit = one(*split_indices(splits, strat, seed), keep=True)
+        res.update(protocol="train/valid/test", **r)
+        return (res, fit) if return_fit else res
+    if return_fit:
+        raise ProbeError("fine-tuning needs a split column (train/valid/test) in the labels file")
     folds = stratified_folds(strat, 5, seed)
     per = []
     for k in range(5):
@@ -274,7 +334,8 @@ def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | No
 # grid frame is positive for a class when that class's events cover at least half of it; one
 # sigmoid per class on the standardised frame embedding (linear, the grid of `_fit_linear`), its
 # hyper-parameters picked on valid frame mAP and one global threshold on valid micro-F1; test
-# reports frame micro `f1`, `f1_macro` over classes, and frame `map`.
+# reports frame micro `f1`, `f1_macro` over classes, and frame `map`, and beside them the DCASE
+# segment- and event-based F1 of the events decoded from the grid (see "DCASE event metrics").
 
 
 @dataclass
@@ -393,31 +454,225 @@ def to_grid(frames: np.ndarray, times: np.ndarray, seconds: float, hop: float) -
     return np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], frames[nearest])
 
 
+def grid_matrix(times: np.ndarray, seconds: float, hop: float) -> np.ndarray:
+    """(n_grid, T) float32 weights such that grid_matrix(times, seconds, hop) @ frames equals
+    to_grid(frames, times, seconds, hop): the differentiable form fine-tuning backpropagates through."""
+    n = max(1, int(np.floor(seconds / hop + 1e-9)))
+    idx = np.floor(times / hop + 1e-9).astype(int)
+    A = np.zeros((n, len(times)), np.float32)
+    ok = (idx >= 0) & (idx < n)
+    A[idx[ok], np.flatnonzero(ok)] = 1
+    empty = np.flatnonzero(A.sum(1) == 0)
+    centres = (empty + 0.5) * hop
+    A[empty, np.abs(times[None, :] - centres[:, None]).argmin(1)] = 1
+    return A / A.sum(1, keepdims=True)
+
+
+# -- DCASE event metrics ----------------------------------------------------------------------------
+#
+# Beside the frame metrics, the two DCASE metrics of sed_eval (Mesaros, Heittola & Virtanen,
+# "Metrics for polyphonic sound event detection", Applied Sciences 2016; github.com/TUT-ARG/sed_eval)
+# with the parameters of the DCASE task 4 baseline: segment-based F1 on 1 s segments and event-based
+# F1 with a 200 ms onset collar and an offset collar of max(200 ms, 20 % of the reference event's
+# length), reference and estimated events paired by maximum bipartite matching (sed_eval's
+# "optimal" matching). `f1` sums the counts over classes and files (micro, sed_eval's "overall");
+# `f1_macro` is the mean of the per-class F1 over all classes (0 for a class with neither reference
+# nor estimated events, as sed_eval's eps gives). Estimated events come from the grid
+# probabilities: each class's track median-filtered (window per class: fixed, or picked on valid
+# from MEDIAN_WINDOWS; the ATST-SED / DESED post-processing), thresholded at the probe's threshold,
+# and each run of active grid frames k..k+n-1 is one event [k hop, (k + n) hop).
+
+SEGMENT = 1.0  # seconds
+T_COLLAR = 0.2  # seconds
+OFFSET_FRACTION = 0.2  # of the reference event's length
+MEDIAN_WINDOWS = (1, 3, 5, 7, 9)  # grid frames; 1 leaves the scores as they are
+_EPS = 1e-9  # slack for times made of k * hop in floating point (0.1 * 3 > 0.3)
+
+Events = list[tuple[float, float, int]]  # (onset, offset, class index) of one file
+
+
+def median_filter(scores: np.ndarray, windows) -> np.ndarray:
+    """(T, C) -> (T, C): each class's track replaced by its running median over `windows` frames
+    (an odd int, or one per class; 1 leaves the track), edges mirrored: scipy.ndimage.median_filter
+    with size (w, 1) and mode 'reflect', as ATST-SED (train/local/utils.py) filters its scores."""
+    windows = np.broadcast_to(np.asarray(windows, dtype=int), (scores.shape[1],))
+    if (windows < 1).any() or (windows % 2 == 0).any():
+        raise ProbeError(f"median filter windows must be odd and >= 1, found {sorted(set(windows.tolist()))}")
+    out = np.array(scores, copy=True)
+    for w in np.unique(windows[windows > 1]):
+        cols = np.flatnonzero(windows == w)
+        x = np.pad(scores[:, cols], ((w // 2, w // 2), (0, 0)), mode="symmetric")
+        out[:, cols] = np.median(np.lib.stride_tricks.sliding_window_view(x, w, axis=0), axis=-1)
+    return out
+
+
+def decode_events(active: np.ndarray, hop: float) -> Events:
+    """(T, C) bool grid decisions -> events: each run of active frames k..k+n-1 of class c is the
+    event (k hop, (k + n) hop, c); sorted by class, then onset."""
+    d = np.diff(np.pad(active.astype(np.int8), ((1, 1), (0, 0))), axis=0).T  # (C, T + 1)
+    cls, on = np.nonzero(d == 1)
+    _, off = np.nonzero(d == -1)
+    return [(float(a * hop), float(b * hop), int(c)) for c, a, b in zip(cls, on, off)]
+
+
+def _f1(tp: np.ndarray, n_ref: np.ndarray, n_sys: np.ndarray) -> np.ndarray:
+    den = n_ref + n_sys
+    return np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)
+
+
+def _roll(events: Events, n: int, n_classes: int, segment: float) -> np.ndarray:
+    """(n, C) bool: segment k = [k s, (k + 1) s) is active for a class when one of its events
+    overlaps it (sed_eval's event roll: floor(onset / s) to ceil(offset / s))."""
+    delta = np.zeros((n + 1, n_classes), np.int64)
+    if events:
+        ev = np.asarray(events, dtype=np.float64)
+        c = ev[:, 2].astype(int)
+        start = np.clip(np.floor(ev[:, 0] / segment + _EPS).astype(int), 0, n)
+        end = np.clip(np.ceil(ev[:, 1] / segment - _EPS).astype(int), 0, n)
+        np.add.at(delta, (start, c), 1)
+        np.add.at(delta, (end, c), -1)
+    return np.cumsum(delta, axis=0)[:n] > 0
+
+
+def segment_based(refs: list[Events], ests: list[Events], durations: list[float], n_classes: int,
+                  segment: float = SEGMENT) -> dict:
+    """Segment-based micro `f1`, `f1_macro` and `error_rate` (substitutions, deletions and
+    insertions counted per segment, over the reference count) of the estimated events of each
+    file against its reference events; a file spans ceil(duration / segment) segments."""
+    tp, n_ref, n_sys = (np.zeros(n_classes) for _ in range(3))
+    sub = dele = ins = 0
+    for ref, est, dur in zip(refs, ests, durations):
+        last = max([dur] + [e[1] for e in ref] + [e[1] for e in est])
+        n = max(1, int(np.ceil(last / segment - _EPS)))
+        R, E = _roll(ref, n, n_classes, segment), _roll(est, n, n_classes, segment)
+        tp += (R & E).sum(0)
+        n_ref += R.sum(0)
+        n_sys += E.sum(0)
+        r, e, t = R.sum(1), E.sum(1), (R & E).sum(1)
+        sub += int((np.minimum(r, e) - t).sum())
+        dele += int(np.maximum(0, r - e).sum())
+        ins += int(np.maximum(0, e - r).sum())
+    return {"f1": float(_f1(tp.sum(), n_ref.sum(), n_sys.sum())), "f1_macro": float(_f1(tp, n_ref, n_sys).mean()),
+            "error_rate": float((sub + dele + ins) / max(1, n_ref.sum()))}
+
+
+def _max_matching(hit: np.ndarray) -> list[tuple[int, int]]:
+    """Maximum bipartite matching (augmenting paths, Kuhn) of a (n_ref, n_est) bool matrix:
+    the (ref, est) pairs."""
+    owner = np.full(hit.shape[1], -1)
+
+    def augment(r: int, seen: np.ndarray) -> bool:
+        for e in np.flatnonzero(hit[r] & ~seen):
+            seen[e] = True
+            if owner[e] < 0 or augment(owner[e], seen):
+                owner[e] = r
+                return True
+        return False
+
+    for r in range(hit.shape[0]):
+        augment(r, np.zeros(hit.shape[1], bool))
+    return [(int(owner[e]), int(e)) for e in np.flatnonzero(owner >= 0)]
+
+
+def _event_counts(refs: list[Events], ests: list[Events], n_classes: int, t_collar: float,
+                  offset_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tp, n_ref, n_sys = (np.zeros(n_classes) for _ in range(3))
+    for ref, est in zip(refs, ests):
+        r = np.asarray(ref, dtype=np.float64).reshape(-1, 3)
+        e = np.asarray(est, dtype=np.float64).reshape(-1, 3)
+        n_ref += np.bincount(r[:, 2].astype(int), minlength=n_classes)
+        n_sys += np.bincount(e[:, 2].astype(int), minlength=n_classes)
+        if not len(r) or not len(e):
+            continue
+        off_collar = np.maximum(t_collar, offset_fraction * (r[:, 1] - r[:, 0]))[:, None]
+        hit = ((r[:, None, 2] == e[None, :, 2]) & (np.abs(r[:, None, 0] - e[None, :, 0]) <= t_collar + _EPS)
+               & (np.abs(r[:, None, 1] - e[None, :, 1]) <= off_collar + _EPS))  # (n_ref, n_est)
+        for j, _ in _max_matching(hit):
+            tp[int(r[j, 2])] += 1
+    return tp, n_ref, n_sys
+
+
+def event_based(refs: list[Events], ests: list[Events], n_classes: int, t_collar: float = T_COLLAR,
+                offset_fraction: float = OFFSET_FRACTION) -> dict:
+    """Event-based micro `f1` and `f1_macro`: an estimated event is a hit for a reference event of
+    its class when its onset is within t_collar of the reference onset and its offset within
+    max(t_collar, offset_fraction * reference length) of the reference offset; each event is
+    used once (maximum matching)."""
+    tp, n_ref, n_sys = _event_counts(refs, ests, n_classes, t_collar, offset_fraction)
+    return {"f1": float(_f1(tp.sum(), n_ref.sum(), n_sys.sum())), "f1_macro": float(_f1(tp, n_ref, n_sys).mean())}
+
+
+def pick_median_windows(probs: list[np.ndarray], refs: list[Events], threshold: float, hop: float,
+                        n_classes: int, candidates: tuple[int, ...] = MEDIAN_WINDOWS) -> np.ndarray:
+    """(C,) per class, the window of `candidates` whose events give the best event-based F1 of
+    that class on these (valid) files; ties go to the shorter window."""
+    f1s = []
+    for w in candidates:
+        ests = [decode_events(median_filter(p, w) >= threshold, hop) for p in probs]
+        f1s.append(_f1(*_event_counts(refs, ests, n_classes, T_COLLAR, OFFSET_FRACTION)))
+    return np.asarray(candidates)[np.argmax(np.stack(f1s), axis=0)]
+
+
+def event_metrics(probs_va: list[np.ndarray], refs_va: list[Events], probs_te: list[np.ndarray],
+                  refs_te: list[Events], durations_te: list[float], threshold: float, hop: float,
+                  n_classes: int, median: int | None = None) -> dict:
+    """Segment- and event-based F1 on test from per-file grid probabilities (T, C): median filter
+    (`median` frames for every class, or None: per class, picked on valid), threshold, decode."""
+    windows = (pick_median_windows(probs_va, refs_va, threshold, hop, n_classes) if median is None
+               else np.full(n_classes, median))
+    ests = [decode_events(median_filter(p, windows) >= threshold, hop) for p in probs_te]
+    seg, ev = segment_based(refs_te, ests, durations_te, n_classes), event_based(refs_te, ests, n_classes)
+    return {"segment_f1": seg["f1"], "segment_f1_macro": seg["f1_macro"], "segment_error_rate": seg["error_rate"],
+            "event_f1": ev["f1"], "event_f1_macro": ev["f1_macro"], "median_windows": windows.tolist()}
+
+
+def event_split_indices(splits: list[str | None], seed: int) -> tuple[np.ndarray, ...]:
+    """(train, valid, test) file indices of a split column; without valid files, a random 20 % of train."""
+    sp = np.array(splits)
+    tr, va, te = (np.flatnonzero(sp == s) for s in SPLITS)
+    if len(tr) == 0 or len(te) == 0:
+        raise ProbeError("the split column needs train and test files", code=4)
+    if len(va) == 0:
+        perm = np.random.default_rng(seed).permutation(tr)
+        va, tr = np.sort(perm[: max(1, len(tr) // 5)]), np.sort(perm[max(1, len(tr) // 5):])
+    return tr, va, te
+
+
+def split_scores(scores: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+    """Stacked per-frame logits (sum(lengths), C) -> per-file probabilities."""
+    return np.split(1 / (1 + np.exp(-scores)), np.cumsum(lengths)[:-1])
+
+
 def evaluate_events(grids: list[np.ndarray], targets: list[np.ndarray], splits: list[str | None],
-                    classes: list[str], seed: int = 0) -> dict:
-    """Frame-level linear SED probe on per-file grid embeddings and 0/1 targets (see above)."""
+                    classes: list[str], seed: int = 0, events: list[Events] | None = None,
+                    durations: list[float] | None = None, hop: float = 0.1, median: int | None = None,
+                    return_fit: bool = False):
+    """Frame-level linear SED probe on per-file grid embeddings and 0/1 targets (see above); with
+    the reference `events` (class indices) and `durations` of the files, also the DCASE segment-
+    and event-based F1. With return_fit (needs a split column): (metrics, ProbeFit)."""
     n = len(grids)
     res = {"n_files": n, "n_classes": len(classes), "dim": int(grids[0].shape[1]), "task": "sound_event_detection"}
 
     def stack(ix) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate([grids[i] for i in ix]), np.concatenate([targets[i] for i in ix])
 
-    def one(tr, va, te) -> dict:
+    def one(tr, va, te):
         (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = stack(tr), stack(va), stack(te)
-        r = linear_probe(Xtr, Ytr, Xva, Yva, Xte, Yte, len(classes), multilabel=True, seed=seed)
-        return {**r, "frames_train": int(len(Xtr))}
+        r, fit = linear_probe(Xtr, Ytr, Xva, Yva, Xte, Yte, len(classes), multilabel=True, seed=seed, return_fit=True)
+        s_va, s_te = r.pop("scores_valid"), r.pop("scores_test")
+        fit.train, fit.valid, fit.test = tr, va, te
+        if events is not None:
+            r.update(event_metrics(split_scores(s_va, [len(grids[i]) for i in va]), [events[i] for i in va],
+                                   split_scores(s_te, [len(grids[i]) for i in te]), [events[i] for i in te],
+                                   [durations[i] for i in te], r["threshold"], hop, len(classes), median))
+        return {**r, "frames_train": len(Xtr)}, fit
 
     if splits[0] is not None:
-        sp = np.array(splits)
-        tr, va, te = (np.flatnonzero(sp == s) for s in SPLITS)
-        if len(tr) == 0 or len(te) == 0:
-            raise ProbeError("the split column needs train and test files", code=4)
-        if len(va) == 0:
-            rng = np.random.default_rng(seed)
-            perm = rng.permutation(tr)
-            va, tr = np.sort(perm[: max(1, len(tr) // 5)]), np.sort(perm[max(1, len(tr) // 5):])
-        res.update(protocol="train/valid/test", **one(tr, va, te))
-        return res
+        r, fit = one(*event_split_indices(splits, seed))
+        res.update(protocol="train/valid/test", **r)
+        return (res, fit) if return_fit else res
+    if return_fit:
+        raise ProbeError("fine-tuning needs a split column (train/valid/test) in the files or labels CSV")
     if n < 10:
         raise ProbeError(f"only {n} files: too few for 5-fold cross-validation", code=4)
     perm = np.random.default_rng(seed).permutation(n)
@@ -426,8 +681,9 @@ def evaluate_events(grids: list[np.ndarray], targets: list[np.ndarray], splits: 
     for k in range(5):
         rest = np.concatenate([folds[j] for j in range(5) if j != k])
         va, tr = rest[: max(1, len(rest) // 5)], rest[max(1, len(rest) // 5):]
-        per.append(one(tr, va, folds[k]))
+        per.append(one(tr, va, folds[k])[0])
     res["protocol"] = "5-fold cross-validation over files"
     for key in per[0]:
-        res[key] = float(np.mean([p[key] for p in per]))
+        if isinstance(per[0][key], (int, float)):
+            res[key] = float(np.mean([p[key] for p in per]))
     return res

@@ -23,7 +23,7 @@ LAYERS = [
     ["sslaudio.build"],
     ["sslaudio.checkpoint"],
     ["sslaudio.inference", "sslaudio.train"],
-    ["sslaudio.features", "sslaudio.export", "sslaudio.probe"],
+    ["sslaudio.features", "sslaudio.export", "sslaudio.probe", "sslaudio.finetune"],
     ["sslaudio.evaluation"],
     ["sslaudio.cli", "sslaudio.__main__"],
 ]

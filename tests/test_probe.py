@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
+import torch
 
-from sslaudio.probe import (ProbeError, accuracy, average_precision, evaluate, macro_f1, mean_average_precision,
-                            read_labels, stratified_folds)
+from sslaudio.probe import (
+    ProbeError,
+    accuracy,
+    average_precision,
+    evaluate,
+    macro_f1,
+    mean_average_precision,
+    read_labels,
+    stratified_folds,
+)
 
 
 def test_metrics_by_hand():
@@ -28,8 +37,15 @@ def _blobs(n_per=20, classes=3, dim=8, seed=0, sep=4.0):
 def test_linear_and_knn_solve_separable_data_with_splits():
     X, labels = _blobs()
     splits = (["train"] * 12 + ["valid"] * 3 + ["test"] * 5) * 3
-    r = evaluate(X, labels, splits)
+    r, fit = evaluate(X, labels, splits, return_fit=True)
     assert r["accuracy"] == 1.0 and r["knn_accuracy"] == 1.0 and r["protocol"] == "train/valid/test"
+    # the fit fine-tuning starts from: the splits, and the chosen weights on train-standardised inputs
+    assert (len(fit.train), len(fit.valid), len(fit.test)) == (36, 9, 15)
+    assert np.allclose(fit.mu, X[fit.train].mean(0)) and fit.W.shape == (8, 3) and fit.b.shape == (3,)
+    logits = torch.from_numpy((X[fit.valid] - fit.mu) / fit.sd).float() @ fit.W + fit.b
+    assert accuracy(logits.argmax(1).numpy(), np.array([int(labels[i][0]) for i in fit.valid])) == r["valid"]
+    with pytest.raises(ProbeError, match="split column"):
+        evaluate(X, labels, [None] * len(labels), return_fit=True)
     Xr = np.random.default_rng(1).normal(size=X.shape).astype(np.float32)  # no signal: near chance
     assert evaluate(Xr, labels, splits)["accuracy"] < 0.7
 
