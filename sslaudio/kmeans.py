@@ -14,6 +14,16 @@ data), written in torch so that it runs on the training device and needs no scik
   centre that receives no rows stays where it is; `KMeansResult.used` reports how many centres the
   sample actually uses, and callers refuse a degenerate codebook.
 Every random draw comes from the `torch.Generator` passed in, so a fit is reproducible.
+
+DeepCluster's clustering (Caron et al., ECCV 2018; facebookresearch/deepcluster clustering.py, which
+runs faiss) adds, on top of `fit`:
+- `pca_whitening` / `whiten_l2`: `preprocess_features`, i.e. faiss PCAMatrix(D, 256,
+  eigen_power=-0.5) then L2-normalised rows;
+- `lloyd`: full-batch k-means iterations as faiss `Clustering::train`, each assigning every row,
+  moving each centre to the mean of its rows and splitting a big cluster for every empty one
+  (`split_empty`, faiss `split_clusters`);
+- `nmi`: the normalised mutual information between two labelings (scikit-learn
+  normalized_mutual_info_score, which the official main.py logs between successive epochs).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sslaudio.config import ConfigError
@@ -170,3 +181,122 @@ def purity(labels: Tensor, classes: Tensor) -> float:
     n_cls = int(classes.max()) + 1
     joint = torch.bincount(labels * n_cls + classes, minlength=(int(labels.max()) + 1) * n_cls)
     return float(joint.view(-1, n_cls).max(1).values.sum()) / labels.numel()
+
+
+# -- DeepCluster: PCA-whitening, full-batch iterations with faiss's empty-cluster split, NMI -------
+
+SPLIT_EPS = 1 / 1024  # faiss Clustering.cpp EPS: "a bit above machine epsilon for float16"
+
+
+def pca_whitening(x: Tensor, dim: int, rel_floor: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Rows x (N, D) -> (mean (D,), matrix (D, dim)) such that (x - mean) @ matrix holds the `dim`
+    leading principal components of x, each scaled to unit variance: faiss PCAMatrix(D, dim,
+    eigen_power=-0.5) as DeepCluster's preprocess_features trains it. faiss scales by the
+    eigenvalues of the unnormalised scatter matrix (variance N per component instead of 1); the L2
+    normalisation that follows in `whiten_l2` makes the two identical. Components whose eigenvalue
+    is at most `rel_floor` x the largest (beyond the rank of x, e.g. N <= D) become zero columns
+    instead of amplified round-off, as do columns beyond D when dim > D. In float64; each
+    eigenvector's sign is fixed (largest entry positive), so the matrix is a function of x alone."""
+    x = x.double()
+    n, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    ev, vec = torch.linalg.eigh(xc.T @ xc / max(n, 1))  # ascending
+    ev, vec = ev.flip(0)[:dim], vec.flip(1)[:, :dim]
+    sign = torch.sign(vec.gather(0, vec.abs().argmax(0, keepdim=True)))
+    vec = vec * torch.where(sign == 0, torch.ones_like(sign), sign)
+    keep = ev > rel_floor * ev[:1].clamp_min(torch.finfo(torch.float64).tiny)
+    scale = torch.where(keep, ev.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(ev))
+    proj = x.new_zeros(d, dim)
+    proj[:, :ev.numel()] = vec * scale
+    return mean.float(), proj.float()
+
+
+def whiten_l2(x: Tensor, mean: Tensor, proj: Tensor) -> Tensor:
+    """(N, D) rows -> (N, dim) PCA-whitened (`pca_whitening`'s mean and matrix), L2-normalised rows."""
+    return F.normalize((x.float() - mean) @ proj, dim=1)
+
+
+def split_empty(centers: Tensor, counts: Tensor, generator: torch.Generator) -> int:
+    """faiss `split_clusters`, in place on centers (k, D) and counts (k,) float: every empty centre
+    (count 0), in order, becomes a copy of a centre cj found by cycling over the clusters from the
+    first and accepting each with probability (count_j - 1) / (N - k) (big clusters likely,
+    singletons never); the copy and cj get opposite small perturbations (x (1 + eps), x (1 - eps) on
+    alternate dimensions, eps = 1/1024) and share cj's count half and half. Returns the number of
+    splits. The draws come from `generator` (faiss uses a fixed seed, 1234)."""
+    k = centers.shape[0]
+    n = float(counts.sum())
+    sign = torch.ones(centers.shape[1], device=centers.device)
+    sign[1::2] = -1
+    splits = 0
+    for ci in (counts == 0).nonzero().flatten().tolist():
+        p = (counts - 1) / max(n - k, 1.0)
+        if not bool((p > 0).any()):  # every row is a singleton already: nothing to split
+            break
+        while True:  # one pass over the clusters per draw of k numbers: the first accepted wins
+            r = torch.rand(k, generator=generator, device=generator.device).to(p.device)
+            hit = (r < p).nonzero()
+            if hit.numel():
+                cj = int(hit[0])
+                break
+        base = centers[cj].clone()
+        centers[ci] = base * (1 + SPLIT_EPS * sign)
+        centers[cj] = base * (1 - SPLIT_EPS * sign)
+        counts[ci] = counts[cj] / 2
+        counts[cj] -= counts[ci]
+        splits += 1
+    return splits
+
+
+@dataclass
+class LloydResult(KMeansResult):
+    labels: Tensor  # (N,) the final assignment of the rows
+    counts: Tensor  # (k,) rows per centre in it
+    splits: int  # empty clusters split over the iterations
+
+
+def lloyd(x: Tensor, centers: Tensor, iters: int, generator: torch.Generator) -> LloydResult:
+    """`iters` full-batch k-means iterations from centers (k, D) on rows x (N, D), as faiss
+    `Clustering::train`: assign every row to its nearest centre, move each centre to the mean of its
+    rows, split a big cluster for each empty one (`split_empty`); then assign the rows once more."""
+    x = x.float()
+    centers = centers.float().clone()
+    k = centers.shape[0]
+    splits = 0
+    for _ in range(iters):
+        labels, _ = assign(x, centers)
+        counts = torch.bincount(labels, minlength=k).float()
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        moved = counts > 0
+        centers[moved] = sums[moved] / counts[moved, None]
+        splits += split_empty(centers, counts, generator)
+    labels, dists = assign(x, centers)
+    counts = torch.bincount(labels, minlength=k).float()
+    return LloydResult(centers=centers, inertia=float(dists.mean()) if dists.numel() else 0.0,
+                       used=int((counts > 0).sum()), rows=x.shape[0], labels=labels, counts=counts, splits=splits)
+
+
+def nmi(a: Tensor, b: Tensor, average: str = "geometric") -> float:
+    """Normalised mutual information of two labelings a, b (N,) of the same rows: I(a; b) divided by
+    sqrt(H(a) H(b)) ("geometric", scikit-learn's normalized_mutual_info_score before 0.22, which the
+    official main.py used) or by (H(a) + H(b)) / 2 ("arithmetic", its default since). 1 when both are
+    the same partition (also when both put everything in one cluster), 0 when independent."""
+    if average not in ("geometric", "arithmetic"):
+        raise ValueError(f"nmi: average must be 'geometric' or 'arithmetic', found {average!r}")
+    a, b = a.reshape(-1).long(), b.reshape(-1).long()
+    n = a.numel()
+    if n == 0:
+        return 1.0
+    _, ia = torch.unique(a, return_inverse=True)
+    _, ib = torch.unique(b, return_inverse=True)
+    na, nb = int(ia.max()) + 1, int(ib.max()) + 1
+    if na == nb == 1:
+        return 1.0
+    pairs, nij = torch.unique(ia * nb + ib, return_counts=True)  # the contingency table's non-zero cells
+    pa = torch.bincount(ia, minlength=na).double() / n
+    pb = torch.bincount(ib, minlength=nb).double() / n
+    pij = nij.double() / n
+    mi = float((pij * (pij.log() - pa[pairs // nb].log() - pb[pairs % nb].log())).sum())
+    ha, hb = float(-(pa * pa.log()).sum()), float(-(pb * pb.log()).sum())
+    norm = math.sqrt(ha * hb) if average == "geometric" else (ha + hb) / 2
+    return max(mi, 0.0) / norm if norm > 0 else 0.0

@@ -7,6 +7,7 @@ from sslaudio.methods import (
     byol_a,  # noqa: F401  BYOL-A (2021, 2022)
     cpc,  # noqa: F401  CPC
     data2vec,  # noqa: F401  data2vec, data2vec 2.0
+    deepcluster,  # noqa: F401  DeepCluster
     dino,  # noqa: F401  DINO
     hubert,  # noqa: F401  HuBERT
     m2d,  # noqa: F401
