@@ -113,7 +113,8 @@ def _warn_skip(path: str, reason: str) -> None:
 
 
 class _Progress:
-    """train.fit's on_log: a rich progress bar with loss, steps/s, audio-hours/s and ETA on a terminal,
+    """train.fit's on_log: a rich progress bar with loss, steps/s, audio-hours/s, the share of the time
+    spent waiting for data and ETA on a terminal,
     one plain line per logged step on stderr otherwise (nohup, CI); silent when disabled.
 
         with _Progress(not quiet) as bar:
@@ -142,16 +143,19 @@ class _Progress:
 
                 self.p = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                                   TextColumn("loss {task.fields[loss]:.4f}  {task.fields[sps]:.2f} step/s  "
-                                             "{task.fields[ah]:.3f} audio-h/s"), TimeRemainingColumn())
-                self.task = self.p.add_task("train", total=total, completed=done, loss=float("nan"), sps=0.0, ah=0.0)
+                                             "{task.fields[ah]:.3f} audio-h/s  data {task.fields[wait]:.0%}"),
+                                  TimeRemainingColumn())
+                self.task = self.p.add_task("train", total=total, completed=done, loss=float("nan"), sps=0.0, ah=0.0,
+                                            wait=0.0)
                 self.p.__enter__()
         elif self.p is not None:
             self.p.update(self.task, completed=done, loss=row["loss"], sps=row["steps_per_s"],
-                          ah=row["audio_h_per_s"])
+                          ah=row["audio_h_per_s"], wait=row.get("data_wait", 0.0))
         elif self.plain:
             eta = (self.total - done) / max(row["steps_per_s"], 1e-9)
             print(f"step {done}/{self.total}  loss {row['loss']:.4f}  {row['steps_per_s']:.2f} step/s  "
-                  f"{row['audio_h_per_s']:.3f} audio-h/s  eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+                  f"{row['audio_h_per_s']:.3f} audio-h/s  data {row.get('data_wait', 0.0):.0%}  eta {eta / 60:.1f} min",
+                  file=sys.stderr, flush=True)
 
 
 @app.command(epilog="Example: sslaudio pretrain ./audio --preset tiny/byol-a --out runs/byola --steps 300")

@@ -268,8 +268,10 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         if dev.type == "cuda":  # batch statistics over the global batch, as one big-batch process
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     params = [p for p in method.parameters() if p.requires_grad]
+    # fused AdamW (one kernel for every tensor) on CUDA; the foreach implementation on the CPU
     optimizer = torch.optim.AdamW(method.param_groups(preset.optim.weight_decay), lr=preset.optim.lr,
-                                  betas=preset.optim.betas, eps=preset.optim.eps)
+                                  betas=preset.optim.betas, eps=preset.optim.eps,
+                                  **({"fused": True} if dev.type == "cuda" else {}))
     # the groups a weight-decay schedule drives (indices: a resume replaces the group dicts)
     decaying = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
     start, state = 0, {}
@@ -296,6 +298,7 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     # carried across a resume, so that the next log row and the non-finite count are an uninterrupted run's
     nonfinite, loss_sum, n_sum = saved.get("nonfinite", 0), saved.get("log_loss_sum", 0.0), saved.get("log_steps", 0)
     t0, t_last, step = time.time(), time.time(), start
+    waited, t_asked = 0.0, time.perf_counter()  # seconds spent waiting for batches since the last log row
     state.update({"skipped_files": len(skipped), "files": len(infos), "world_size": world.size,
                   "data_sha256": digest})
     rank = (world.rank,) if world.rank else ()  # rank 0 draws what a single process draws
@@ -340,6 +343,7 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     try:
         stops.deferring = True  # from here a signal stops the loop at the end of a step
         for step, batch in enumerate(it, start=start):
+            waited += time.perf_counter() - t_asked
             if stops.signum is not None:  # arrived while the batch loaded: stop before the step
                 raise stop(step)
             lr = lr_at(step, preset.optim, tc.steps)
@@ -385,15 +389,17 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                 sps = n_sum / max(now - t_last, 1e-9)
                 row = {"step": done, "loss": loss_sum / n_sum, "lr": lr,
                        **{k: float(v.detach()) for k, v in out.items() if k != "loss"},
-                       "steps_per_s": sps, "audio_h_per_s": sps * crop_h, "time": now - t0}
+                       "steps_per_s": sps, "audio_h_per_s": sps * crop_h,
+                       "data_wait": min(waited / max(now - t_last, 1e-9), 1.0), "time": now - t0}
                 log.write(row)
                 if on_log is not None:
                     on_log(done, tc.steps, row)
-                loss_sum, n_sum, t_last = 0.0, 0, now
+                loss_sum, n_sum, t_last, waited = 0.0, 0, now, 0.0
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 commit(done)
             if stops.signum is not None and done < tc.steps:
                 raise stop(done)
+            t_asked = time.perf_counter()
     finally:
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:  # now, not when the traceback is freed: workers ignore signals

@@ -132,12 +132,12 @@ def test_probe_and_extract_an_intermediate_layer(labeled_dir, tmp_path):
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
     from sslaudio.cli import _Progress
 
-    row = {"loss": 1.5, "steps_per_s": 2.0, "audio_h_per_s": 0.01}
+    row = {"loss": 1.5, "steps_per_s": 2.0, "audio_h_per_s": 0.01, "data_wait": 0.25}
     for enabled in (True, False):  # False: --quiet
         with _Progress(enabled) as bar:
             bar(2, 10, None)
             bar(4, 10, row)
             bar(10, 10, row)
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["step 4/10  loss 1.5000  2.00 step/s  0.010 audio-h/s  eta 0.1 min",
-                     "step 10/10  loss 1.5000  2.00 step/s  0.010 audio-h/s  eta 0.0 min"]
+    assert lines == ["step 4/10  loss 1.5000  2.00 step/s  0.010 audio-h/s  data 25%  eta 0.1 min",
+                     "step 10/10  loss 1.5000  2.00 step/s  0.010 audio-h/s  data 25%  eta 0.0 min"]

@@ -34,6 +34,7 @@ def test_fit_writes_run_layout(audio_dir, tmp_path):
     fit(small(), [str(audio_dir)], run, on_log=lambda *a: calls.append(a))
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("loss" in r and "emb_std" in r for r in rows)
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in rows)  # the share of the wall time spent waiting for batches
     assert calls == [(0, 4, None)] + [(r["step"], 4, r) for r in rows]  # on_log: the start, then each row
     assert [s for s, _ in checkpoint.step_dirs(run)] == [2, 4]
     assert (run / "config.yaml").is_file() and (run / "export" / "encoder.safetensors").is_file()
