@@ -391,6 +391,11 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                        **{k: float(v.detach()) for k, v in out.items() if k != "loss"},
                        "steps_per_s": sps, "audio_h_per_s": sps * crop_h,
                        "data_wait": min(waited / max(now - t_last, 1e-9), 1.0), "time": now - t0}
+                notes = method.log_warnings(row)
+                if notes:  # a collapse signal past its threshold: on stderr and in the log row
+                    row["warnings"] = notes
+                    for note in notes:
+                        warn(note)
                 log.write(row)
                 if on_log is not None:
                     on_log(done, tc.steps, row)

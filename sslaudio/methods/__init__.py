@@ -17,5 +17,6 @@ from sslaudio.methods import (
     redundancy,  # noqa: F401  Barlow Twins, VICReg
     simclr,  # noqa: F401
     swav,  # noqa: F401
+    wav2vec2,  # noqa: F401  wav2vec 2.0
 )
 

@@ -95,6 +95,11 @@ class Method(nn.Module):
         """JSON-able facts about the run stored in every checkpoint's state.json."""
         return {}
 
+    def log_warnings(self, row: dict) -> list[str]:
+        """Warnings about a logged row (a collapse signal past its threshold); the trainer prints
+        each and stores them in the row under "warnings"."""
+        return []
+
     def prepare(self, audio: Tensor, sample=None) -> None:
         """Before the first step of a new run, from (N, S) training crops: the frontend's
         normalisation statistics. `sample(count, batch)` iterates over more crops (see above)."""

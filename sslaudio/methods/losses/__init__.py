@@ -16,12 +16,18 @@ detached inside, so no caller can forget it.
 """
 
 from sslaudio.methods.losses._common import GatherFn, LossOut
-from sslaudio.methods.losses.clustering import cluster_prediction_loss, dino_loss, sinkhorn, swav_loss
+from sslaudio.methods.losses.clustering import (
+    cluster_prediction_loss,
+    dino_loss,
+    sinkhorn,
+    swav_loss,
+)
 from sslaudio.methods.losses.contrastive import (
     cpc_info_nce,
     info_nce_queue,
     moco_v3_loss,
     nt_xent,
+    wav2vec2_contrastive,
 )
 from sslaudio.methods.losses.predictive import apc_l1_loss, masked_reconstruction_loss
 from sslaudio.methods.losses.redundancy import barlow_twins_loss, vicreg_loss
@@ -33,10 +39,23 @@ from sslaudio.methods.losses.regression import (
 )
 
 __all__ = [
-    "GatherFn", "LossOut",
-    "byol_loss", "negative_cosine", "regression_loss", "average_top_k_layers",
-    "nt_xent", "info_nce_queue", "moco_v3_loss", "cpc_info_nce",
-    "barlow_twins_loss", "vicreg_loss",
-    "dino_loss", "sinkhorn", "swav_loss", "cluster_prediction_loss",
-    "apc_l1_loss", "masked_reconstruction_loss",
+    "GatherFn",
+    "LossOut",
+    "apc_l1_loss",
+    "average_top_k_layers",
+    "barlow_twins_loss",
+    "byol_loss",
+    "cluster_prediction_loss",
+    "cpc_info_nce",
+    "dino_loss",
+    "info_nce_queue",
+    "masked_reconstruction_loss",
+    "moco_v3_loss",
+    "negative_cosine",
+    "nt_xent",
+    "regression_loss",
+    "sinkhorn",
+    "swav_loss",
+    "vicreg_loss",
+    "wav2vec2_contrastive",
 ]

@@ -1,4 +1,4 @@
-"""Contrastive (InfoNCE-family) losses: SimCLR, MoCo v2 / v3 and CPC."""
+"""Contrastive (InfoNCE-family) losses: SimCLR, MoCo v2 / v3, CPC and wav2vec 2.0."""
 
 from __future__ import annotations
 
@@ -160,3 +160,42 @@ def cpc_info_nce(pred: Tensor, positive: Tensor, negatives: Tensor, valid: Tenso
         loss_k, acc_k = (ce * w).sum(dim=1) / n, (hit * w).sum(dim=1) / n
     terms = {"acc": acc_k.mean().detach(), **{f"acc_{k + 1}": acc_k[k].detach() for k in range(K)}}
     return LossOut(loss_k.mean(), terms)
+
+
+@_fp32
+def wav2vec2_contrastive(pred: Tensor, targets: Tensor, neg_idx: Tensor, temperature: float = 0.1) -> LossOut:
+    """wav2vec 2.0 contrastive loss: each masked frame's prediction must pick its quantized target
+    among K distractors, which are other rows of `targets`.
+
+    Baevski, Zhou, Mohamed & Auli 2020, "wav2vec 2.0", eq. 3; fairseq
+    `models/wav2vec/wav2vec2.py` (`compute_preds`) and `criterions/wav2vec_criterion.py` (infonce).
+    Logits are cos(pred, candidate) / κ with the target at index 0; a distractor equal to the
+    target in every dimension (fairseq `neg_is_pos`: the same code, or a lone masked frame's
+    distractors pointing at itself) gets a logit of -inf. The loss is the cross-entropy summed over
+    the M frames divided by M (fairseq's sum / sample_size). Distractors are not detached: as in
+    fairseq, the quantizer learns from the target and from the distractors. Memory is M x K x D,
+    as fairseq's gathered negatives.
+
+    pred: (M, D) context network outputs at the masked frames after final_proj.
+    targets: (M, D) quantized targets of the same frames after project_q.
+    neg_idx: (M, K) long, rows of `targets` used as distractors of each frame.
+    terms: acc, fairseq's `correct / count`: the fraction of frames whose target has the largest
+      logit and not also the smallest (all logits equal counts as wrong).
+    """
+    if pred.dim() != 2 or pred.shape != targets.shape:
+        raise ValueError(f"wav2vec2_contrastive: expected pred and targets of one (M, D) shape, "
+                         f"found {tuple(pred.shape)} and {tuple(targets.shape)}")
+    if neg_idx.dim() != 2 or neg_idx.shape[0] != pred.shape[0]:
+        raise ValueError(f"wav2vec2_contrastive: expected neg_idx ({pred.shape[0]}, K), found {tuple(neg_idx.shape)}")
+    if pred.shape[0] == 0:
+        raise ValueError("wav2vec2_contrastive: no masked frame")
+    negs = targets[neg_idx]  # (M, K, D)
+    neg_is_pos = (negs == targets.unsqueeze(1)).all(-1)  # (M, K), before any cast: exact equality
+    cands = torch.cat([targets.unsqueeze(1), negs], dim=1).float()  # (M, 1 + K, D), target first
+    logits = F.cosine_similarity(pred.float().unsqueeze(1), cands, dim=-1) / temperature
+    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(neg_is_pos, float("-inf"))], dim=1)
+    labels = torch.zeros(pred.shape[0], dtype=torch.long, device=pred.device)
+    loss = F.cross_entropy(logits, labels, reduction="sum") / pred.shape[0]
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == 0) & ~(logits.argmin(-1) == 0)
+    return LossOut(loss, {"acc": correct.float().mean()})
