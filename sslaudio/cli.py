@@ -390,26 +390,40 @@ def export(
         _print_table("export", res)
 
 
-@app.command("presets")
-def presets_cmd():
-    """List every preset: method, encoder, input and a one-line description."""
+@app.command("presets", epilog="Examples: sslaudio presets\n\nsslaudio presets tiny/m2d > my.yaml   "
+                                "(edit it, then: sslaudio pretrain ./audio --preset my.yaml --out runs/mine)")
+def presets_cmd(name: str | None = typer.Argument(None, help="A preset (or YAML file) to show in full.")):
+    """List every preset, one line each: name, method, encoder, input. With NAME: its description
+    and its resolved YAML (every default filled in), ready to edit and pass to --preset."""
     from sslaudio.build import load_preset
-    from sslaudio.config import ConfigError, list_presets
+    from sslaudio.config import ConfigError, dump_yaml, list_presets
+
+    def summary(p) -> tuple[str, str, str]:
+        fe = p.frontend.get("name", "?")
+        mels = f" {p.frontend['n_mels']}" if "n_mels" in p.frontend else ""
+        return p.method.get("name", "?"), p.encoder.get("name", "?"), \
+            f"{fe}{mels} {p.data.clip_seconds:g}s {p.data.sample_rate / 1000:g}kHz"  # features, crop, rate
 
     with guard():
-        t = Table(title="presets")
-        for c in ("preset", "method", "encoder", "input", "description"):
-            t.add_column(c)
-        for name in list_presets():
+        if name is not None:  # an unknown name: ConfigError with "did you mean", one line, exit 2
+            p = load_preset(name)
+            method, encoder, inp = summary(p)
+            lines = [f"# {name}: method {method}, encoder {encoder}, input {inp}"]
+            lines += [f"# {ln}" for ln in (p.description or "(no description)").splitlines()]
+            print("\n".join(lines) + "\n" + dump_yaml(p), end="")
+            return
+        rows, broken = [("preset", "method", "encoder", "input")], []
+        for n in list_presets():
             try:
-                p = load_preset(name)
+                rows.append((n, *summary(load_preset(n))))
             except ConfigError as e:  # one broken user preset should not hide the others
-                t.add_row(name, "-", "-", "-", f"[red]invalid: {e}[/red]")
-                continue
-            fe = p.frontend.get("name")
-            inp = f"{fe} {p.frontend.get('n_mels', '')}".strip() + f" @ {p.data.sample_rate // 1000} kHz, {p.data.clip_seconds:g} s"
-            t.add_row(name, p.method["name"], p.encoder["name"], inp, p.description)
-        out.print(t)
+                broken.append(f"{n}  invalid: {e}")
+        width = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:  # plain lines: no wrapping at any terminal width, easy to grep
+            print("  ".join(c.ljust(w) for c, w in zip(r, width)) + "  " + r[3])
+        for line in broken:
+            print(line)
+        print("\nsslaudio presets NAME: a preset's description and its resolved YAML")
 
 
 @app.command(epilog="Example: sslaudio demo --out sslaudio-demo")

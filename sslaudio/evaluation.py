@@ -11,6 +11,7 @@ probe's choice, and its metrics go under `finetune` beside the frozen ones.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sslaudio.finetune import FinetuneConfig, Task, finetune, save_finetuned
 from sslaudio.inference import load_encoder
 from sslaudio.probe import (
     ProbeError,
+    check_leakage,
     encode_labels,
     evaluate,
     evaluate_events,
@@ -39,14 +41,20 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
                      layer: int | None = None, files: str | Path | None = None, frame_hop: float = 0.1,
                      on_skip: Callable[[str, str], None] | None = None, median: int | None = None,
                      finetune_cfg: FinetuneConfig | None = None, save: str | Path | None = None,
-                     on_epoch: Callable[[int, int, float, float], None] | None = None) -> dict:
+                     on_epoch: Callable[[int, int, float, float], None] | None = None,
+                     on_warn: Callable[[str], None] | None = None) -> dict:
     """Probe the encoder of `ckpt` (run folder, step folder, encoder file or random:PRESET) on `labels`.
 
     Returns the metrics of probe.evaluate (or evaluate_events) with checkpoint, labels, skipped
     (the number of unusable audio files) and layer added. `median`: SED median filter window (odd,
     grid frames) for every class; None picks one per class on valid. With `finetune_cfg`, also
     `finetune`: the fine-tuned encoder's metrics under the same names (`on_epoch` hears of its
-    epochs); `save` (a folder) then receives its encoder and head, else nothing is written."""
+    epochs); `save` (a folder) then receives its encoder and head, else nothing is written.
+
+    Leaks in a clip labels file (probe.check_leakage: a row twice, a file in two splits) go to
+    `on_warn` as one line each (default: `warning: ...` on stderr); a file with two label sets is a
+    ProbeError."""
+    warn = on_warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     dev = resolve_device(device)
     events = is_event_csv(labels)
     if median is not None and not events:
@@ -55,7 +63,11 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         raise ProbeError("--save writes a fine-tuned encoder: it needs --finetune")
     if finetune_cfg is not None and finetune_cfg.rnn_head and not events:
         raise ProbeError("--rnn-head is for sound event detection (a labels file with onset,offset columns)")
-    rows = None if events else read_labels(labels)
+    rows = None
+    if not events:
+        rows, leaks = check_leakage(read_labels(labels), labels)
+        for message in leaks:
+            warn(message)
     if finetune_cfg is not None and rows is not None and rows[0].split is None:
         raise ProbeError(FINETUNE_NEEDS_SPLITS.format(labels))
     bundle = load_encoder(ckpt).set_layer(layer)
@@ -68,7 +80,7 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
 
     if events:
         return _probe_events(bundle, labels, files, frame_hop, dev, batch_size, seed, skip, skipped, median,
-                             finetune_cfg, save, on_epoch) | {"checkpoint": ckpt, "layer": layer}
+                             finetune_cfg, save, on_epoch, warn) | {"checkpoint": ckpt, "layer": layer}
 
     emb = {e.path: e.clip for e in embed_files(bundle, [(r.path, r.rel) for r in rows], dev, False, batch_size,
                                                on_skip=skip)}
@@ -95,11 +107,11 @@ def _finetune(bundle, task: Task, fit, cfg: FinetuneConfig, dev, seed: int, batc
 
 def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: float, dev, batch_size: int,
                   seed: int, skip: Callable[[str, str], None], skipped: list, median: int | None,
-                  finetune_cfg: FinetuneConfig | None, save, on_epoch) -> dict:
+                  finetune_cfg: FinetuneConfig | None, save, on_epoch, warn: Callable[[str], None]) -> dict:
     """The sound event detection probe of `bundle` on the strong labels in `labels` (and `files`).
 
     `skip` is handed to embed_files; `skipped` is the list it fills, for the counts."""
-    clips = read_events(labels, files)
+    clips = read_events(labels, files, warn)
     if finetune_cfg is not None and clips[0].split is None:
         raise ProbeError(FINETUNE_NEEDS_SPLITS.format(files or labels))
     classes = sorted({lab for f in clips for _, _, lab in f.events})

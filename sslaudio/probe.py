@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,7 @@ class LabeledFile:
     rel: str
     labels: tuple[str, ...]
     split: str | None
+    line: int = 0  # its line in the labels file (for messages)
 
 
 def read_labels(csv_path: str | Path) -> list[LabeledFile]:
@@ -71,12 +75,57 @@ def _read_labels(p: Path) -> list[LabeledFile]:
             if split is not None and split not in SPLITS:
                 raise ProbeError(f"{p}:{i}: split must be one of {', '.join(SPLITS)}, found '{split}'")
             full = Path(path) if Path(path).is_absolute() else p.parent / path
-            rows.append(LabeledFile(str(full), path, tuple(sorted(set(label.split(";")))), split))
+            rows.append(LabeledFile(str(full), path, tuple(sorted(set(label.split(";")))), split, i))
     if not rows:
         raise ProbeError(f"{p}: no rows", code=4)
     if "split" in cols and any(r.split is None for r in rows):
         raise ProbeError(f"{p}: some rows have an empty split")
     return rows
+
+
+def check_leakage(rows: list[LabeledFile], where: str | Path) -> tuple[list[LabeledFile], list[str]]:
+    """The rows to probe and one warning line per kind of leak found in a labels file.
+
+    Files are compared by their resolved path (`a.wav`, `./a.wav` and a symlink to it are one file).
+    - The same row twice (same file, labels and split): kept once, with a warning and a count. The
+      copy holds nothing new; kept, it would weigh the file twice and, without a split column, the
+      cross-validation folds could put one copy in training and the other in test.
+    - One file in two splits (the same labels): kept as listed, with a warning and a count. Its
+      test score is then measured on a clip the probe trained on or picked its hyper-parameters
+      on, so the metrics are optimistic (test rows copied into train lift kNN accuracy towards 1);
+      which split the file belongs to is the user's call, and dropping one copy would silently
+      change the split sizes they defined.
+    - One file with two different label sets: a ProbeError naming the file and its lines. There
+      is no right target for it: a single-label probe would train on contradictory labels and
+      count the file wrong whatever it predicts, and merging the rows would silently turn the task
+      into a multi-label one (which lists all of a file's labels in one row, joined by ';')."""
+    first: dict[str, LabeledFile] = {}
+    seen: set[tuple] = set()
+    kept, dups, multi_split = [], 0, {}
+    for r in rows:
+        key = os.path.realpath(r.path)
+        f = first.setdefault(key, r)
+        if f.labels != r.labels:
+            raise ProbeError(f"{where}: {r.rel} has two labels, {';'.join(f.labels)} (line {f.line}) and "
+                             f"{';'.join(r.labels)} (line {r.line}); give each file one row (a multi-label task "
+                             f"joins its labels with ';')")
+        if (key, r.split) in seen:
+            dups += 1
+            continue
+        seen.add((key, r.split))
+        if r.split != f.split:
+            multi_split.setdefault(key, (f, r))
+        kept.append(r)
+    warnings = []
+    if dups:
+        warnings.append(f"{where}: {dups} duplicate row(s) (the same file, labels and split again): each file is "
+                        f"probed once")
+    if multi_split:
+        f, r = next(iter(multi_split.values()))
+        warnings.append(f"{where}: {len(multi_split)} file(s) in more than one split (e.g. {r.rel}: {f.split} at "
+                        f"line {f.line}, {r.split} at line {r.line}): the probe is scored on clips it was fitted "
+                        f"on, so its metrics are optimistic; give each file one split")
+    return kept, warnings
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -373,10 +422,20 @@ def _csv_rows(p: Path, need: tuple[str, ...]) -> tuple[list[str], list[dict]]:
         raise ProbeError(f"{p}: not a UTF-8 CSV file") from None
 
 
-def read_events(csv_path: str | Path, files_csv: str | Path | None = None) -> list[EventFile]:
+def read_events(csv_path: str | Path, files_csv: str | Path | None = None,
+                warn: Callable[[str], None] | None = None) -> list[EventFile]:
+    """The clips of a strong-label task and their events. Leaks go to `warn` (default: a `warning:`
+    line on stderr), one line per kind with a count: a clip listed twice in the files CSV or an
+    event row repeated is used once; a clip given two splits (two listings, or event rows naming
+    another split than its first) stays in the split it was first given, since a clip holds one
+    split and one event list (clip-level labels keep both rows instead: see check_leakage)."""
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     p = Path(csv_path)
     _, rows = _csv_rows(p, ("path", "onset", "offset", "label"))
     files: dict[str, EventFile] = {}
+    seen: set[tuple[str, float, float, str]] = set()
+    repeated = {"files": 0, "events": 0}
+    two_splits: dict[str, str] = {}  # clip -> what the warning says of it
 
     def full(rel: str, base: Path) -> str:
         return str(Path(rel) if Path(rel).is_absolute() else base.parent / rel)
@@ -396,7 +455,14 @@ def read_events(csv_path: str | Path, files_csv: str | Path | None = None) -> li
             rel = (r.get("path") or "").strip()
             if not rel:
                 raise ProbeError(f"{fp}:{i}: empty path")
-            files[full(rel, fp)] = EventFile(full(rel, fp), rel, split_of(r, f"{fp}:{i}"), [])
+            key, split = full(rel, fp), split_of(r, f"{fp}:{i}")
+            if key in files:
+                if files[key].split == split:
+                    repeated["files"] += 1
+                else:
+                    two_splits.setdefault(key, f"{rel}: {files[key].split}, then {split} at {fp}:{i}")
+                continue
+            files[key] = EventFile(key, rel, split, [])
     for i, r in enumerate(rows, start=2):
         rel, label = (r.get("path") or "").strip(), (r.get("label") or "").strip()
         try:
@@ -410,7 +476,22 @@ def read_events(csv_path: str | Path, files_csv: str | Path | None = None) -> li
             if files_csv is not None:
                 raise ProbeError(f"{p}:{i}: {rel} is not in {files_csv}")
             files[key] = EventFile(key, rel, split_of(r, f"{p}:{i}"), [])
+        split = split_of(r, f"{p}:{i}")
+        if split is not None and files[key].split is not None and split != files[key].split:
+            two_splits.setdefault(key, f"{rel}: {files[key].split}, then {split} at {p}:{i}")
+        if (key, on, off, label) in seen:
+            repeated["events"] += 1
+            continue
+        seen.add((key, on, off, label))
         files[key].events.append((on, off, label))
+    if repeated["files"]:
+        warn(f"{files_csv}: {repeated['files']} clip(s) listed more than once: each is used once")
+    if repeated["events"]:
+        warn(f"{p}: {repeated['events']} repeated event row(s) (same clip, onset, offset and label): each event "
+             f"is used once")
+    if two_splits:
+        warn(f"{p}: {len(two_splits)} clip(s) given more than one split (e.g. {next(iter(two_splits.values()))}): "
+             f"each stays in the split it was first given; give each clip one split")
     out = list(files.values())
     if not any(f.events for f in out):
         raise ProbeError(f"{p}: no events", code=4)

@@ -23,8 +23,8 @@ LAYERS = [
     ["sslaudio.build"],
     ["sslaudio.checkpoint"],
     ["sslaudio.inference", "sslaudio.train"],
-    ["sslaudio.features", "sslaudio.export", "sslaudio.probe", "sslaudio.finetune"],
-    ["sslaudio.evaluation"],
+    ["sslaudio.features", "sslaudio.export", "sslaudio.probe", "sslaudio.finetune", "sslaudio.api"],
+    ["sslaudio.evaluation", "sslaudio.hear"],
     ["sslaudio.cli", "sslaudio.__main__"],
 ]
 
