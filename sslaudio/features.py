@@ -216,10 +216,17 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
         if rel in done:
             continue
         pool, frame_list, time_list, total = ClipPool(enc.clip_pool), [], [], 0
+        # each chunk reads `reach` samples past its end, so that the frames centred near the end of
+        # the chunk are whole (a wave encoder's 400-sample receptive field per 320-sample hop); a
+        # chunk keeps the frames centred inside it, the last one every frame centred in the file
+        reach = max(0, plan.need - int(enc.downsample))
         try:
-            for start, x in blocks(path, sr, plan.chunk / sr):
+            chunks = blocks(path, sr, (plan.chunk + reach) / sr, reach / sr)
+            ahead = next(chunks, None)
+            while ahead is not None:
+                (start, x), ahead = ahead, next(chunks, None)
                 length = x.shape[0]
-                end = (start + length) / sr
+                end = (start + (length if ahead is None else min(length, plan.chunk))) / sr
                 if length < plan.need:  # a short tail: pad it, keep the frames centred in the file
                     x = torch.nn.functional.pad(x, (0, plan.need - length))
                 _, fr, flen = run(x[None])
@@ -228,7 +235,7 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
                 keep = times < end
                 if not keep.all():
                     f, times = f[torch.from_numpy(keep).to(f.device)], times[keep]
-                total += length
+                total = max(total, start + length)
                 if f.shape[0] == 0:
                     continue
                 pool.add(f)

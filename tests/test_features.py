@@ -29,3 +29,18 @@ def test_long_files_are_chunked(tmp_path):
     assert np.all(np.diff(chunked.times) > 0) and abs(chunked.times[-1] - whole.times[-1]) < 0.5
     # chunking only changes the frames next to chunk borders (the CNN's context there)
     assert np.corrcoef(chunked.clip, whole.clip)[0, 1] > 0.9
+
+
+def test_chunked_wave_encoder_loses_no_frame_at_chunk_borders(tmp_path):
+    """A conv-transformer frame needs 400 samples per 320-sample hop: each chunk reads past its end,
+    so the chunked frames are the whole file's frames, one hop apart, none lost or repeated."""
+    torch.manual_seed(0)
+    bundle = load_encoder("random:tiny/hubert-wave")
+    bundle.needs_stats = False
+    x = np.concatenate([clip("saw", 1, 1.3), clip("bell", 2, 1.2)])
+    p = write_wav(tmp_path / "long.wav", x)
+    whole = next(embed_files(bundle, [(str(p), "long.wav")], torch.device("cpu"), True, chunk_seconds=60))
+    chunked = next(embed_files(bundle, [(str(p), "long.wav")], torch.device("cpu"), True, chunk_seconds=0.5))
+    assert chunked.frames.shape == whole.frames.shape
+    assert np.allclose(chunked.times, whole.times)
+    assert np.allclose(np.diff(chunked.times), 0.02)
