@@ -29,13 +29,14 @@ def measure(name: str, device: str, steps: int, warmup: int, overrides: list[str
     opt = torch.optim.AdamW(m.param_groups(p.optim.weight_decay), lr=p.optim.lr)
     n = int(round(p.data.clip_seconds * p.data.sample_rate))
     audio = (torch.randn(p.train.batch_size, p.data.segments, n, device=dev) * 0.1)
-    m.frontend.estimate_stats(audio[:, 0])  # a no-op for frontends without statistics
+    # as the trainer before a new run: frontend statistics, HuBERT's k-means, DeepCluster's memory
+    m.prepare(audio[:, 0], lambda count, batch: iter(audio[:, 0].repeat(-(-count // len(audio)), 1)[:count].split(batch)))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
     def step(i):
         g = torch.Generator(dev).manual_seed(i)
         with amp:
-            loss = m({"audio": audio}, i, g)["loss"]
+            loss = m({"audio": audio}, i, g, steps + warmup)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
