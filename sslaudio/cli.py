@@ -48,7 +48,9 @@ def guard():
 
     def show_warning(message, category, *args, **kwargs):
         if issubclass(category, CheckpointWarning):
-            err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            from rich.markup import escape
+
+            err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
         else:
             show(message, category, *args, **kwargs)
 
@@ -75,7 +77,9 @@ def guard():
     except (OSError, UnicodeDecodeError, SafetensorError) as e:  # a full disk, --out onto a folder, no permission ...
         code, msg = EXIT_USAGE, _io_error(e)
     if code:
-        err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)  # "[export]" stays
         raise typer.Exit(code)
 
 
@@ -224,17 +228,58 @@ def _print_table(title: str, rows: dict) -> None:
     out.print(t)
 
 
+def _parse_layer(value: str | None) -> int | str | None:
+    """--layer: None, 'all' or a block index (0-based, negative from the end)."""
+    from sslaudio.config import ConfigError
+
+    if value is None or value.strip().lower() == "all":
+        return None if value is None else "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--layer must be a block index (0-based, -1 the last) or 'all', found '{value}'") from None
+
+
+def _stdin_entries() -> list[tuple[str, str]]:
+    """INPUTS `-`: one path per line on stdin (blank lines ignored), each named relative to the
+    working folder (outside it: by its absolute path), as a manifest there would name it. Missing
+    files are entries too: probing them gives the reason they are skipped."""
+    import os
+
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    found = []
+    for line in text.splitlines():
+        path = line.strip()
+        if not path:
+            continue
+        path = os.path.normpath(path)
+        rel = os.path.relpath(os.path.abspath(path))
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            rel = os.path.abspath(path).lstrip(os.sep)
+        found.append((path, rel))
+    return found
+
+
 @app.command(epilog="Examples: sslaudio extract runs/byola ./clips --out feats --frames\n\n"
-                    "sslaudio extract runs/byola song.wav --out - | jq .clip")
+                    "sslaudio extract runs/byola song.wav --out - | jq .clip\n\n"
+                    "find clips -name '*.wav' | sslaudio extract runs/byola - --out - --layer all | jq .layer_clips")
 def extract(
     ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
-    inputs: List[str] = typer.Argument(..., help="Audio files, folders or manifests."),
+    inputs: List[str] = typer.Argument(..., help="Audio files, folders or manifests; - alone: one path per "
+                                                 "line on stdin."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Output folder, or - for JSON lines on stdout."),
     frames: bool = typer.Option(False, "--frames", help="Also write frame embeddings and timestamps."),
     fmt: str = typer.Option("safetensors", "--format", help="safetensors | npy"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    layer: Optional[int] = typer.Option(None, help="Embed this block's output (0-based; -1 the last) instead "
-                                                   "of the encoder's final output."),
+    batch_seconds: Optional[float] = typer.Option(None, "--batch-seconds",
+                                                  help="At most this much audio per batch (default: no limit)."),
+    layer: Optional[str] = typer.Option(None, help="Embed this block's output (0-based; -1 the last) instead "
+                                                   "of the encoder's final output; all: also every block's "
+                                                   "(layer_clips, and with --frames layers)."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Clip embedding over the frames: mean | max | "
+                                       "mean+max (their sum); default: the encoder's own statistics."),
     device: str = typer.Option("auto"),
 ):
     """Write clip (and frame) embeddings per input file, mirroring the input tree (several inputs:
@@ -243,7 +288,7 @@ def extract(
 
     from sslaudio.config import ConfigError
     from sslaudio.data import DataError, dedupe, scan_entries
-    from sslaudio.features import OutputCollision, check_collisions
+    from sslaudio.features import POOLS, OutputCollision, check_collisions
     from sslaudio.features import extract as run_extract
     from sslaudio.inference import load_encoder
     from sslaudio.train import resolve_device
@@ -251,15 +296,23 @@ def extract(
     with guard():
         if fmt not in ("safetensors", "npy"):
             raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
+        if pool is not None and pool not in POOLS:
+            raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, found '{pool}'")
+        if batch_seconds is not None and not (batch_seconds > 0 and batch_seconds != float("inf")):
+            raise ConfigError(f"--batch-seconds must be a positive number of seconds, found {batch_seconds}")
+        if "-" in inputs and len(inputs) > 1:
+            raise ConfigError("- (paths on stdin) must be the only input")
+        chosen = _parse_layer(layer)
+        all_layers = chosen == "all"
         dev = resolve_device(device)
-        bundle = load_encoder(ckpt).set_layer(layer)
-        items = scan_entries(inputs)
+        bundle = load_encoder(ckpt).set_layer(None if all_layers else chosen)
+        items = _stdin_entries() if inputs == ["-"] else scan_entries(inputs)
         if not items:
             raise DataError(f"no audio files in {' '.join(inputs)}")
         to_stdout = out_dir == "-"
         try:
             if not to_stdout:  # two inputs, one output file: a usage error, before anything is written
-                check_collisions(dedupe(items)[0], fmt, frames)
+                check_collisions(dedupe(items)[0], fmt, frames, all_layers)
         except OutputCollision as e:
             raise ConfigError(str(e)) from None
 
@@ -268,7 +321,8 @@ def extract(
             err.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
 
         summary = run_extract(bundle, items, None if to_stdout else Path(out_dir), frames, fmt, dev, batch_size,
-                              encoder_id=ckpt, on_skip=lambda p, r: warn(f"skip {p}: {r}"), on_warn=warn)
+                              encoder_id=ckpt, on_skip=lambda p, r: warn(f"skip {p}: {r}"), on_warn=warn,
+                              all_layers=all_layers, pool=POOLS[pool] if pool else None, batch_seconds=batch_seconds)
         if summary["written"] == 0:
             raise DataError(f"no usable audio file ({summary['skipped']} skipped)")
         msg = f"{summary['written']} files -> {out_dir} (dim {summary['clip_dim']}), {summary['skipped']} skipped, {summary['time_s']:.1f} s"
@@ -375,18 +429,26 @@ def _finetune_config(enabled: bool, rnn_head: bool, **given):
     return FinetuneConfig(rnn_head=rnn_head, **options)
 
 
-@app.command(epilog="Example: sslaudio export runs/byola --format onnx --out byola.onnx")
+@app.command(epilog="Examples: sslaudio export runs/byola --format onnx --out byola.onnx\n\n"
+                    "sslaudio export runs/m2d --format torchscript --out m2d.pt --layers all")
 def export(
     ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
     fmt: str = typer.Option("torchscript", "--format", help="torchscript | onnx"),
-    out_file: Path = typer.Option(..., "--out", "-o", help="Output file."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output file; its model card goes to OUT.json."),
+    layers: str | None = typer.Option(None, "--layers", help="Also output these blocks' frames: 'all' or "
+                                      "0-based indices, negative from the end (0,2,-1): outputs layer_<i>."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (17 to 20)."),
 ):
-    """A deployable waveform -> clip-embedding model, checked against PyTorch."""
+    """A deployable waveform -> clip embedding, frames and frame times model, checked against
+    PyTorch output by output, with a JSON model card beside it (OUT.json)."""
+    from sslaudio.export import check_format, parse_layers
     from sslaudio.export import export as run_export
     from sslaudio.inference import load_encoder
 
     with guard():
-        res = run_export(load_encoder(ckpt), fmt, out_file)
+        check_format(fmt, opset)  # before the (slow) model load
+        wanted = parse_layers(layers)
+        res = run_export(load_encoder(ckpt), fmt, out_file, layers=wanted, source=ckpt, opset=opset)
         _print_table("export", res)
 
 

@@ -12,6 +12,12 @@ outputs of the same identity (and unchanged source file), computes the rest in t
 clean run would use, so the result is byte-identical to one clean run, removes the temp files of
 an interrupted run, and rewrites FEATS/manifest.jsonl, errors.jsonl and summary.json for the
 whole input. Outputs of another identity are replaced, with a warning and a count.
+
+Options: `all_layers` also embeds every block's output as `--layer i` gives it (frames `layers`
+(L, T, D), clips `layer_clips` (L, D), each layer pooled with its own ClipPool in long files);
+`pool` replaces the encoder's `clip_pool` statistics (summed, as `encoders.base.pool_frames`
+does); `batch_seconds` caps the audio per batch (files of equal length are still the only ones
+batched together, so a batch never pads).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import sys
 import time
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,10 +44,11 @@ from sslaudio.audio import AudioError, AudioInfo, blocks, load, probe, resampled
 from sslaudio.build import shortest_length
 from sslaudio.checkpoint import tensors_sha256
 from sslaudio.data import CropDataset, dedupe, sample_for_stats
-from sslaudio.encoders.base import ClipPool
+from sslaudio.encoders.base import ClipPool, lengths_to_padding, pool_frames
 from sslaudio.inference import EncoderBundle
 
 RUN_FILES = ("manifest.jsonl", "errors.jsonl", "summary.json")
+POOLS = {"mean": ("mean",), "max": ("max",), "mean+max": ("mean", "max")}  # --pool: statistics summed
 
 
 class OutputCollision(ValueError):
@@ -56,6 +63,8 @@ class Embedding:
     frames: np.ndarray | None  # (T, D)
     times: np.ndarray | None  # (T,) seconds, frame centres
     seconds: float
+    layer_clips: np.ndarray | None = None  # (L, D) every block's clip embedding, with all_layers
+    layers: np.ndarray | None = None  # (L, T, D) every block's frames, with all_layers and frames
 
 
 def _ms(seconds: float) -> str:
@@ -156,39 +165,84 @@ def plan_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torc
     return plan
 
 
+@torch.inference_mode()
+def encode(bundle: EncoderBundle, audio: torch.Tensor, all_layers: bool = False,
+           pool: tuple[str, ...] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
+    """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,), and with `all_layers` every
+    block's frames [(B, T, D_l)] as `--layer i` gives them and their clips (B, L, D_l). `pool`
+    (statistics summed, as `pool_frames`) replaces the encoder's `clip_pool`; without options this
+    is `bundle.embed`."""
+    if not all_layers and pool is None:
+        clip, fr, flen = bundle.embed(audio)
+        return clip, fr, flen, None, None
+    stats = pool or bundle.encoder.clip_pool
+    enc = bundle.encoder
+    if not all_layers:
+        fr, flen = enc.to_frames(bundle(audio))
+        return pool_frames(fr, lengths_to_padding(flen, fr.shape[1]), stats), fr, flen, None, None
+    if bundle.layer is not None:
+        raise ValueError("all_layers embeds every block: the bundle must not have a layer set")
+    x, fl = bundle.frontend(audio)
+    out = enc(x, fl, return_layers=True)
+    fr, flen = enc.to_frames(out)
+    padding = lengths_to_padding(flen, fr.shape[1])
+    # each block's frames as EncoderBundle.forward gives them for `--layer i` (its tokens swapped in)
+    layers = [enc.to_frames(replace(out, tokens=h))[0] for h in (out.layers or [out.tokens])]
+    layer_clips = torch.stack([pool_frames(h, padding, stats) for h in layers], 1)
+    return pool_frames(fr, padding, stats), fr, flen, layers, layer_clips
+
+
+def batches(members: list, batch_size: int, samples: int, batch_seconds: float | None, sample_rate: int
+            ) -> Iterator[list]:
+    """`members` (inputs of `samples` samples each) in batches of at most `batch_size` inputs and,
+    with `batch_seconds`, at most that much audio (one input at least)."""
+    size = batch_size
+    if batch_seconds is not None:
+        size = max(1, min(batch_size, int(batch_seconds * sample_rate // max(samples, 1))))
+    for i in range(0, len(members), size):
+        yield members[i:i + size]
+
+
 def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bool, batch_size: int = 16,
-             on_skip: Callable[[str, str], None] | None = None, done: set[str] | frozenset = frozenset()
+             on_skip: Callable[[str, str], None] | None = None, done: set[str] | frozenset = frozenset(),
+             all_layers: bool = False, pool: tuple[str, ...] | None = None, batch_seconds: float | None = None
              ) -> Iterator[Embedding]:
     """Yield one Embedding per usable file of `plan` whose output name is not in `done`. A batch
     holding a done file is still computed whole, so the others get the numbers of a full run."""
     on_skip = on_skip or (lambda p, r: print(f"skip {p}: {r}", file=sys.stderr))
     sr, enc = bundle.sample_rate, bundle.encoder
+    stats = pool or enc.clip_pool
 
-    @torch.inference_mode()
-    def run(audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return bundle.embed(audio.to(device))
+    def run(audio: torch.Tensor):
+        return encode(bundle, audio.to(device), all_layers, pool)
 
-    def finish(path, rel, clip, frame_list, time_list, seconds) -> Embedding:
+    def finish(path, rel, clip, frame_list, time_list, seconds, layer_clips=None, layer_lists=None) -> Embedding:
         clip = clip.float().cpu().numpy()
+        lc = None if layer_clips is None else layer_clips.float().cpu().numpy()
         if frames:
             f = torch.cat(frame_list).float().cpu().numpy() if frame_list else np.zeros((0, clip.shape[0]), np.float32)
             t = np.concatenate(time_list) if time_list else np.zeros(0)
-            return Embedding(path, rel, clip, f, t, seconds)
-        return Embedding(path, rel, clip, None, None, seconds)
+            ls = None
+            if layer_lists is not None:
+                ls = np.stack([torch.cat(per).float().cpu().numpy() if per else
+                               np.zeros((0, lc.shape[1]), np.float32) for per in layer_lists])
+            return Embedding(path, rel, clip, f, t, seconds, lc, ls)
+        return Embedding(path, rel, clip, None, None, seconds, lc)
 
     def embed_batch(members: list[tuple[str, str]], audio: list[torch.Tensor]) -> Iterator[Embedding]:
         n = audio[0].shape[0]
-        clips, fr, flen = run(torch.stack(audio))
+        clips, fr, flen, hs, hclips = run(torch.stack(audio))
         for j, (path, rel) in enumerate(members):
             if rel in done:
                 continue
             t = int(flen[j])
-            yield finish(path, rel, clips[j], [fr[j, :t]], [enc.frame_times(t).numpy()], n / sr)
+            yield finish(path, rel, clips[j], [fr[j, :t]], [enc.frame_times(t).numpy()], n / sr,
+                         None if hclips is None else hclips[j], None if hs is None else [[h[j, :t]] for h in hs])
 
     for key in sorted(plan.groups):
         members = plan.groups[key]
-        for i in range(0, len(members), batch_size):
-            batch = members[i:i + batch_size]
+        for batch in batches(members, batch_size, plan.lengths[key], batch_seconds, sr):
             if all(rel in done for _, rel in batch):
                 continue
             part, audio, alone = [], [], []
@@ -215,7 +269,9 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
     for path, rel in plan.long_files:
         if rel in done:
             continue
-        pool, frame_list, time_list, total = ClipPool(enc.clip_pool), [], [], 0
+        clip_pool, frame_list, time_list, total = ClipPool(stats), [], [], 0
+        layer_pools: list[ClipPool] | None = None  # with all_layers: one per block
+        layer_lists: list[list[torch.Tensor]] | None = None
         # each chunk reads `reach` samples past its end, so that the frames centred near the end of
         # the chunk are whole (a wave encoder's 400-sample receptive field per 320-sample hop); a
         # chunk keeps the frames centred inside it, the last one every frame centred in the file
@@ -229,31 +285,47 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
                 end = (start + (length if ahead is None else min(length, plan.chunk))) / sr
                 if length < plan.need:  # a short tail: pad it, keep the frames centred in the file
                     x = torch.nn.functional.pad(x, (0, plan.need - length))
-                _, fr, flen = run(x[None])
-                f = fr[0, : int(flen[0])]
+                _, fr, flen, hs, _ = run(x[None])
+                t = int(flen[0])
+                f = fr[0, :t]
+                hs = None if hs is None else [h[0, :t] for h in hs]
                 times = enc.frame_times(f.shape[0]).numpy() + start / sr
                 keep = times < end
                 if not keep.all():
-                    f, times = f[torch.from_numpy(keep).to(f.device)], times[keep]
+                    sel = torch.from_numpy(keep).to(f.device)
+                    f, times = f[sel], times[keep]
+                    hs = None if hs is None else [h[sel] for h in hs]
                 total = max(total, start + length)
                 if f.shape[0] == 0:
                     continue
-                pool.add(f)
+                clip_pool.add(f)
+                if hs is not None:
+                    if layer_pools is None:
+                        layer_pools, layer_lists = [ClipPool(stats) for _ in hs], [[] for _ in hs]
+                    for lp, h in zip(layer_pools, hs):
+                        lp.add(h)
                 if frames:
                     frame_list.append(f.cpu())
                     time_list.append(times)
+                    if hs is not None:
+                        for per, h in zip(layer_lists, hs):
+                            per.append(h.cpu())
         except AudioError as e:
             on_skip(path, str(e))
             continue
-        yield finish(path, rel, pool.value(), frame_list, time_list, total / sr)
+        layer_clips = None if layer_pools is None else torch.stack([lp.value() for lp in layer_pools])
+        yield finish(path, rel, clip_pool.value(), frame_list, time_list, total / sr, layer_clips,
+                     layer_lists if frames else None)
 
 
 def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torch.device, frames: bool,
                 batch_size: int = 16, chunk_seconds: float = 30.0,
-                on_skip: Callable[[str, str], None] | None = None) -> Iterator[Embedding]:
+                on_skip: Callable[[str, str], None] | None = None, all_layers: bool = False,
+                pool: tuple[str, ...] | None = None, batch_seconds: float | None = None) -> Iterator[Embedding]:
     """Yield one Embedding per usable file (unusable ones go to `on_skip(path, reason)`)."""
     plan = plan_files(bundle, items, device, chunk_seconds, on_skip)
-    yield from run_plan(bundle, plan, device, frames, batch_size, on_skip)
+    yield from run_plan(bundle, plan, device, frames, batch_size, on_skip, all_layers=all_layers, pool=pool,
+                        batch_seconds=batch_seconds)
 
 
 def encoder_identity(bundle: EncoderBundle, **options) -> str:
@@ -267,18 +339,20 @@ def encoder_identity(bundle: EncoderBundle, **options) -> str:
     return h.hexdigest()[:32]
 
 
-def output_names(rel: str, fmt: str, frames: bool) -> list[str]:
+def output_names(rel: str, fmt: str, frames: bool, all_layers: bool = False) -> list[str]:
     """The files (relative to FEATS) one input's features are written to."""
     if fmt == "safetensors":
         return [rel + ".safetensors"]
-    return [rel + s + ".npy" for s in ([""] + ([".frames", ".timestamps"] if frames else []))] + [rel + ".json"]
+    suffixes = [""] + ([".frames", ".timestamps"] if frames else [])
+    suffixes += ([".layer_clips"] + ([".layers"] if frames else [])) if all_layers else []
+    return [rel + s + ".npy" for s in suffixes] + [rel + ".json"]
 
 
-def check_collisions(items: list[tuple[str, str]], fmt: str, frames: bool) -> None:
+def check_collisions(items: list[tuple[str, str]], fmt: str, frames: bool, all_layers: bool = False) -> None:
     """Raise OutputCollision if two different inputs would be written to the same file."""
     owner: dict[str, str] = {}
     for path, rel in items:
-        for name in output_names(rel, fmt, frames):
+        for name in output_names(rel, fmt, frames, all_layers):
             key = os.path.normpath(name)
             if key in owner and owner[key] != path:
                 raise OutputCollision(f"{owner[key]} and {path} would both be written to {name}; give their "
@@ -314,18 +388,25 @@ def _source_stamp(path: str) -> str | None:
 
 
 def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str]) -> list[str]:
-    """FEATS/<rel>.safetensors ('clip', 'frames', 'timestamps'; `meta` and the source path in its
-    metadata), or <rel>.npy (+ .frames.npy, .timestamps.npy) and <rel>.json holding the metadata
+    """FEATS/<rel>.safetensors ('clip', 'frames', 'timestamps', with every layer also 'layer_clips'
+    and 'layers'; `meta` and the source path in its metadata), or <rel>.npy (+ .frames.npy,
+    .timestamps.npy, .layer_clips.npy, .layers.npy) and <rel>.json holding the metadata
     (written last, so its presence means the .npy files are complete). Returns the written paths
     relative to out_dir."""
     base = out_dir / e.rel
     meta = {**meta, "source": _text(e.path), "seconds": repr(float(e.seconds)), "clip_dim": str(e.clip.shape[0]),
             "frames": str(0 if e.frames is None else int(e.frames.shape[0]))}
+    if e.layer_clips is not None:
+        meta["layers"] = str(int(e.layer_clips.shape[0]))
     if fmt == "safetensors":
         tensors = {"clip": e.clip.astype(np.float32)}
         if e.frames is not None:
             tensors["frames"] = np.ascontiguousarray(e.frames, dtype=np.float32)
             tensors["timestamps"] = e.times.astype(np.float32)
+        if e.layer_clips is not None:
+            tensors["layer_clips"] = np.ascontiguousarray(e.layer_clips, dtype=np.float32)
+        if e.layers is not None:
+            tensors["layers"] = np.ascontiguousarray(e.layers, dtype=np.float32)
         target = base.with_name(base.name + ".safetensors")
         atomic_write(target, lambda t: save_file(tensors, t, metadata=meta))
         return [str(target.relative_to(out_dir))]
@@ -333,6 +414,7 @@ def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str])
     sidecar.unlink(missing_ok=True)  # absent until every array below is in place
     written = []
     arrays = [("", e.clip)] + ([(".frames", e.frames), (".timestamps", e.times)] if e.frames is not None else [])
+    arrays += [(s, a) for s, a in ((".layer_clips", e.layer_clips), (".layers", e.layers)) if a is not None]
     for suffix, arr in arrays:
         target = base.with_name(base.name + suffix + ".npy")
 
@@ -346,11 +428,11 @@ def write_embedding(e: Embedding, out_dir: Path, fmt: str, meta: dict[str, str])
     return written + [str(sidecar.relative_to(out_dir))]
 
 
-def _existing(out_dir: Path, path: str, rel: str, fmt: str, frames: bool, identity: str, stamp: str | None
-              ) -> tuple[str, dict | None]:
+def _existing(out_dir: Path, path: str, rel: str, fmt: str, frames: bool, identity: str, stamp: str | None,
+              all_layers: bool = False) -> tuple[str, dict | None]:
     """('same', manifest row) when out_dir holds this input's complete outputs of this identity and
     source file version; ('other', None) when it holds outputs of something else; ('none', None)."""
-    names = output_names(rel, fmt, frames)
+    names = output_names(rel, fmt, frames, all_layers)
     meta_file = out_dir / names[0] if fmt == "safetensors" else out_dir / names[-1]
     if not any(os.path.lexists(out_dir / n) for n in names):
         return "none", None
@@ -373,9 +455,10 @@ def _existing(out_dir: Path, path: str, rel: str, fmt: str, frames: bool, identi
 
 def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path | None, frames: bool, fmt: str,
             device: torch.device, batch_size: int, encoder_id: str, on_skip=None, on_file=None, on_warn=None,
-            chunk_seconds: float = 30.0) -> dict:
+            chunk_seconds: float = 30.0, all_layers: bool = False, pool: tuple[str, ...] | None = None,
+            batch_seconds: float | None = None) -> dict:
     """Write features for `items` (path, output name) under out_dir (None: JSON lines on stdout).
-    Returns the summary. Entries listed twice are processed once (one `on_warn` line each); two
+    `all_layers`, `pool` and `batch_seconds`: see the module docstring. Returns the summary. Entries listed twice are processed once (one `on_warn` line each); two
     inputs with one output name raise OutputCollision before anything is written. A rerun into the
     same out_dir resumes (see the module docstring)."""
     t0 = time.time()
@@ -395,14 +478,18 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
 
     temp_removed = 0
     if out_dir is not None:
-        check_collisions(items, fmt, frames)
+        check_collisions(items, fmt, frames, all_layers)
         if out_dir.is_dir():
             temp_removed = remove_temp_files(out_dir)
             if temp_removed:
                 warn(f"removed {temp_removed} unfinished temp file(s) an interrupted run left in {out_dir}")
     plan = plan_files(bundle, items, device, chunk_seconds, skip)
-    identity = encoder_identity(bundle, frames=frames, layer=bundle.layer, format=fmt, chunk_seconds=chunk_seconds,
-                                device=torch.device(device).type)
+    if all_layers and bundle.layer is not None:
+        raise ValueError("all_layers embeds every block: the bundle must not have a layer set")
+    layer = "all" if all_layers else bundle.layer
+    extra = {} if pool is None else {"pool": "+".join(pool)}  # absent by default: earlier identities stay valid
+    identity = encoder_identity(bundle, frames=frames, layer=layer, format=fmt, chunk_seconds=chunk_seconds,
+                                device=torch.device(device).type, **extra)
     meta = {"encoder": _text(encoder_id), "sample_rate": str(bundle.sample_rate), "identity": identity}
     rows: dict[str, dict] = {}  # output name -> manifest row
     stamps: dict[str, str | None] = {}
@@ -410,7 +497,7 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
     if out_dir is not None:
         for path, rel in plan.items():
             stamps[rel] = _source_stamp(path)
-            state, row = _existing(out_dir, path, rel, fmt, frames, identity, stamps[rel])
+            state, row = _existing(out_dir, path, rel, fmt, frames, identity, stamps[rel], all_layers)
             if state == "same":
                 rows[rel] = row
             elif state == "other":
@@ -421,8 +508,9 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
     reused = len(rows)
     replaced = printed = 0
     dim = next((r["clip_dim"] for r in rows.values()), None)
-    for e in run_plan(bundle, plan, device, frames, batch_size, skip, done=set(rows)):
-        if not np.isfinite(e.clip).all() or (e.frames is not None and not np.isfinite(e.frames).all()):
+    for e in run_plan(bundle, plan, device, frames, batch_size, skip, done=set(rows), all_layers=all_layers,
+                      pool=pool, batch_seconds=batch_seconds):
+        if not all(np.isfinite(a).all() for a in (e.clip, e.frames, e.layer_clips, e.layers) if a is not None):
             skip(e.path, "the encoder's output is not finite")
             continue
         dim = int(e.clip.shape[0])
@@ -431,6 +519,10 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
             if e.frames is not None:
                 row["frames"] = np.round(e.frames, 6).tolist()
                 row["timestamps"] = np.round(e.times, 4).tolist()
+            if e.layer_clips is not None:
+                row["layer_clips"] = np.round(e.layer_clips, 6).tolist()
+            if e.layers is not None:
+                row["layers"] = np.round(e.layers, 6).tolist()
             sys.stdout.write(json.dumps(row) + "\n")
             sys.stdout.flush()
             printed += 1
@@ -445,7 +537,7 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
     summary = {"files": len(items), "written": len(rows) + printed, "reused": reused, "skipped": len(errors),
                "duplicates": len(dups), "replaced": replaced, "temp_removed": temp_removed,
                "clip_dim": dim, "encoder": encoder_id, "identity": identity, "format": fmt, "frames": frames,
-               "layer": bundle.layer, "time_s": round(time.time() - t0, 3)}
+               "layer": layer, "pool": "+".join(pool or bundle.encoder.clip_pool), "time_s": round(time.time() - t0, 3)}
     if out_dir is not None:
         manifest = [{k: v for k, v in rows[rel].items() if k != "clip_dim"} for rel in sorted(rows, key=order.get)]
         out_dir.mkdir(parents=True, exist_ok=True)

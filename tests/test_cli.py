@@ -141,3 +141,16 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["step 4/10  loss 1.5000  2.00 step/s  0.010 audio-h/s  data 25%  eta 0.1 min",
                      "step 10/10  loss 1.5000  2.00 step/s  0.010 audio-h/s  data 25%  eta 0.0 min"]
+
+
+def test_error_messages_keep_square_brackets(tmp_path):
+    """An error naming an extra like `pip install 'sslaudio[export]'` prints its brackets (rich markup
+    would swallow them)."""
+    from typer.testing import CliRunner
+
+    from sslaudio.cli import app
+
+    r = CliRunner().invoke(app, ["pretrain", str(tmp_path), "--preset", "tiny/byol-a", "--out", str(tmp_path / "r"),
+                                 "--set", "views[x].ratio=1"])
+    assert r.exit_code == 2
+    assert "views[x]" in r.output, r.output  # "[x]" is a rich markup tag unless escaped
