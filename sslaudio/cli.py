@@ -1,4 +1,4 @@
-"""Command line: pretrain / extract / probe / export / presets / demo.
+"""Command line: pretrain / extract / probe / export / import / presets / demo.
 
 Exit codes: 0 ok, 2 usage or configuration error (one line naming the bad option or key),
 3 training stopped on repeated non-finite loss, 4 nothing usable in the input.
@@ -333,8 +333,14 @@ def extract(
                     "Baseline: sslaudio probe random:tiny/byol-a data/labels.csv\n\n"
                     "Fine-tuned beside frozen: sslaudio probe runs/byola sound_events/labels.csv --finetune --rnn-head")
 def probe(
-    ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
-    labels: Path = typer.Argument(..., help="CSV with path,label[,split]; paths relative to the CSV's folder."),
+    args: List[str] = typer.Argument(..., help="CKPT LABELS (run folder, step folder, encoder .safetensors or "
+                                     "random:PRESET; CSV with path,label[,split]), or with --suite: CKPT...",
+                                     metavar="CKPT... [LABELS]"),
+    suite: Optional[Path] = typer.Option(None, "--suite", help="A suite YAML (tasks: name, labels, files?, "
+                                         "frame_hop?): every CKPT on every task, one table."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="With --suite: the feature cache folder "
+                                         "[default: .sslaudio-cache beside the suite, or $SSLAUDIO_CACHE]."),
+    mlp: bool = typer.Option(False, "--mlp", help="Also run the MLP probe (clip tasks): mlp_* metrics."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto"),
@@ -372,16 +378,30 @@ def probe(
     LABELS with onset,offset columns (seconds) is a sound event detection task: a frame-level
     linear probe on frame embeddings, reporting frame micro-F1 (`f1`), `f1_macro` and `map`, and
     the DCASE segment-based (1 s) and event-based (200 ms collar) F1. --finetune also trains the
-    encoder with the head and reports the same metrics beside the frozen ones (JSON: `finetune`)."""
+    encoder with the head and reports the same metrics beside the frozen ones (JSON: `finetune`).
+    --suite SUITE.yaml probes every CKPT on every task of the suite (features cached, see --cache)."""
     import errno
     import os
 
     from sslaudio.atomic import atomic_text
     from sslaudio.evaluation import probe_checkpoint
+    from sslaudio.probe import ProbeError
 
     with guard():
         if json_out is not None and json_out.is_dir():  # refused before the probe, not after it
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(json_out))
+        if suite is not None:
+            given = [n for n, v in (("--finetune", finetune_), ("--save", save), ("--files", files),
+                                    ("--median-filter", median_filter), ("--rnn-head", rnn_head)) if v]
+            if given:
+                raise ProbeError(f"{given[0]} is not available with --suite")
+            _probe_suite(args, suite, cache, json_out, batch_size, device, seed, layer, mlp)
+            return
+        if cache is not None:
+            raise ProbeError("--cache is for --suite")
+        if len(args) != 2:
+            raise ProbeError(f"probe takes CKPT LABELS (got {len(args)} argument(s)); several checkpoints need --suite")
+        ckpt, labels = args[0], Path(args[1])
         cfg = _finetune_config(finetune_, rnn_head, epochs=ft_epochs, lr=ft_lr, encoder_lr_ratio=ft_encoder_lr_ratio,
                                layer_decay=ft_layer_decay, patience=ft_patience, batch_size=ft_batch_size)
         if save is not None and save.exists() and not save.is_dir():
@@ -392,7 +412,7 @@ def probe(
 
         res = probe_checkpoint(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop,
                                on_skip=_warn_skip, median=median_filter, finetune_cfg=cfg, save=save,
-                               on_epoch=on_epoch)
+                               on_epoch=on_epoch, mlp=mlp)
         ft = res.get("finetune")
         t = Table(title=f"probe: {ckpt} on {labels}")
         t.add_column("metric")
@@ -405,13 +425,50 @@ def probe(
             return f"{v:.4f}" if isinstance(v, float) else str(v)
 
         for k in ("accuracy", "f1", "f1_macro", "map", "segment_f1", "segment_f1_macro", "segment_error_rate",
-                  "event_f1", "event_f1_macro", "knn_accuracy", "valid", "threshold", "protocol", "n_files",
+                  "event_f1", "event_f1_macro", "knn_accuracy", "mlp_accuracy", "mlp_map", "mlp_f1",
+                  "mlp_f1_macro", "valid", "threshold", "protocol", "n_files",
                   "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs"):
             if k in res:
                 t.add_row(k, cell(res, k), *([cell(ft, k)] if ft else []))
         out.print(t)
         if json_out:  # a full disk or an unwritable folder: one error line, no temp file left
             atomic_text(json_out, json.dumps(res, indent=1))
+
+
+def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out: Optional[Path], batch_size: int,
+                 device: str, seed: int, layer: Optional[int], mlp: bool) -> None:
+    """`probe --suite`: one table (tasks x checkpoints, each task's main metric) and one JSON."""
+    from rich.markup import escape
+
+    from sslaudio.atomic import atomic_text
+    from sslaudio.evaluation import probe_suite
+
+    def warn(message: str) -> None:
+        err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+    def done(task: str, ckpt: str, r: dict) -> None:
+        err.print(f"{escape(task)} / {escape(ckpt)}: done", highlight=False)
+
+    res = probe_suite(ckpts, suite, cache, batch_size, device, seed, layer, mlp, on_skip=_warn_skip, on_warn=warn,
+                      on_result=done)
+    t = Table(title=f"probe suite: {suite}")
+    t.add_column("task")
+    t.add_column("metric")
+    for c in ckpts:
+        t.add_column(c, justify="right")
+
+    def cell(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
+    for task in res["tasks"]:
+        t.add_row(task, res["main_metric"][task], *[cell(res["table"][task][c]) for c in ckpts])
+        if task in res.get("table_mlp", {}):
+            t.add_row("", "mlp_" + res["main_metric"][task], *[cell(res["table_mlp"][task][c]) for c in ckpts])
+    out.print(t)
+    err.print(f"features: {res['extracted']} extracted, {res['cached']} from the cache ({res['cache']})",
+              highlight=False)
+    if json_out:
+        atomic_text(json_out, json.dumps(res, indent=1))
 
 
 def _finetune_config(enabled: bool, rnn_head: bool, **given):
@@ -450,6 +507,23 @@ def export(
         wanted = parse_layers(layers)
         res = run_export(load_encoder(ckpt), fmt, out_file, layers=wanted, source=ckpt, opset=opset)
         _print_table("export", res)
+
+
+@app.command("import", epilog="Example: sslaudio import ./wav2vec2-base --out runs/w2v2\n\n"
+                               "then: sslaudio extract runs/w2v2 ./clips --out feats")
+def import_(
+    src: Path = typer.Argument(..., help="A transformers folder (config.json + model.safetensors or "
+                               "pytorch_model.bin) of wav2vec 2.0, HuBERT or data2vec-audio."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder; the encoder goes to OUT/export/encoder.safetensors."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT/export/encoder.safetensors."),
+):
+    """Convert a Hugging Face wav2vec 2.0 / HuBERT / data2vec-audio model into an sslaudio encoder
+    that extract, probe and export accept; with transformers installed, checked against it output
+    by output (alone and in a padded batch) before anything is written."""
+    from sslaudio.importers import import_model
+
+    with guard():
+        _print_table("import", import_model(src, out, force=force))
 
 
 @app.command("presets", epilog="Examples: sslaudio presets\n\nsslaudio presets tiny/m2d > my.yaml   "

@@ -6,18 +6,27 @@ callback. Clip tasks (path,label[,split]) get the linear / kNN probes of probe.e
 file with onset,offset columns is sound event detection, a frame-level probe on frame embeddings
 with the DCASE segment- and event-based F1 beside the frame metrics. With a FinetuneConfig, the
 encoder is also fine-tuned with the probe head (sslaudio.finetune), starting from the frozen
-probe's choice, and its metrics go under `finetune` beside the frozen ones.
+probe's choice, and its metrics go under `finetune` beside the frozen ones. probe_suite runs
+several checkpoints on the tasks of a suite YAML through a feature cache (see "probe suites").
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
-from sslaudio.features import embed_files
+from sslaudio.atomic import atomic_write
+from sslaudio.features import Embedding, embed_files, encoder_identity
 from sslaudio.finetune import FinetuneConfig, Task, finetune, save_finetuned
 from sslaudio.inference import load_encoder
 from sslaudio.probe import (
@@ -42,7 +51,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
                      on_skip: Callable[[str, str], None] | None = None, median: int | None = None,
                      finetune_cfg: FinetuneConfig | None = None, save: str | Path | None = None,
                      on_epoch: Callable[[int, int, float, float], None] | None = None,
-                     on_warn: Callable[[str], None] | None = None) -> dict:
+                     on_warn: Callable[[str], None] | None = None, mlp: bool = False,
+                     confusion: bool = False, embed: Callable | None = None) -> dict:
     """Probe the encoder of `ckpt` (run folder, step folder, encoder file or random:PRESET) on `labels`.
 
     Returns the metrics of probe.evaluate (or evaluate_events) with checkpoint, labels, skipped
@@ -53,7 +63,11 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
 
     Leaks in a clip labels file (probe.check_leakage: a row twice, a file in two splits) go to
     `on_warn` as one line each (default: `warning: ...` on stderr); a file with two label sets is a
-    ProbeError."""
+    ProbeError.
+
+    `mlp` adds the MLP probe (clip tasks: `mlp_*` metrics), `confusion` the linear probe's test
+    confusion matrix (single-label clip tasks). `embed(bundle, items, frames, on_skip)` replaces
+    embed_files (probe suites: the feature cache) and yields features.Embedding."""
     warn = on_warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     dev = resolve_device(device)
     events = is_event_csv(labels)
@@ -63,6 +77,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         raise ProbeError("--save writes a fine-tuned encoder: it needs --finetune")
     if finetune_cfg is not None and finetune_cfg.rnn_head and not events:
         raise ProbeError("--rnn-head is for sound event detection (a labels file with onset,offset columns)")
+    if mlp and events:
+        raise ProbeError("--mlp is for clip tasks (path,label[,split]), not sound event detection")
     rows = None
     if not events:
         rows, leaks = check_leakage(read_labels(labels), labels)
@@ -78,17 +94,22 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         if on_skip is not None:
             on_skip(p, r)
 
-    if events:
-        return _probe_events(bundle, labels, files, frame_hop, dev, batch_size, seed, skip, skipped, median,
-                             finetune_cfg, save, on_epoch, warn) | {"checkpoint": ckpt, "layer": layer}
+    def run_embed(items: list[tuple[str, str]], frames: bool):
+        if embed is not None:
+            return embed(bundle, items, frames, skip)
+        return embed_files(bundle, items, dev, frames, batch_size, on_skip=skip)
 
-    emb = {e.path: e.clip for e in embed_files(bundle, [(r.path, r.rel) for r in rows], dev, False, batch_size,
-                                               on_skip=skip)}
+    if events:
+        return _probe_events(bundle, labels, files, frame_hop, run_embed, seed, skip, skipped, median,
+                             finetune_cfg, save, on_epoch, warn, dev, batch_size) | {"checkpoint": ckpt, "layer": layer}
+
+    emb = {e.path: e.clip for e in run_embed([(r.path, r.rel) for r in rows], False)}
     kept = [r for r in rows if r.path in emb]
     if len(kept) < 10:
         raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
     X = np.stack([emb[r.path] for r in kept])
-    res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed, return_fit=finetune_cfg is not None)
+    res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed, return_fit=finetune_cfg is not None,
+                   mlp=mlp, confusion=confusion)
     if finetune_cfg is not None:
         res, fit = res
         classes, y, multilabel = encode_labels([r.labels for r in kept])
@@ -105,12 +126,13 @@ def _finetune(bundle, task: Task, fit, cfg: FinetuneConfig, dev, seed: int, batc
     return metrics
 
 
-def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: float, dev, batch_size: int,
+def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: float, run_embed: Callable,
                   seed: int, skip: Callable[[str, str], None], skipped: list, median: int | None,
-                  finetune_cfg: FinetuneConfig | None, save, on_epoch, warn: Callable[[str], None]) -> dict:
+                  finetune_cfg: FinetuneConfig | None, save, on_epoch, warn: Callable[[str], None], dev,
+                  batch_size: int) -> dict:
     """The sound event detection probe of `bundle` on the strong labels in `labels` (and `files`).
 
-    `skip` is handed to embed_files; `skipped` is the list it fills, for the counts."""
+    `run_embed(items, frames)` embeds (calling `skip`); `skipped` is the list `skip` fills, for the counts."""
     clips = read_events(labels, files, warn)
     if finetune_cfg is not None and clips[0].split is None:
         raise ProbeError(FINETUNE_NEEDS_SPLITS.format(files or labels))
@@ -118,8 +140,7 @@ def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: flo
     if len(classes) < 2:
         raise ProbeError("need at least two event classes to probe", code=4)
     cidx = {c: i for i, c in enumerate(classes)}
-    emb = {e.path: e for e in embed_files(bundle, [(f.path, f.rel) for f in clips], dev, True, batch_size,
-                                          on_skip=skip)}
+    emb = {e.path: e for e in run_embed([(f.path, f.rel) for f in clips], True)}
     kept = [f for f in clips if f.path in emb]
     if len(kept) < 5:
         raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
@@ -135,3 +156,192 @@ def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: flo
         res["finetune"] = _finetune(bundle, task, fit, finetune_cfg, dev, seed, batch_size, save, on_epoch)
     res.update(labels=str(labels), skipped=len(skipped), frame_hop=hop, classes=classes)
     return res
+
+
+# -- probe suites ---------------------------------------------------------------------------------
+#
+# A suite YAML lists tasks; each checkpoint is probed on each task (encoder loaded afresh per task,
+# so a random:PRESET baseline fits its input statistics on that task's files, as a single probe
+# does). Features go through a cache: one safetensors file per (checkpoint, task file list, clip or
+# frame features), named by features.encoder_identity (weights, settings, layer, version) and a
+# hash of the files (paths, sizes, modification times); written atomically, so an interrupted run
+# leaves no partial file, and a later run (another probe, another seed) embeds nothing again.
+
+MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "map", "sound_event_detection": "event_f1"}
+
+
+@dataclass
+class SuiteTask:
+    name: str
+    labels: Path
+    files: Path | None = None
+    frame_hop: float = 0.1
+
+
+def read_suite(path: str | Path) -> list[SuiteTask]:
+    """The tasks of a suite YAML: `tasks: [{name, labels, files?, frame_hop?}, ...]`, paths relative
+    to the YAML's folder. Problems are a ProbeError naming the file and the task."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProbeError(f"{p}: no such suite file")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ProbeError(f"{p}: not a YAML file ({str(e).splitlines()[0]})") from None
+    tasks = doc.get("tasks") if isinstance(doc, dict) else None
+    if not isinstance(tasks, list) or not tasks:
+        raise ProbeError(f"{p}: needs a non-empty `tasks:` list of {{name, labels, files?, frame_hop?}}")
+    out, names = [], set()
+    for i, t in enumerate(tasks):
+        where = f"{p}: task {i + 1}"
+        if not isinstance(t, dict):
+            raise ProbeError(f"{where}: must be a mapping with name and labels")
+        unknown = sorted(set(t) - {"name", "labels", "files", "frame_hop"})
+        if unknown:
+            raise ProbeError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (name, labels, files, frame_hop)")
+        name, labels = t.get("name"), t.get("labels")
+        if not isinstance(name, str) or not name.strip() or not isinstance(labels, str) or not labels.strip():
+            raise ProbeError(f"{where}: needs `name` and `labels` (strings)")
+        if name in names:
+            raise ProbeError(f"{where}: task name '{name}' used twice")
+        names.add(name)
+        hop = t.get("frame_hop", 0.1)
+        if isinstance(hop, bool) or not isinstance(hop, (int, float)) or not 0.01 <= hop <= 10:
+            raise ProbeError(f"{where} ({name}): frame_hop must be a number of seconds in [0.01, 10], found {hop!r}")
+        files = t.get("files")
+        if files is not None and not isinstance(files, str):
+            raise ProbeError(f"{where} ({name}): files must be a path")
+        lab = Path(labels) if Path(labels).is_absolute() else p.parent / labels
+        if not lab.is_file():
+            raise ProbeError(f"{where} ({name}): {lab}: no such labels file")
+        fp = None if files is None else (Path(files) if Path(files).is_absolute() else p.parent / files)
+        if fp is not None and not fp.is_file():
+            raise ProbeError(f"{where} ({name}): {fp}: no such files CSV")
+        out.append(SuiteTask(name, lab, fp, float(hop)))
+    return out
+
+
+def default_cache_dir(suite: str | Path) -> Path:
+    """`.sslaudio-cache/` beside the suite YAML (SSLAUDIO_CACHE overrides it)."""
+    env = os.environ.get("SSLAUDIO_CACHE")
+    return Path(env) if env else Path(suite).resolve().parent / ".sslaudio-cache"
+
+
+class FeatureCache:
+    """embed(bundle, items, frames, on_skip) for probe_checkpoint, backed by safetensors files in
+    `root`; `misses` counts the embeddings computed (the rest came from the cache)."""
+
+    def __init__(self, root: str | Path, device, batch_size: int = 16, layer: int | None = None):
+        self.root, self.device, self.batch_size, self.layer = Path(root), device, batch_size, layer
+        self.misses = self.hits = 0
+
+    def key(self, bundle, items: list[tuple[str, str]], frames: bool) -> str:
+        ident = encoder_identity(bundle, frames=frames, layer=self.layer, chunk_seconds=30.0,
+                                 needs_stats=bool(getattr(bundle, "needs_stats", False)))
+        stamps = [(path, _stamp(path)) for path, _ in items]
+        return f"{ident}-{hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:24]}"
+
+    def __call__(self, bundle, items: list[tuple[str, str]], frames: bool, on_skip: Callable[[str, str], None]):
+        path = self.root / f"{self.key(bundle, items, frames)}.{'frames' if frames else 'clip'}.safetensors"
+        cached = self._read(path, frames)
+        if cached is not None:
+            self.hits += 1
+            embs, skipped = cached
+            for p, reason in skipped:
+                on_skip(p, reason)
+            return embs
+        self.misses += 1
+        skipped: list[tuple[str, str]] = []
+
+        def skip(p: str, reason: str) -> None:
+            skipped.append((p, reason))
+            on_skip(p, reason)
+
+        embs = list(embed_files(bundle, items, self.device, frames, self.batch_size, on_skip=skip))
+        self._write(path, embs, skipped, frames)
+        return embs
+
+    @staticmethod
+    def _write(path: Path, embs: list[Embedding], skipped: list, frames: bool) -> None:
+        t = {"clip": np.stack([e.clip for e in embs]).astype(np.float32) if embs else np.zeros((0, 1), np.float32),
+             "seconds": np.array([e.seconds for e in embs], dtype=np.float64)}
+        if frames and embs:
+            t["frames"] = np.concatenate([e.frames for e in embs]).astype(np.float32)
+            t["times"] = np.concatenate([e.times for e in embs]).astype(np.float64)
+            t["lengths"] = np.array([len(e.frames) for e in embs], dtype=np.int64)
+        meta = {"format": "sslaudio-probe-cache", "paths": json.dumps([[e.path, e.rel] for e in embs]),
+                "skipped": json.dumps(skipped)}
+        atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, tmp,
+                                                 metadata=meta))
+
+    @staticmethod
+    def _read(path: Path, frames: bool):
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            paths, skipped = json.loads(meta["paths"]), [tuple(s) for s in json.loads(meta["skipped"])]
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError):  # unreadable or foreign: embed again
+            return None
+        if meta.get("format") != "sslaudio-probe-cache" or len(paths) != len(t["seconds"]):
+            return None
+        out = []
+        if frames and paths:
+            ends = np.cumsum(t["lengths"])
+            fr, tm = np.split(t["frames"], ends[:-1]), np.split(t["times"], ends[:-1])
+        for i, (p, rel) in enumerate(paths):
+            out.append(Embedding(p, rel, t["clip"][i], fr[i] if frames else None, tm[i] if frames else None,
+                                 float(t["seconds"][i])))
+        return out, skipped
+
+
+def _stamp(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def main_metric(res: dict, mlp: bool = False) -> str:
+    """The metric a suite table shows for one result: accuracy (single-label), map (multi-label),
+    event_f1 (sound event detection); `mlp_` prefixed for the MLP probe."""
+    m = MAIN_METRIC[res["task"]]
+    return f"mlp_{m}" if mlp else m
+
+
+def probe_suite(ckpts: list[str], suite: str | Path, cache: str | Path | None = None, batch_size: int = 16,
+                device: str = "auto", seed: int = 0, layer: int | None = None, mlp: bool = False,
+                on_skip: Callable[[str, str], None] | None = None, on_warn: Callable[[str], None] | None = None,
+                on_result: Callable[[str, str, dict], None] | None = None) -> dict:
+    """Probe every checkpoint on every task of `suite`; -> {suite, cache, tasks, checkpoints,
+    results: {task: {checkpoint: metrics}}, main_metric: {task: name}, table: {task: {checkpoint:
+    value}}, extracted, cached}. `mlp` runs the MLP probe on the clip tasks too."""
+    tasks = read_suite(suite)
+    if len(set(ckpts)) != len(ckpts):
+        raise ProbeError("a checkpoint is given twice")
+    root = Path(cache) if cache is not None else default_cache_dir(suite)
+    fc = FeatureCache(root, resolve_device(device), batch_size, layer)
+    results: dict[str, dict[str, dict]] = {}
+    metric: dict[str, str] = {}
+    for task in tasks:
+        results[task.name] = {}
+        for ckpt in ckpts:
+            events = is_event_csv(task.labels)
+            r = probe_checkpoint(ckpt, task.labels, batch_size, device, seed, layer=layer, files=task.files,
+                                 frame_hop=task.frame_hop, on_skip=on_skip, on_warn=on_warn,
+                                 mlp=mlp and not events, confusion=not events, embed=fc)
+            r["task_name"] = task.name
+            results[task.name][ckpt] = r
+            metric[task.name] = main_metric(r)
+            if on_result is not None:
+                on_result(task.name, ckpt, r)
+    table = {t: {c: r.get(metric[t]) for c, r in per.items()} for t, per in results.items()}
+    out = {"suite": str(suite), "cache": str(root), "tasks": [t.name for t in tasks], "checkpoints": list(ckpts),
+           "main_metric": metric, "table": table, "results": results, "extracted": fc.misses, "cached": fc.hits}
+    if mlp:
+        out["table_mlp"] = {t: {c: r.get("mlp_" + metric[t]) for c, r in per.items()} for t, per in results.items()
+                            if "mlp_" + metric[t] in next(iter(per.values()))}
+    return out

@@ -237,7 +237,7 @@ def report_metrics(s_va: np.ndarray, yva: np.ndarray, s_te: np.ndarray, yte: np.
     """Test metrics from logits (N, C): `accuracy` and macro `f1` (single-label), or `map`, micro
     `f1` and `f1_macro` at the `threshold` picked on the valid logits (multi-label)."""
     if multilabel:
-        p_va, p_te = 1 / (1 + np.exp(-s_va)), 1 / (1 + np.exp(-s_te))
+        p_va, p_te = (1 / (1 + np.exp(-np.clip(s, -50, 50))) for s in (s_va, s_te))
         thr = pick_threshold(p_va, yva)
         return {"map": mean_average_precision(s_te, yte), "f1": micro_f1(p_te >= thr, yte),
                 "f1_macro": macro_f1_multilabel(p_te >= thr, yte), "threshold": thr}
@@ -274,6 +274,107 @@ def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool,
         return out
     out.update(scores_valid=s_va, scores_test=s_te)
     return out, ProbeFit(W.clone(), b.clone(), mu, sd, threshold=out.get("threshold"))
+
+
+# -- MLP probe -------------------------------------------------------------------------------------
+#
+# HEAR's downstream protocol (hear-eval-kit) in small: one hidden layer (ReLU, dropout) on the
+# standardised embedding, Adam on mini-batches, the hyper-parameters and the epoch picked on valid,
+# early stopping once no configuration has improved for MLP_PATIENCE epochs. Every (lr, dropout,
+# wd) of one hidden width trains at once as a batch of independent networks (as the linear grid),
+# so the grid costs about one network's time per width on CPU. Deterministic given the seed.
+
+MLP_HIDDEN = (256,)
+MLP_DROPOUT = (0.1, 0.5)
+MLP_LRS = (1e-3, 1e-2)
+MLP_WDS = (0.0, 1e-3)
+MLP_EPOCHS = 200
+MLP_PATIENCE = 20
+MLP_BATCH = 256
+
+
+def _fit_mlp(Xtr, Ytr, Xva, yva, multilabel: bool, hidden: int, seed: int):
+    """Train every (lr, dropout, wd) of the grid for one hidden width at once, as G independent
+    networks (Adam written out with a learning rate per network; the L2 penalty in the loss, as the
+    linear probe). -> (valid score, (lr, dropout, wd, epoch), [W1, b1, W2, b2]) of the best
+    configuration at its best epoch."""
+    grid = list(itertools.product(MLP_LRS, MLP_DROPOUT, MLP_WDS))
+    G = len(grid)
+    g = torch.Generator().manual_seed(seed)
+    n, d = Xtr.shape
+    n_out = Ytr.shape[1] if multilabel else int(Ytr.max()) + 1
+    params = [(torch.randn(G, d, hidden, generator=g) * (2 / d) ** 0.5).requires_grad_(),
+              torch.zeros(G, 1, hidden, requires_grad=True),
+              (torch.randn(G, hidden, n_out, generator=g) * (1 / hidden) ** 0.5).requires_grad_(),
+              torch.zeros(G, 1, n_out, requires_grad=True)]
+    lr = torch.tensor([c[0] for c in grid])[:, None, None]
+    keep = 1 - torch.tensor([c[1] for c in grid])[:, None, None]
+    wd = torch.tensor([c[2] for c in grid])[:, None, None]
+    m1 = [torch.zeros_like(q) for q in params]
+    m2 = [torch.zeros_like(q) for q in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def forward(X, train: bool):
+        W1, b1, W2, b2 = params
+        h = torch.relu(torch.matmul(X, W1) + b1)  # (G, N, H)
+        if train:
+            h = h * (torch.rand(h.shape, generator=g) < keep).float() / keep
+        return torch.matmul(h, W2) + b2
+
+    best_score = np.full(G, -1.0)
+    best_state: list = [None] * G
+    stale, t = 0, 0
+    for epoch in range(1, MLP_EPOCHS + 1):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, MLP_BATCH):
+            ix = perm[i:i + MLP_BATCH]
+            logits = forward(Xtr[ix], True)
+            if multilabel:
+                per = F.binary_cross_entropy_with_logits(logits, Ytr[ix].expand_as(logits),
+                                                         reduction="none").mean((1, 2))
+            else:
+                per = F.cross_entropy(logits.transpose(1, 2), Ytr[ix].expand(G, -1), reduction="none").mean(1)
+            loss = per.sum() + (wd * params[0] ** 2).sum() + (wd * params[2] ** 2).sum()
+            grads = torch.autograd.grad(loss, params)
+            t += 1
+            with torch.no_grad():
+                for q, gr, a, b in zip(params, grads, m1, m2):
+                    a.mul_(beta1).add_(gr, alpha=1 - beta1)
+                    b.mul_(beta2).addcmul_(gr, gr, value=1 - beta2)
+                    step = (a / (1 - beta1 ** t)) / ((b / (1 - beta2 ** t)).sqrt() + eps)
+                    q.sub_(lr * step)
+        with torch.no_grad():
+            S = forward(Xva, False).numpy()
+        improved = False
+        for k in range(G):
+            score = valid_score(S[k], yva, multilabel)
+            if score > best_score[k]:
+                best_score[k], improved = score, True
+                best_state[k] = (epoch, [q[k].detach().clone() for q in params])
+        stale = 0 if improved else stale + 1
+        if stale >= MLP_PATIENCE:
+            break
+    k = int(np.argmax(best_score))  # ties: the first configuration in grid order
+    epoch, state = best_state[k]
+    return float(best_score[k]), (*grid[k], epoch), state
+
+
+def mlp_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool, seed: int = 0) -> dict:
+    """Pick (hidden, lr, dropout, wd, epoch) on valid, report test: the linear probe's metrics with
+    an `mlp_` prefix (`mlp_accuracy`, `mlp_f1`; multi-label `mlp_map`, `mlp_f1`, `mlp_f1_macro`)."""
+    Xtr, Xva, Xte = _standardize(Xtr, Xva, Xte)
+    Ytr = torch.from_numpy(ytr).float() if multilabel else torch.from_numpy(ytr).long()
+    best = None
+    for h in MLP_HIDDEN:
+        score, choice, state = _fit_mlp(Xtr, Ytr, Xva, yva, multilabel, h, seed)
+        if best is None or score > best[0]:
+            best = (score, (h, *choice), state)
+    score, (h, lr, dropout, wd, epoch), (W1, b1, W2, b2) = best
+    with torch.no_grad():
+        s_va, s_te = [(torch.relu(X @ W1 + b1) @ W2 + b2).numpy() for X in (Xva, Xte)]
+    metrics = report_metrics(s_va, yva, s_te, yte, n_classes, multilabel)
+    return {**{f"mlp_{k}": v for k, v in metrics.items()}, "mlp_valid": score, "mlp_hidden": h, "mlp_lr": lr,
+            "mlp_dropout": dropout, "mlp_weight_decay": wd, "mlp_epochs": epoch}
 
 
 def knn_probe(Xtr, ytr, Xva, yva, Xte, yte, ks=(1, 5, 10, 20)) -> dict:
@@ -331,28 +432,38 @@ def split_indices(splits: list[str | None], strat: np.ndarray, seed: int) -> tup
 
 
 def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | None], seed: int = 0,
-             return_fit: bool = False):
+             return_fit: bool = False, mlp: bool = False, confusion: bool = False):
     """Run the probes on embeddings X (N, D) with their labels and splits; returns the metrics
-    (with return_fit, and a split column: (metrics, ProbeFit of the linear probe))."""
+    (with return_fit, and a split column: (metrics, ProbeFit of the linear probe)). `mlp` adds
+    the MLP probe's `mlp_*` metrics; `confusion` (single-label) the linear probe's test confusion
+    matrix (rows: true class, columns: predicted; summed over folds) as a list under `confusion`
+    and the class names under `classes`."""
     classes, y, multilabel = encode_labels(labels)
     strat = y.argmax(1) if multilabel else y
     res = {"n_files": len(labels), "n_classes": len(classes), "dim": int(X.shape[1]),
            "task": "multilabel" if multilabel else "multiclass"}
 
     def one(tr, va, te, keep: bool = False):
-        r = linear_probe(X[tr], y[tr], X[va], y[va], X[te], y[te], len(classes), multilabel, seed, return_fit=keep)
-        fit = None
+        r, fit = linear_probe(X[tr], y[tr], X[va], y[va], X[te], y[te], len(classes), multilabel, seed,
+                              return_fit=True)
+        s_te = r.pop("scores_test")
+        del r["scores_valid"]
+        if confusion and not multilabel:
+            cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+            np.add.at(cm, (y[te], s_te.argmax(1)), 1)
+            r["confusion"] = cm
         if keep:
-            r, fit = r
-            del r["scores_valid"], r["scores_test"]
             fit.train, fit.valid, fit.test = tr, va, te
         if not multilabel:
             r.update(knn_probe(X[tr], y[tr], X[va], y[va], X[te], y[te]))
+        if mlp:
+            r.update(mlp_probe(X[tr], y[tr], X[va], y[va], X[te], y[te], len(classes), multilabel, seed))
         return (r, fit) if keep else r
 
     if splits[0] is not None:
         r, fit = one(*split_indices(splits, strat, seed), keep=True)
         res.update(protocol="train/valid/test", **r)
+        _confusion_out(res, classes)
         return (res, fit) if return_fit else res
     if return_fit:
         raise ProbeError("fine-tuning needs a split column (train/valid/test) in the labels file")
@@ -367,10 +478,20 @@ def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | No
     res["protocol"] = "stratified 5-fold cross-validation"
     for key in per[0]:
         vals = [p[key] for p in per]
+        if key == "confusion":
+            res[key] = np.sum(vals, axis=0)
+            continue
         res[key] = float(np.mean(vals))
-        if key in ("accuracy", "f1", "map", "knn_accuracy"):
+        if key in ("accuracy", "f1", "map", "knn_accuracy", "mlp_accuracy", "mlp_f1", "mlp_map"):
             res[f"{key}_std"] = float(np.std(vals))
+    _confusion_out(res, classes)
     return res
+
+
+def _confusion_out(res: dict, classes: list[str]) -> None:
+    if "confusion" in res:
+        res["confusion"] = np.asarray(res["confusion"]).tolist()
+        res["classes"] = classes
 
 
 # -- sound event detection (frame-level) -----------------------------------------------------------

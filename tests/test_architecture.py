@@ -23,7 +23,8 @@ LAYERS = [
     ["sslaudio.build"],
     ["sslaudio.checkpoint"],
     ["sslaudio.inference", "sslaudio.train"],
-    ["sslaudio.features", "sslaudio.export", "sslaudio.probe", "sslaudio.finetune", "sslaudio.api"],
+    ["sslaudio.features", "sslaudio.export", "sslaudio.probe", "sslaudio.finetune", "sslaudio.api",
+     "sslaudio.importers"],
     ["sslaudio.evaluation", "sslaudio.hear"],
     ["sslaudio.cli", "sslaudio.__main__"],
 ]

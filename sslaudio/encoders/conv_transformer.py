@@ -11,6 +11,10 @@ Masks: replace mode swaps hidden frames for a learned vector (uniform init, as f
 (data2vec 2.0) zeroes hidden frames, computes the positional conv over the whole sequence, then
 keeps only the visible frames for the transformer. A mask whose batch is K times the input's
 (data2vec 2.0 `clone_batch`) reuses the conv features for the K copies (rows b * K + k).
+
+Padding: padded batches give each item's own outputs (masked GroupNorm, padded frames zeroed before
+every positional conv). `official_padding` (set by `sslaudio import`) reproduces fairseq /
+transformers instead: the first GroupNorm counts the padding, padded frames are zeroed once.
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ class ConvTransformer(Encoder):
         # build the feature projection even when the conv width equals `dim` (fairseq data2vec_audio
         # always builds post_extract_proj; wav2vec 2.0 only when the widths differ)
         always_project: bool = False
+        # fairseq / transformers padding (imported official models): the first GroupNorm of the
+        # conv extractor also normalises over the padded frames, and padded frames are zeroed once
+        # before the positional conv (not before each of its layers). Off: padding-invariant.
+        official_padding: bool = False
 
         def __post_init__(self):
             if not self.conv_layers or any(len(c) != 3 or min(c) < 1 for c in self.conv_layers):
@@ -163,12 +171,16 @@ class ConvTransformer(Encoder):
         self._check(x, lengths)
         B = x.shape[0]
         m = self.cfg.feature_grad_mult
+        # official padding: the extractor's GroupNorm sees the padded input as one full-length item
+        norm_lengths = torch.full_like(lengths, x.shape[1]) if self.cfg.official_padding else lengths
         if m == 0.0:
             with torch.no_grad():
-                feats, frame_lengths = self.extractor(x, lengths)
+                feats, frame_lengths = self.extractor(x, norm_lengths)
         else:
-            feats, frame_lengths = self.extractor(x, lengths)
+            feats, frame_lengths = self.extractor(x, norm_lengths)
             feats = scale_grad(feats, m)
+        if self.cfg.official_padding:
+            frame_lengths = self.extractor.output_lengths(lengths)
         feats = feats.transpose(1, 2)  # (B, T, C)
         T = feats.shape[1]
         frame_padding = lengths_to_padding(frame_lengths, T)
@@ -212,7 +224,11 @@ class ConvTransformer(Encoder):
         `parts` = (pos_conv, norm, blocks) runs other copies of them without dropout (the data2vec
         EMA teacher)."""
         pos_conv, norm, blocks = (self.pos_conv, self.norm, self.blocks) if parts is None else parts
-        h = zero_padded(h, padding) + pos_conv(h if pos_in is None else pos_in, padding)
+        pos_in = h if pos_in is None else pos_in
+        if self.cfg.official_padding:  # zeroed once, then the positional conv layers see no padding
+            h = zero_padded(h, padding) + pos_conv(zero_padded(pos_in, padding), None)
+        else:
+            h = zero_padded(h, padding) + pos_conv(pos_in, padding)
         if keep_idx is not None:
             h = gather_tokens(h, keep_idx)
             padding = torch.gather(padding, 1, keep_idx)

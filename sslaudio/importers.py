@@ -1,0 +1,337 @@
+"""`sslaudio import`: Hugging Face transformers wav2vec 2.0 / HuBERT / data2vec-audio folders ->
+an sslaudio encoder file (RUN/export/encoder.safetensors) that extract, probe and export load.
+
+The folder's config.json is mapped to a `conv_transformer` preset (waveform frontend; conv layers,
+widths, pre-/post-LN, positional conv; `official_padding: true` so padded batches give the
+official outputs), its weights (model.safetensors, or pytorch_model.bin read with
+torch.load(weights_only=True), sharded or not) are renamed into that encoder (q/k/v concatenated,
+the positional conv's weight norm kept as sslaudio's own g / v pair). When transformers is
+installed the conversion checks itself: the source model and the converted encoder run on the
+same audio, alone and in a padded batch (with attention_mask), and nothing is written when they
+differ beyond float tolerance. Anything else (another architecture, an adapter, a non-GELU
+activation ...) is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import types
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sslaudio.atomic import atomic_text
+from sslaudio.build import build_encoder, preset_from_dict
+from sslaudio.checkpoint import CheckpointError, export_encoder, read_tensors
+from sslaudio.config import ConfigError, load_preset_dict
+
+# transformers model_type -> the sslaudio preset the imported one is based on
+ARCHITECTURES = {"wav2vec2": "wav2vec2", "hubert": "hubert", "data2vec-audio": "data2vec"}
+MODEL_CLASSES = {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel", "data2vec-audio": "Data2VecAudioModel"}
+CONFIG_CLASSES = {"wav2vec2": "Wav2Vec2Config", "hubert": "HubertConfig", "data2vec-audio": "Data2VecAudioConfig"}
+PREFIXES = ("wav2vec2.", "hubert.", "data2vec_audio.")  # ForCTC / ForPreTraining / ... heads
+MAX_REL_DIFF = 1e-4  # max |sslaudio - transformers| / max |transformers| accepted
+
+
+class ImportMismatch(CheckpointError):
+    """The converted encoder does not reproduce the source model."""
+
+
+# -- reading the source -------------------------------------------------------------------------
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _load_bin(path: Path) -> dict[str, Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe pickle is one line
+        raise CheckpointError(f"{path}: not a readable weights-only PyTorch file "
+                              f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a flat state dict of tensors")
+    return state
+
+
+def read_weights(src: Path) -> dict[str, Tensor]:
+    """The source folder's tensors, float32, with a task head's prefix (`wav2vec2.` ...) removed."""
+    files: list[Path] = []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src / index).is_file():
+            wmap = _json(src / index).get("weight_map")
+            if not isinstance(wmap, dict):
+                raise ConfigError(f"{src / index}: no weight_map")
+            files = [src / name for name in sorted(set(map(str, wmap.values())))]
+            break
+    else:
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (src / name).is_file():
+                files = [src / name]
+                break
+    if not files:
+        raise ConfigError(f"{src}: no model.safetensors or pytorch_model.bin")
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        tensors.update(read_tensors(f)[0] if f.suffix == ".safetensors" else _load_bin(f))
+    out = {}
+    for k, v in tensors.items():
+        for p in PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+# -- config -> preset ---------------------------------------------------------------------------
+
+def _need(cfg: dict, key: str, where: Path):
+    if key not in cfg:
+        raise ConfigError(f"{where}: no '{key}'")
+    return cfg[key]
+
+
+def preset_dict(cfg: dict, preproc: dict | None, where: Path) -> dict:
+    """transformers config (+ preprocessor config) -> an sslaudio preset dict."""
+    arch = cfg.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{where}: model_type {arch!r} is not supported (one of {', '.join(ARCHITECTURES)})")
+    for key in ("hidden_act", "feat_extract_activation"):
+        if cfg.get(key, "gelu") != "gelu":
+            raise ConfigError(f"{where}: {key} {cfg[key]!r} is not supported (only 'gelu')")
+    for key in ("add_adapter", "conv_pos_batch_norm"):
+        if cfg.get(key):
+            raise ConfigError(f"{where}: {key}: true is not supported")
+    if cfg.get("adapter_attn_dim") is not None:
+        raise ConfigError(f"{where}: adapter_attn_dim is not supported")
+    if not cfg.get("feat_proj_layer_norm", True):
+        raise ConfigError(f"{where}: feat_proj_layer_norm: false is not supported")
+    if not math.isclose(float(cfg.get("layer_norm_eps", 1e-5)), 1e-5, rel_tol=1e-6):
+        raise ConfigError(f"{where}: layer_norm_eps {cfg['layer_norm_eps']} is not supported (only 1e-5)")
+    # data2vec-audio has LayerNorm after every conv (its config has no feat_extract_norm)
+    norm = "layer" if arch == "data2vec-audio" else cfg.get("feat_extract_norm", "group")
+    if norm not in ("group", "layer"):
+        raise ConfigError(f"{where}: feat_extract_norm {norm!r} must be 'group' or 'layer'")
+    dims, kernels, strides = (_need(cfg, k, where) for k in ("conv_dim", "conv_kernel", "conv_stride"))
+    try:
+        conv = [[int(c), int(k), int(s)] for c, k, s in zip(dims, kernels, strides, strict=True)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: conv_dim, conv_kernel and conv_stride must be lists of integers "
+                          f"of the same length") from None
+    dim, depth, heads, ffn = (int(_need(cfg, k, where)) for k in
+                              ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"))
+    encoder = {
+        "name": "conv_transformer", "conv_layers": conv, "extractor_mode": norm,
+        "conv_bias": bool(cfg.get("conv_bias", False)), "dim": dim, "depth": depth, "heads": heads,
+        "ffn_dim": ffn, "always_project": True, "official_padding": True,
+        "dropout": float(cfg.get("hidden_dropout", 0.1)), "attention_dropout": float(cfg.get("attention_dropout", 0.1)),
+        "activation_dropout": float(cfg.get("activation_dropout", 0.0)),
+        "input_dropout": float(cfg.get("feat_proj_dropout", 0.0)), "layerdrop": float(cfg.get("layerdrop", 0.0)),
+        "pos_conv_groups": int(_need(cfg, "num_conv_pos_embedding_groups", where)),
+    }
+    if arch == "data2vec-audio":  # a stack of plain convs with LayerNorm, post-LN transformer
+        n, k = int(_need(cfg, "num_conv_pos_embeddings", where)), int(_need(cfg, "conv_pos_kernel_size", where))
+        if k < 3 or n < 2:
+            raise ConfigError(f"{where}: conv_pos_kernel_size {k} with {n} layer(s) is not supported "
+                              f"(needs a kernel >= 3 and >= 2 layers)")
+        encoder.update(pos_conv_kernel=k * n, pos_conv_depth=n, layer_norm_first=False)
+    else:
+        encoder.update(pos_conv_kernel=int(_need(cfg, "num_conv_pos_embeddings", where)), pos_conv_depth=1,
+                       layer_norm_first=bool(cfg.get("do_stable_layer_norm", False)))
+    preproc = preproc or {}
+    # do_normalize from the feature extractor; else the official default (the layer-norm models normalise)
+    normalize = bool(preproc.get("do_normalize", norm == "layer"))
+    rate = int(preproc.get("sampling_rate", 16000))
+    data = load_preset_dict(ARCHITECTURES[arch])
+    data["frontend"] = {"name": "waveform", "normalize": normalize}
+    data["encoder"] = encoder
+    data["data"] = {**data.get("data", {}), "sample_rate": rate}
+    data["description"] = f"imported from transformers ({arch}, {cfg.get('_name_or_path') or where.parent.name})"
+    return data
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+_BLOCK = {"attention.out_proj": "attn.proj", "layer_norm": "norm1", "final_layer_norm": "norm2",
+          "feed_forward.intermediate_dense": "fc1", "feed_forward.output_dense": "fc2"}
+
+
+def _pos_conv_gv(src: dict[str, Tensor], prefix: str) -> tuple[Tensor, Tensor] | None:
+    """The wav2vec 2.0 / HuBERT positional conv's weight norm (g, v), whichever way it was saved
+    (old weight_g / weight_v, parametrizations original0 / original1, or a plain weight)."""
+    for g, v in (("weight_g", "weight_v"), ("parametrizations.weight.original0", "parametrizations.weight.original1")):
+        if f"{prefix}.{g}" in src and f"{prefix}.{v}" in src:
+            return src[f"{prefix}.{g}"], src[f"{prefix}.{v}"]
+    if f"{prefix}.weight" in src:  # weight norm removed: w = |w| * w / |w|
+        w = src[f"{prefix}.weight"]
+        return w.norm(dim=(0, 1), keepdim=True), w
+    return None
+
+
+def convert_weights(src: dict[str, Tensor], target: dict[str, Tensor], arch: str, where: Path
+                    ) -> tuple[dict[str, Tensor], list[str]]:
+    """Source tensors -> the encoder's state dict (`target` gives the names and shapes), plus the
+    source names left unused (task heads, quantizers ...)."""
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+
+    def take(name: str, dest: str) -> None:
+        if name in src:
+            out[dest] = src[name]
+            used.add(name)
+
+    if "masked_spec_embed" in src:
+        take("masked_spec_embed", "mask_emb")
+    else:  # built only for masked training; unused at inference
+        out["mask_emb"] = torch.zeros_like(target["mask_emb"])
+    for k in src:
+        if m := re.match(r"^feature_extractor\.conv_layers\.(\d+)\.(conv|layer_norm)\.(weight|bias)$", k):
+            i, part, p = m.groups()
+            take(k, f"extractor.{'convs' if part == 'conv' else 'norms'}.{i}.{p}")
+        elif m := re.match(r"^feature_projection\.(layer_norm|projection)\.(weight|bias)$", k):
+            take(k, f"{'feature_norm' if m[1] == 'layer_norm' else 'project'}.{m[2]}")
+        elif m := re.match(r"^encoder\.layer_norm\.(weight|bias)$", k):
+            take(k, f"norm.{m[1]}")
+        elif m := re.match(r"^encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.(weight|bias)$", k):
+            take(k, f"pos_conv.convs.{m[1]}.{m[2]}")
+        elif (m := _LAYER.match(k)) and (sub := re.match(r"^(.+)\.(weight|bias)$", m[2])) and sub[1] in _BLOCK:
+            take(k, f"blocks.blocks.{m[1]}.{_BLOCK[sub[1]]}.{sub[2]}")
+    if arch != "data2vec-audio":
+        gv = _pos_conv_gv(src, "encoder.pos_conv_embed.conv")
+        if gv is not None:
+            out["pos_conv.convs.0.weight_g"], out["pos_conv.convs.0.weight_v"] = gv
+            used |= {k for k in src if k.startswith("encoder.pos_conv_embed.conv.") and not k.endswith(".bias")}
+        take("encoder.pos_conv_embed.conv.bias", "pos_conv.convs.0.bias")
+    depth = sum(1 for k in target if k.endswith(".attn.qkv.weight"))
+    for i in range(depth):
+        for p in ("weight", "bias"):
+            names = [f"encoder.layers.{i}.attention.{x}_proj.{p}" for x in "qkv"]
+            if all(n in src for n in names):
+                out[f"blocks.blocks.{i}.attn.qkv.{p}"] = torch.cat([src[n] for n in names], 0)
+                used |= set(names)
+    missing = [k for k in target if k not in out]
+    if missing:
+        raise CheckpointError(f"{where}: no source weight for {len(missing)} encoder tensor(s), e.g. {missing[0]} "
+                              f"(does config.json match the weights?)")
+    for k, v in out.items():
+        if tuple(v.shape) != tuple(target[k].shape):
+            raise CheckpointError(f"{where}: {k} has shape {tuple(v.shape)}, the config gives "
+                                  f"{tuple(target[k].shape)}")
+    return {k: v.contiguous() for k, v in out.items()}, sorted(set(src) - used)
+
+
+# -- parity with transformers -------------------------------------------------------------------
+
+def _reference_model(arch: str, cfg: dict, src: dict[str, Tensor]):
+    """The source model in transformers, built from its config and loaded with the tensors read
+    here (so transformers never opens a pickle), or None when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    config = getattr(transformers, CONFIG_CLASSES[arch]).from_dict(
+        {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    config._attn_implementation = "eager"
+    model = getattr(transformers, MODEL_CLASSES[arch])(config).eval()
+    state = dict(src)
+    names = set(model.state_dict())
+    pre = "encoder.pos_conv_embed.conv."
+    renames = [("weight_g", "parametrizations.weight.original0"), ("weight_v", "parametrizations.weight.original1")]
+    for a, b in renames:  # old and new weight-norm names, whichever this transformers uses
+        for x, y in ((a, b), (b, a)):
+            if pre + x in state and pre + x not in names and pre + y in names:
+                state[pre + y] = state.pop(pre + x)
+    missing, _ = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "masked_spec_embed"]
+    if missing:
+        raise CheckpointError(f"transformers {MODEL_CLASSES[arch]} misses {len(missing)} weight(s), e.g. {missing[0]}")
+    return model
+
+
+def _diff(ours: Tensor, ref: Tensor) -> tuple[float, float]:
+    d = (ours.double() - ref.double()).abs().max().item()
+    return d, d / max(ref.double().abs().max().item(), 1e-12)
+
+
+@torch.no_grad()
+def check_parity(encoder, reference, seconds: float = 1.0, sample_rate: int = 16000) -> dict:
+    """Run both models on the same audio: one item, and a padded batch of two (the second 60% as
+    long, with attention_mask). Returns max abs / rel diffs over the valid frames."""
+    g = torch.Generator().manual_seed(0)
+    n = max(int(seconds * sample_rate), 4 * int(encoder.receptive_field))
+    wav = torch.randn(2, n, generator=g) * 0.1
+    lengths = torch.tensor([n, max(int(n * 0.6), int(encoder.receptive_field))])
+    wav[1, lengths[1]:] = 0.0
+    res = {}
+    ours = encoder(wav[:1]).tokens
+    ref = reference(wav[:1]).last_hidden_state
+    res["single_max_abs"], res["single_max_rel"] = _diff(ours, ref)
+    mask = (torch.arange(n)[None] < lengths[:, None]).long()
+    out = encoder(wav, lengths)
+    ref = reference(wav, attention_mask=mask).last_hidden_state
+    fl = out.lengths.tolist()
+    a = torch.cat([out.tokens[i, :t] for i, t in enumerate(fl)])
+    b = torch.cat([ref[i, :t] for i, t in enumerate(fl)])
+    res["padded_max_abs"], res["padded_max_rel"] = _diff(a, b)
+    return res
+
+
+# -- the command --------------------------------------------------------------------------------
+
+def import_model(src: str | Path, run_dir: str | Path, force: bool = False, check: bool = True) -> dict:
+    """Convert the transformers folder `src` into RUN/export/encoder.safetensors (+ RUN/import.json);
+    returns the summary."""
+    src, run_dir = Path(src), Path(run_dir)
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"{src}: no config.json (expected a transformers model folder)")
+    out_file = run_dir / "export" / "encoder.safetensors"
+    if (run_dir / "ckpt").exists():
+        raise ConfigError(f"{run_dir}: holds training checkpoints; import into a new folder")
+    if out_file.exists() and not force:
+        raise ConfigError(f"{out_file}: exists (use --force to replace it)")
+    cfg = _json(src / "config.json")
+    pre = src / "preprocessor_config.json"
+    preproc = _json(pre) if pre.is_file() else None
+    data = preset_dict(cfg, preproc, src / "config.json")
+    preset = preset_from_dict(data)
+    arch = cfg["model_type"]
+    frontend, encoder = build_encoder(preset)
+    source = read_weights(src)
+    tensors, unused = convert_weights(source, encoder.state_dict(), arch, src)
+    encoder.load_state_dict(tensors, strict=True)
+    frontend.eval()
+    encoder.eval()
+    summary = {"source": str(src), "architecture": arch, "out": str(out_file),
+               "parameters": sum(p.numel() for p in encoder.parameters()),
+               "layers": preset.encoder["depth"], "dim": preset.encoder["dim"],
+               "extractor": preset.encoder["extractor_mode"],
+               "layer_norm_first": preset.encoder["layer_norm_first"],
+               "normalize": preset.frontend["normalize"], "sample_rate": preset.data.sample_rate,
+               "unused_source_tensors": len(unused)}
+    reference = _reference_model(arch, cfg, source) if check else None
+    if reference is None:
+        summary["parity"] = "not checked (transformers is not installed)" if check else "not checked"
+    else:
+        diffs = check_parity(encoder, reference, sample_rate=preset.data.sample_rate)
+        summary.update({k: float(f"{v:.3g}") for k, v in diffs.items()})
+        worst = max(diffs["single_max_rel"], diffs["padded_max_rel"])
+        if not math.isfinite(worst) or worst > MAX_REL_DIFF:
+            raise ImportMismatch(f"{src}: the converted encoder differs from transformers (max rel diff "
+                                 f"single {diffs['single_max_rel']:.3g}, padded {diffs['padded_max_rel']:.3g} "
+                                 f"> {MAX_REL_DIFF:g}); nothing written")
+        summary["parity"] = "ok"
+    shim = types.SimpleNamespace(frontend=frontend, inference_encoder=lambda: encoder)
+    export_encoder(out_file, shim, preset)
+    atomic_text(run_dir / "import.json", json.dumps(summary, indent=2) + "\n")
+    return summary
