@@ -1,4 +1,4 @@
-"""Command line: pretrain / extract / probe / export / import / presets / demo.
+"""Command line: pretrain / extract / probe / plot / export / import / presets / demo.
 
 Exit codes: 0 ok, 2 usage or configuration error (one line naming the bad option or key),
 3 training stopped on repeated non-finite loss, 4 nothing usable in the input.
@@ -342,6 +342,9 @@ def probe(
                                          "[default: .sslaudio-cache beside the suite, or $SSLAUDIO_CACHE]."),
     mlp: bool = typer.Option(False, "--mlp", help="Also run the MLP probe (clip tasks): mlp_* metrics."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON."),
+    plots: Path | None = typer.Option(None, "--plots", help="Write PNG plots to this folder: the test "
+                                      "confusion matrix of a single-label task (confusion.png); with "
+                                      "--suite one per task and a bar chart (suite.png). Needs matplotlib."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds (and of fine-tuning)."),
@@ -390,12 +393,18 @@ def probe(
     with guard():
         if json_out is not None and json_out.is_dir():  # refused before the probe, not after it
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(json_out))
+        if plots is not None:  # matplotlib missing or DIR a file: refused before the probe too
+            from sslaudio.plots import require_matplotlib
+
+            require_matplotlib()
+            if plots.exists() and not plots.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(plots))
         if suite is not None:
             given = [n for n, v in (("--finetune", finetune_), ("--save", save), ("--files", files),
                                     ("--median-filter", median_filter), ("--rnn-head", rnn_head)) if v]
             if given:
                 raise ProbeError(f"{given[0]} is not available with --suite")
-            _probe_suite(args, suite, cache, json_out, batch_size, device, seed, layer, mlp)
+            _probe_suite(args, suite, cache, json_out, batch_size, device, seed, layer, mlp, plots)
             return
         if cache is not None:
             raise ProbeError("--cache is for --suite")
@@ -412,7 +421,7 @@ def probe(
 
         res = probe_checkpoint(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop,
                                on_skip=_warn_skip, median=median_filter, finetune_cfg=cfg, save=save,
-                               on_epoch=on_epoch, mlp=mlp)
+                               on_epoch=on_epoch, mlp=mlp, confusion=plots is not None)
         ft = res.get("finetune")
         t = Table(title=f"probe: {ckpt} on {labels}")
         t.add_column("metric")
@@ -433,10 +442,12 @@ def probe(
         out.print(t)
         if json_out:  # a full disk or an unwritable folder: one error line, no temp file left
             atomic_text(json_out, json.dumps(res, indent=1))
+        if plots is not None:
+            _write_plots(res, plots, suite=False)
 
 
 def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out: Optional[Path], batch_size: int,
-                 device: str, seed: int, layer: Optional[int], mlp: bool) -> None:
+                 device: str, seed: int, layer: Optional[int], mlp: bool, plots: Path | None = None) -> None:
     """`probe --suite`: one table (tasks x checkpoints, each task's main metric) and one JSON."""
     from rich.markup import escape
 
@@ -469,6 +480,22 @@ def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out:
               highlight=False)
     if json_out:
         atomic_text(json_out, json.dumps(res, indent=1))
+    if plots is not None:
+        _write_plots(res, plots, suite=True)
+
+
+def _write_plots(res: dict, folder: Path, suite: bool) -> None:
+    """probe --plots: the PNGs of plots.probe_plots, one line on stderr saying what was written."""
+    from rich.markup import escape
+
+    from sslaudio.plots import probe_plots
+
+    written = probe_plots(res, folder, suite=suite)
+    if written:
+        err.print(f"plots: {len(written)} PNG file(s) -> {escape(str(folder))}", highlight=False, soft_wrap=True)
+    else:
+        err.print("[yellow]warning:[/yellow] --plots: no confusion matrix for a multi-label or sound event "
+                  "detection task, nothing written", highlight=False, soft_wrap=True)
 
 
 def _finetune_config(enabled: bool, rnn_head: bool, **given):
@@ -484,6 +511,23 @@ def _finetune_config(enabled: bool, rnn_head: bool, **given):
             raise ProbeError(f"--{name} is a fine-tuning option: add --finetune")
         return None
     return FinetuneConfig(rnn_head=rnn_head, **options)
+
+
+@app.command(epilog="Examples: sslaudio plot runs/byola\n\nsslaudio plot runs/byola --out byola.png")
+def plot(
+    run: Path = typer.Argument(..., help="A pretrain run folder (or its log.jsonl)."),
+    out_file: Path | None = typer.Option(None, "--out", "-o", help="The PNG to write "
+                                         "(default: RUN/plots/training.png)."),
+):
+    """Plot a run's log.jsonl: the loss and every method signal (emb_std, frame_std, code_ppl,
+    cluster_usage, acc ...: each numeric key but step, time, lr, steps_per_s, audio_h_per_s and
+    data_wait), one subplot each against the step; steps with warnings marked. Needs matplotlib."""
+    from sslaudio.plots import plot_training
+
+    with guard():
+        res = plot_training(run, out_file)
+        _print_table("plot", {"run": run, "steps": res["steps"], "panels": ", ".join(res["panels"]),
+                              "out": res["out"]})
 
 
 @app.command(epilog="Examples: sslaudio export runs/byola --format onnx --out byola.onnx\n\n"

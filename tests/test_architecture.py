@@ -24,7 +24,7 @@ LAYERS = [
     ["sslaudio.checkpoint"],
     ["sslaudio.inference", "sslaudio.train"],
     ["sslaudio.features", "sslaudio.export", "sslaudio.probe", "sslaudio.finetune", "sslaudio.api",
-     "sslaudio.importers"],
+     "sslaudio.importers", "sslaudio.plots"],
     ["sslaudio.evaluation", "sslaudio.hear"],
     ["sslaudio.cli", "sslaudio.__main__"],
 ]
