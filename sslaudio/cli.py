@@ -275,6 +275,8 @@ def extract(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     batch_seconds: Optional[float] = typer.Option(None, "--batch-seconds",
                                                   help="At most this much audio per batch (default: no limit)."),
+    workers: int = typer.Option(1, "--workers", min=0, help="Threads that decode and resample the next batches "
+                                                            "while the encoder runs (0: decode in line)."),
     layer: Optional[str] = typer.Option(None, help="Embed this block's output (0-based; -1 the last) instead "
                                                    "of the encoder's final output; all: also every block's "
                                                    "(layer_clips, and with --frames layers)."),
@@ -322,7 +324,8 @@ def extract(
 
         summary = run_extract(bundle, items, None if to_stdout else Path(out_dir), frames, fmt, dev, batch_size,
                               encoder_id=ckpt, on_skip=lambda p, r: warn(f"skip {p}: {r}"), on_warn=warn,
-                              all_layers=all_layers, pool=POOLS[pool] if pool else None, batch_seconds=batch_seconds)
+                              all_layers=all_layers, pool=POOLS[pool] if pool else None, batch_seconds=batch_seconds,
+                              workers=workers)
         if summary["written"] == 0:
             raise DataError(f"no usable audio file ({summary['skipped']} skipped)")
         msg = f"{summary['written']} files -> {out_dir} (dim {summary['clip_dim']}), {summary['skipped']} skipped, {summary['time_s']:.1f} s"

@@ -204,12 +204,56 @@ def batches(members: list, batch_size: int, samples: int, batch_seconds: float |
         yield members[i:i + size]
 
 
+def _decode(batch: list[tuple[str, str]], sr: int) -> list[tuple[str, str, torch.Tensor | None, str | None]]:
+    """Decode and resample one batch's files: (path, rel, audio or None, problem or None) each."""
+    out = []
+    for path, rel in batch:
+        try:
+            out.append((path, rel, load(path, sr), None))
+        except AudioError as e:
+            out.append((path, rel, None, str(e)))
+    return out
+
+
+def prefetch(fn: Callable, items: list, workers: int, ahead: int = 2) -> Iterator:
+    """fn(item) for each item, in order, computed up to `workers * ahead` items ahead in `workers`
+    threads (soundfile's decoding and torch's resampling release the GIL); in line when workers
+    is 0. Bounded memory: at most that many results wait."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sslaudio-decode") as pool:
+        queue: deque = deque()
+        it = iter(items)
+
+        def fill() -> None:
+            for item in it:
+                queue.append(pool.submit(fn, item))
+                if len(queue) >= workers * ahead:
+                    return
+
+        fill()
+        try:
+            while queue:
+                future = queue.popleft()
+                fill()
+                yield future.result()
+        finally:  # the consumer stopped early (an error, a closed pipe): drop what has not started
+            for future in queue:
+                future.cancel()
+
+
 def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bool, batch_size: int = 16,
              on_skip: Callable[[str, str], None] | None = None, done: set[str] | frozenset = frozenset(),
-             all_layers: bool = False, pool: tuple[str, ...] | None = None, batch_seconds: float | None = None
-             ) -> Iterator[Embedding]:
+             all_layers: bool = False, pool: tuple[str, ...] | None = None, batch_seconds: float | None = None,
+             workers: int = 1) -> Iterator[Embedding]:
     """Yield one Embedding per usable file of `plan` whose output name is not in `done`. A batch
-    holding a done file is still computed whole, so the others get the numbers of a full run."""
+    holding a done file is still computed whole, so the others get the numbers of a full run.
+    `workers` threads decode and resample the next batches while the encoder runs (0: decode in
+    line); results come in the same order either way."""
     on_skip = on_skip or (lambda p, r: print(f"skip {p}: {r}", file=sys.stderr))
     sr, enc = bundle.sample_rate, bundle.encoder
     stats = pool or enc.clip_pool
@@ -240,32 +284,30 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
             yield finish(path, rel, clips[j], [fr[j, :t]], [enc.frame_times(t).numpy()], n / sr,
                          None if hclips is None else hclips[j], None if hs is None else [[h[j, :t]] for h in hs])
 
-    for key in sorted(plan.groups):
-        members = plan.groups[key]
-        for batch in batches(members, batch_size, plan.lengths[key], batch_seconds, sr):
-            if all(rel in done for _, rel in batch):
+    work = [(key, batch) for key in sorted(plan.groups)
+            for batch in batches(plan.groups[key], batch_size, plan.lengths[key], batch_seconds, sr)
+            if not all(rel in done for _, rel in batch)]
+    for (key, batch), decoded in zip(work, prefetch(lambda kb: _decode(kb[1], sr), work, workers)):
+        # one batch, decoded ahead by the worker threads while the encoder runs
+        part, audio, alone = [], [], []
+        for path, rel, a, problem in decoded:
+            if problem is not None:
+                if rel not in done:
+                    on_skip(path, problem)
                 continue
-            part, audio, alone = [], [], []
-            for path, rel in batch:
-                try:
-                    a = load(path, sr)
-                except AudioError as e:
-                    if rel not in done:
-                        on_skip(path, str(e))
-                    continue
-                if a.shape[0] == plan.lengths[key]:
-                    part.append((path, rel))
-                    audio.append(a)
-                elif rel not in done:  # decoded to another length than its header said: on its own
-                    alone.append(((path, rel), a))
-            if part:
-                yield from embed_batch(part, audio)
-            for (path, rel), a in alone:
-                if a.shape[0] < plan.need:
-                    on_skip(path, f"too short: {_ms(a.shape[0] / sr)} ms decoded < {_ms(plan.need / sr)} ms "
-                                  f"the encoder needs")
-                    continue
-                yield from embed_batch([(path, rel)], [a])
+            if a.shape[0] == plan.lengths[key]:
+                part.append((path, rel))
+                audio.append(a)
+            elif rel not in done:  # decoded to another length than its header said: on its own
+                alone.append(((path, rel), a))
+        if part:
+            yield from embed_batch(part, audio)
+        for (path, rel), a in alone:
+            if a.shape[0] < plan.need:
+                on_skip(path, f"too short: {_ms(a.shape[0] / sr)} ms decoded < {_ms(plan.need / sr)} ms "
+                              f"the encoder needs")
+                continue
+            yield from embed_batch([(path, rel)], [a])
     for path, rel in plan.long_files:
         if rel in done:
             continue
@@ -321,11 +363,12 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
 def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torch.device, frames: bool,
                 batch_size: int = 16, chunk_seconds: float = 30.0,
                 on_skip: Callable[[str, str], None] | None = None, all_layers: bool = False,
-                pool: tuple[str, ...] | None = None, batch_seconds: float | None = None) -> Iterator[Embedding]:
+                pool: tuple[str, ...] | None = None, batch_seconds: float | None = None,
+                workers: int = 1) -> Iterator[Embedding]:
     """Yield one Embedding per usable file (unusable ones go to `on_skip(path, reason)`)."""
     plan = plan_files(bundle, items, device, chunk_seconds, on_skip)
     yield from run_plan(bundle, plan, device, frames, batch_size, on_skip, all_layers=all_layers, pool=pool,
-                        batch_seconds=batch_seconds)
+                        batch_seconds=batch_seconds, workers=workers)
 
 
 def encoder_identity(bundle: EncoderBundle, **options) -> str:
@@ -456,9 +499,10 @@ def _existing(out_dir: Path, path: str, rel: str, fmt: str, frames: bool, identi
 def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path | None, frames: bool, fmt: str,
             device: torch.device, batch_size: int, encoder_id: str, on_skip=None, on_file=None, on_warn=None,
             chunk_seconds: float = 30.0, all_layers: bool = False, pool: tuple[str, ...] | None = None,
-            batch_seconds: float | None = None) -> dict:
+            batch_seconds: float | None = None, workers: int = 1) -> dict:
     """Write features for `items` (path, output name) under out_dir (None: JSON lines on stdout).
-    `all_layers`, `pool` and `batch_seconds`: see the module docstring. Returns the summary. Entries listed twice are processed once (one `on_warn` line each); two
+    `all_layers`, `pool` and `batch_seconds`: see the module docstring; `workers` threads decode
+    ahead of the encoder. Returns the summary. Entries listed twice are processed once (one `on_warn` line each); two
     inputs with one output name raise OutputCollision before anything is written. A rerun into the
     same out_dir resumes (see the module docstring)."""
     t0 = time.time()
@@ -509,7 +553,7 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
     replaced = printed = 0
     dim = next((r["clip_dim"] for r in rows.values()), None)
     for e in run_plan(bundle, plan, device, frames, batch_size, skip, done=set(rows), all_layers=all_layers,
-                      pool=pool, batch_seconds=batch_seconds):
+                      pool=pool, batch_seconds=batch_seconds, workers=workers):
         if not all(np.isfinite(a).all() for a in (e.clip, e.frames, e.layer_clips, e.layers) if a is not None):
             skip(e.path, "the encoder's output is not finite")
             continue

@@ -44,3 +44,27 @@ def test_chunked_wave_encoder_loses_no_frame_at_chunk_borders(tmp_path):
     assert chunked.frames.shape == whole.frames.shape
     assert np.allclose(chunked.times, whole.times)
     assert np.allclose(np.diff(chunked.times), 0.02)
+
+
+def test_decode_threads_give_the_same_features_in_the_same_order(labeled_dir, tmp_path):
+    """--workers: files decoded ahead in threads, results identical and in order; a broken file is
+    still a skip with its reason."""
+    from sslaudio.features import prefetch
+
+    assert list(prefetch(lambda x: x * x, list(range(20)), workers=3)) == [x * x for x in range(20)]
+    assert list(prefetch(lambda x: x, [], workers=2)) == []
+    bundle = load_encoder("random:tiny/byol-a")
+    items = scan_pairs([str(labeled_dir)])[:9]
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF0000WAVEjunk")
+    items = items[:4] + [(str(bad), "bad.wav")] + items[4:]
+    skipped = {}
+    runs = {}
+    for w in (0, 2):
+        out = list(embed_files(bundle, items, torch.device("cpu"), True, batch_size=2, workers=w,
+                               on_skip=lambda p, r, w=w: skipped.setdefault(w, []).append(p)))
+        runs[w] = out
+    assert [e.path for e in runs[0]] == [e.path for e in runs[2]] and len(runs[0]) == 9
+    for a, b in zip(runs[0], runs[2]):
+        assert np.array_equal(a.clip, b.clip) and np.array_equal(a.frames, b.frames)
+    assert skipped[0] == skipped[2] == [str(bad)]
