@@ -556,21 +556,38 @@ def export(
         _print_table("export", res)
 
 
-@app.command("import", epilog="Example: sslaudio import ./wav2vec2-base --out runs/w2v2\n\n"
+@app.command("import", epilog="Examples: sslaudio import ./wav2vec2-base --out runs/w2v2\n\n"
+                               "sslaudio import m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth --out runs/m2d\n\n"
+                               "sslaudio import AudioNTT2022-BYOLA-64x96d2048.pth --out runs/byola2 --norm-stats -9.66 4.72\n\n"
                                "then: sslaudio extract runs/w2v2 ./clips --out feats")
 def import_(
     src: Path = typer.Argument(..., help="A transformers folder (config.json + model.safetensors or "
-                               "pytorch_model.bin) of wav2vec 2.0, HuBERT or data2vec-audio."),
+                               "pytorch_model.bin) of wav2vec 2.0, HuBERT or data2vec-audio; or an official "
+                               "BYOL-A / BYOL-A v2 / M2D .pth weight file."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder; the encoder goes to OUT/export/encoder.safetensors."),
+    kind: str | None = typer.Option(None, "--kind", help="A .pth file's kind: byol-a, byol-a-v2 or m2d "
+                                    "(default: told from its keys)."),
+    norm_stats: tuple[float, float] | None = typer.Option(
+        None, "--norm-stats", metavar="MEAN STD", help="A .pth file's log-mel mean and std for the frontend "
+        "(needed for BYOL-A; M2D: the file's norm_stats, else -7.1 4.2, M2D's AudioSet values)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT/export/encoder.safetensors."),
 ):
-    """Convert a Hugging Face wav2vec 2.0 / HuBERT / data2vec-audio model into an sslaudio encoder
-    that extract, probe and export accept; with transformers installed, checked against it output
-    by output (alone and in a padded batch) before anything is written."""
-    from sslaudio.importers import import_model
+    """Convert a Hugging Face wav2vec 2.0 / HuBERT / data2vec-audio model, or an official BYOL-A /
+    M2D weight file, into an sslaudio encoder that extract, probe and export accept; a Hugging Face
+    model is checked against transformers (when installed) output by output before anything is written."""
+    from sslaudio.config import ConfigError
+    from sslaudio.importers import import_model, import_official
 
     with guard():
-        _print_table("import", import_model(src, out, force=force))
+        if norm_stats is not None and any(v is None for v in norm_stats):
+            norm_stats = None
+        if src.is_file():
+            res = import_official(src, out, kind=kind, norm_stats=norm_stats, force=force)
+            _print_table("import", {k: v for k, v in res.items() if k != "encoder"})
+        else:
+            if kind is not None or norm_stats is not None:
+                raise ConfigError(f"{src}: --kind and --norm-stats are for official .pth files, not a transformers folder")
+            _print_table("import", import_model(src, out, force=force))
 
 
 @app.command("presets", epilog="Examples: sslaudio presets\n\nsslaudio presets tiny/m2d > my.yaml   "

@@ -10,6 +10,9 @@ installed the conversion checks itself: the source model and the converted encod
 same audio, alone and in a padded batch (with attention_mask), and nothing is written when they
 differ beyond float tolerance. Anything else (another architecture, an adapter, a non-GELU
 activation ...) is refused with one line.
+
+`import_official` does the same for the official BYOL-A (v1 / v2) and M2D .pth weight files (see
+the section below).
 """
 
 from __future__ import annotations
@@ -331,6 +334,275 @@ def import_model(src: str | Path, run_dir: str | Path, force: bool = False, chec
                                  f"single {diffs['single_max_rel']:.3g}, padded {diffs['padded_max_rel']:.3g} "
                                  f"> {MAX_REL_DIFF:g}); nothing written")
         summary["parity"] = "ok"
+    shim = types.SimpleNamespace(frontend=frontend, inference_encoder=lambda: encoder)
+    export_encoder(out_file, shim, preset)
+    atomic_text(run_dir / "import.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# -- official BYOL-A / M2D weight files ---------------------------------------------------------
+#
+# BYOL-A (github.com/nttcslab/byol-a): AudioNTT2020 (v1, 3 conv blocks) and AudioNTT2022 (v2, 2 conv
+# blocks, conv features stacked with the MLP output) share sslaudio's `audiontt` parameter names
+# (`features.*`, `fc.*`), so the tensors are copied as they are; `d` / `mlp_hidden` come from the
+# file (the released 512 / 1024 / 2048-d variants), everything else from the byol-a / byol-a-v2 preset.
+# M2D (github.com/nttcslab/m2d): the checkpoint's `model` dict (or a bare state dict, or RuntimeM2D's
+# `backbone.` weights) holds the online encoder as a timm ViT (patch_embed.proj, cls_token, pos_embed,
+# blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm) beside the target encoder
+# (`target_*`), the predictor (`decoder_*`) and `mask_token`, which inference does not use. The
+# official positions are MAE's fixed 2-D sin-cos table with the time index in the first half of the
+# channels and the frequency index in the second; sslaudio's ViT puts frequency first. The import
+# therefore swaps the two channel halves of the whole residual stream (patch projection rows, CLS,
+# every LayerNorm, the rows written / columns read by each block's linears): the network is the same
+# up to that channel permutation, so every output token is the official one with its two halves swapped.
+
+OFFICIAL_KINDS = {"byol-a": "byol-a", "byol-a-v2": "byol-a-v2", "m2d": "m2d"}  # kind -> preset
+M2D_NORM_STATS = (-7.1, 4.2)  # runtime_audio.py's default: log-mel mean / std of AudioSet (M2D pre-training)
+_M2D_IGNORED = ("target_", "decoder_", "mask_token", "norm_stats", "offline_", "text_", "audio_proj",
+                "head.", "fc_norm.")
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:160] if s else type(e).__name__
+
+
+def load_official(path: Path) -> dict[str, Tensor]:
+    """A BYOL-A / M2D .pth read with torch.load(weights_only=True) (an argparse.Namespace, as M2D
+    training checkpoints keep their arguments in, is the only class allowed besides tensors) ->
+    its flat tensor dict, unwrapped from `model` / `state_dict`."""
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable or unsafe pickle is one line
+        raise CheckpointError(f"{path}: not a readable weights-only PyTorch file ({_first_line(e)})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    out = {str(k): (v.float() if v.is_floating_point() else v) for k, v in obj.items() if isinstance(v, Tensor)}
+    if not out:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return out
+
+
+def _prefixes(src: dict[str, Tensor], anchor: str) -> list[str]:
+    return sorted({k[: -len(anchor)] for k in src if k.endswith(anchor) and
+                   (len(k) == len(anchor) or k[-len(anchor) - 1] == ".")})
+
+
+def detect_kind(src: dict[str, Tensor], where: Path) -> str:
+    """byol-a / byol-a-v2 / m2d from the key names (and the number of conv blocks)."""
+    m2d = _prefixes(src, "patch_embed.proj.weight") and _prefixes(src, "blocks.0.attn.qkv.weight")
+    byol = _prefixes(src, "features.0.weight") and _prefixes(src, "fc.0.weight")
+    if m2d and not byol:
+        return "m2d"
+    if byol and not m2d:
+        p = _prefixes(src, "features.0.weight")[0]
+        return "byol-a" if f"{p}features.8.weight" in src else "byol-a-v2"
+    first = next(iter(src))
+    raise CheckpointError(f"{where}: cannot tell BYOL-A from M2D weights (first key {first!r}); "
+                          f"pass --kind byol-a, byol-a-v2 or m2d")
+
+
+def _one_prefix(src: dict[str, Tensor], anchor: str, where: Path) -> str:
+    found = _prefixes(src, anchor)
+    if not found:
+        raise CheckpointError(f"{where}: no '{anchor}' (not weights of this kind?)")
+    if len(found) > 1:
+        raise CheckpointError(f"{where}: {len(found)} encoders in the file (prefixes "
+                              f"{', '.join(repr(p) for p in found[:3])}); save the one to import alone")
+    return found[0]
+
+
+def _fit(out: dict[str, Tensor], target: dict[str, Tensor], where: Path, hint: str) -> dict[str, Tensor]:
+    """Refuse, with the first tensor that is missing or does not fit, before anything is loaded."""
+    for k, t in target.items():
+        if k not in out:
+            raise CheckpointError(f"{where}: no source weight for {k} ({hint})")
+        if tuple(out[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{where}: {k} has shape {tuple(out[k].shape)}, the {hint} needs {tuple(t.shape)}")
+    return {k: out[k].to(target[k].dtype).contiguous() for k in target}
+
+
+def byola_preset(kind: str, src: dict[str, Tensor], where: Path) -> dict:
+    data = load_preset_dict(OFFICIAL_KINDS[kind])
+    p = _one_prefix(src, "features.0.weight", where)
+    three = f"{p}features.8.weight" in src
+    if kind == "byol-a" and not three:
+        raise CheckpointError(f"{where}: no source weight for features.8.weight (2 conv blocks: byol-a-v2 weights?)")
+    if kind == "byol-a-v2" and three:
+        raise CheckpointError(f"{where}: unknown tensor {p}features.8.weight for byol-a-v2's 2 conv blocks "
+                              f"(byol-a v1 weights?)")
+    fc0, fc3 = src.get(f"{p}fc.0.weight"), src.get(f"{p}fc.3.weight")
+    if fc0 is not None and fc3 is not None and fc0.ndim == 2 and fc3.ndim == 2:
+        if kind == "byol-a":
+            data["encoder"]["d"] = int(fc3.shape[0])
+        else:  # d = conv features + MLP output
+            data["encoder"].update(d=int(fc3.shape[0] + fc0.shape[1]), mlp_hidden=int(fc0.shape[0]))
+    return data
+
+
+def convert_byola(src: dict[str, Tensor], target: dict[str, Tensor], where: Path, kind: str
+                  ) -> tuple[dict[str, Tensor], list[str]]:
+    p = _one_prefix(src, "features.0.weight", where)
+    out, used = {}, set()
+    for k, v in src.items():
+        if not k.startswith(p):
+            continue
+        name = k[len(p):]
+        if name.startswith(("features.", "fc.")):
+            if name not in target:
+                raise CheckpointError(f"{where}: unknown tensor {k} for the {kind} preset's AudioNTT "
+                                      f"(a different structure?)")
+            out[name] = v
+            used.add(k)
+    for k, t in target.items():  # older BatchNorm files have no counter
+        if k.endswith("num_batches_tracked") and k not in out:
+            out[k] = torch.zeros_like(t)
+    return _fit(out, target, where, f"{kind} preset's encoder"), sorted(set(src) - used)
+
+
+def _mae_sincos(dim: int, fg: int, tg: int) -> Tensor:
+    """MAE / M2D get_2d_sincos_pos_embed_flexible without the CLS row: (fg * tg, dim), time index
+    in the first half of the channels, frequency index in the second."""
+    def one(d: int, pos: Tensor) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = pos.double()[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], 1)
+
+    t = torch.arange(tg).repeat(fg)
+    f = torch.arange(fg).repeat_interleave(tg)
+    return torch.cat([one(dim // 2, t), one(dim // 2, f)], 1)
+
+
+_M2D_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+
+
+def m2d_preset(src: dict[str, Tensor], where: Path) -> dict:
+    data = load_preset_dict("m2d")
+    p = _one_prefix(src, "patch_embed.proj.weight", where)
+    w = src[f"{p}patch_embed.proj.weight"]
+    if w.ndim != 4 or w.shape[1] != 1:
+        raise CheckpointError(f"{where}: {p}patch_embed.proj.weight has shape {tuple(w.shape)}, "
+                              f"expected (dim, 1, F_p, T_p)")
+    dim = int(w.shape[0])
+    if dim % 64:
+        raise CheckpointError(f"{where}: width {dim} is not a multiple of 64 (heads = width / 64 as in timm's ViTs)")
+    depth = 1 + max(int(m[1]) for k in src if k.startswith(p) and (m := _M2D_BLOCK.match(k[len(p):])))
+    fc1 = src.get(f"{p}blocks.0.mlp.fc1.weight")
+    enc = data["encoder"]
+    enc.update(patch=[int(w.shape[2]), int(w.shape[3])], dim=dim, depth=depth, heads=dim // 64,
+               qkv_bias=f"{p}blocks.0.attn.qkv.bias" in src, cls_token=True)
+    if fc1 is not None and fc1.ndim == 2:
+        enc["mlp_ratio"] = float(fc1.shape[0]) / dim
+    return data
+
+
+def convert_m2d(src: dict[str, Tensor], target: dict[str, Tensor], where: Path, n_freq: int
+                ) -> tuple[dict[str, Tensor], list[str]]:
+    p = _one_prefix(src, "patch_embed.proj.weight", where)
+    dim = int(target["cls"].shape[-1])
+    perm = torch.cat([torch.arange(dim // 2, dim), torch.arange(dim // 2)])  # ours[c] = official[perm[c]]
+    out, used = {}, set()
+    for k, v in src.items():
+        if not k.startswith(p):
+            continue
+        name = k[len(p):]
+        if name in ("cls_token", "pos_embed") or name.startswith(_M2D_IGNORED):
+            continue
+        m = _M2D_BLOCK.match(name)
+        if m:
+            i, part, kind = m.groups()
+            if part in ("norm1", "norm2", "attn.proj", "mlp.fc2"):  # writes (or normalises) the stream
+                v = v[perm]
+            elif kind == "weight":  # attn.qkv / mlp.fc1 read the stream
+                v = v[:, perm]
+            out[f"blocks.blocks.{i}.{part.removeprefix('mlp.')}.{kind}"] = v
+        elif name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"):
+            out[name] = v[perm] if v.shape[:1] == (dim,) else v
+        else:
+            raise CheckpointError(f"{where}: unknown tensor {k} for an M2D ViT encoder "
+                                  f"(layer scale, a different block?)")
+        used.add(k)
+    cls = src.get(f"{p}cls_token")
+    if cls is None:
+        raise CheckpointError(f"{where}: no {p}cls_token")
+    cls = cls.reshape(-1)
+    pos = src.get(f"{p}pos_embed")
+    if pos is not None:
+        used.add(f"{p}pos_embed")
+        pos = pos.reshape(-1, pos.shape[-1])
+        fp = int(target["patch_embed.proj.weight"].shape[2])
+        fg = n_freq // fp
+        n = pos.shape[0] - 1
+        if pos.shape[-1] != dim or n < fg or n % fg:
+            raise CheckpointError(f"{where}: {p}pos_embed has shape {tuple(src[f'{p}pos_embed'].shape)}, "
+                                  f"not 1 + {fg} x T positions of width {dim}")
+        table = _mae_sincos(dim, fg, n // fg)
+        err = (pos[1:].double() - table).abs().max().item()
+        if err > 1e-4:
+            raise CheckpointError(f"{where}: {p}pos_embed is not the fixed 2-D sin-cos table (max diff "
+                                  f"{err:.3g}); learned or resampled positions are not supported")
+        cls = cls + pos[0]  # M2D adds pos_embed[:, :1] (zeros in the released files) to the CLS token
+    out["cls"] = cls[perm].reshape(1, 1, dim)
+    used.add(f"{p}cls_token")
+    out["mask_token"] = torch.zeros_like(target["mask_token"])  # M2D's mask token is the predictor's
+    return _fit(out, target, where, "m2d preset's ViT"), sorted(set(src) - used)
+
+
+def import_official(src: str | Path, run_dir: str | Path, kind: str | None = None,
+                    norm_stats: tuple[float, float] | None = None, force: bool = False) -> dict:
+    """Convert an official BYOL-A / M2D weight file into RUN/export/encoder.safetensors (+ RUN/import.json)."""
+    src, run_dir = Path(src), Path(run_dir)
+    if not src.is_file():
+        raise ConfigError(f"{src}: no such file")
+    if kind is not None and kind not in OFFICIAL_KINDS:
+        raise ConfigError(f"--kind {kind!r} is not one of {', '.join(OFFICIAL_KINDS)}")
+    out_file = run_dir / "export" / "encoder.safetensors"
+    if (run_dir / "ckpt").exists():
+        raise ConfigError(f"{run_dir}: holds training checkpoints; import into a new folder")
+    if out_file.exists() and not force:
+        raise ConfigError(f"{out_file}: exists (use --force to replace it)")
+    source = load_official(src)
+    detected = kind is None
+    kind = kind or detect_kind(source, src)
+    stats_from = "--norm-stats"
+    if norm_stats is None:
+        if kind != "m2d":
+            raise ConfigError(f"{src}: BYOL-A weights need the log-mel statistics they are used with: "
+                              f"--norm-stats MEAN STD (of your data, or the ones you pre-trained with)")
+        ns = next((v for k, v in source.items() if k.split(".")[-1] == "norm_stats" and v.numel() == 2), None)
+        if ns is not None:
+            norm_stats, stats_from = (float(ns[0]), float(ns[1])), "the file's norm_stats"
+        else:
+            norm_stats, stats_from = M2D_NORM_STATS, "M2D default (AudioSet)"
+    mean, std = (float(x) for x in norm_stats)
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ConfigError(f"--norm-stats {mean} {std}: need a finite mean and a positive std")
+    data = m2d_preset(source, src) if kind == "m2d" else byola_preset(kind, source, src)
+    data["description"] = f"imported from the official {kind} weights ({src.name})"
+    preset = preset_from_dict(data)
+    frontend, encoder = build_encoder(preset)
+    if kind == "m2d":
+        tensors, unused = convert_m2d(source, encoder.state_dict(), src, int(frontend.out_channels))
+    else:
+        tensors, unused = convert_byola(source, encoder.state_dict(), src, kind)
+    encoder.load_state_dict(tensors, strict=True)
+    with torch.no_grad():
+        frontend.norm_mean.fill_(mean)
+        frontend.norm_std.fill_(std)
+    frontend.eval()
+    encoder.eval()
+    summary = {"source": str(src), "kind": kind, "kind_detected": detected, "preset": OFFICIAL_KINDS[kind],
+               "out": str(out_file), "parameters": sum(p.numel() for p in encoder.parameters()),
+               "encoder": dict(preset.encoder), "norm_mean": mean, "norm_std": std, "norm_stats_from": stats_from,
+               "unused_source_tensors": len(unused), "parity": "not checked (no official package here)"}
+    if kind == "m2d":
+        summary["channel_order"] = "each token's two channel halves swapped relative to the official ViT"
     shim = types.SimpleNamespace(frontend=frontend, inference_encoder=lambda: encoder)
     export_encoder(out_file, shim, preset)
     atomic_text(run_dir / "import.json", json.dumps(summary, indent=2) + "\n")
