@@ -563,17 +563,18 @@ def export(
 def import_(
     src: Path = typer.Argument(..., help="A transformers folder (config.json + model.safetensors or "
                                "pytorch_model.bin) of wav2vec 2.0, HuBERT or data2vec-audio; or an official "
-                               "BYOL-A / BYOL-A v2 / M2D .pth weight file."),
+                               "BYOL-A / BYOL-A v2 / M2D / ATST-Clip / ATST-Frame weight file."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder; the encoder goes to OUT/export/encoder.safetensors."),
-    kind: str | None = typer.Option(None, "--kind", help="A .pth file's kind: byol-a, byol-a-v2 or m2d "
+    kind: str | None = typer.Option(None, "--kind", help="A weight file's kind: byol-a, byol-a-v2, m2d, atst-clip or atst-frame "
                                     "(default: told from its keys)."),
     norm_stats: tuple[float, float] | None = typer.Option(
         None, "--norm-stats", metavar="MEAN STD", help="A .pth file's log-mel mean and std for the frontend "
-        "(needed for BYOL-A; M2D: the file's norm_stats, else -7.1 4.2, M2D's AudioSet values)."),
+        "(needed for BYOL-A; M2D: the file's norm_stats, else -7.1 4.2, M2D's AudioSet values; not for ATST, "
+        "whose frontend has fixed dB bounds)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT/export/encoder.safetensors."),
 ):
     """Convert a Hugging Face wav2vec 2.0 / HuBERT / data2vec-audio model, or an official BYOL-A /
-    M2D weight file, into an sslaudio encoder that extract, probe and export accept; a Hugging Face
+    M2D / ATST weight file, into an sslaudio encoder that extract, probe and export accept; a Hugging Face
     model is checked against transformers (when installed) output by output before anything is written."""
     from sslaudio.config import ConfigError
     from sslaudio.importers import import_model, import_official

@@ -11,8 +11,8 @@ same audio, alone and in a padded batch (with attention_mask), and nothing is wr
 differ beyond float tolerance. Anything else (another architecture, an adapter, a non-GELU
 activation ...) is refused with one line.
 
-`import_official` does the same for the official BYOL-A (v1 / v2) and M2D .pth weight files (see
-the section below).
+`import_official` does the same for the official BYOL-A (v1 / v2), M2D and ATST (Clip / Frame)
+weight files (see the section below).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from sslaudio.atomic import atomic_text
 from sslaudio.build import build_encoder, preset_from_dict
 from sslaudio.checkpoint import CheckpointError, export_encoder, read_tensors
 from sslaudio.config import ConfigError, load_preset_dict
+from sslaudio.encoders.layers import sincos_pos_embed_2d
 
 # transformers model_type -> the sslaudio preset the imported one is based on
 ARCHITECTURES = {"wav2vec2": "wav2vec2", "hubert": "hubert", "data2vec-audio": "data2vec"}
@@ -351,12 +352,24 @@ def import_model(src: str | Path, run_dir: str | Path, force: bool = False, chec
 # blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm) beside the target encoder
 # (`target_*`), the predictor (`decoder_*`) and `mask_token`, which inference does not use. The
 # official positions are MAE's fixed 2-D sin-cos table with the time index in the first half of the
-# channels and the frequency index in the second; sslaudio's ViT puts frequency first. The import
-# therefore swaps the two channel halves of the whole residual stream (patch projection rows, CLS,
-# every LayerNorm, the rows written / columns read by each block's linears): the network is the same
-# up to that channel permutation, so every output token is the official one with its two halves swapped.
+# channels and the frequency index in the second; the imported preset sets the ViT's
+# `pos_order: time_first`, the same table, so the tensors are copied as they are and every output
+# token (and the CLS output) is the official one.
 
-OFFICIAL_KINDS = {"byol-a": "byol-a", "byol-a-v2": "byol-a-v2", "m2d": "m2d"}  # kind -> preset
+# ATST (github.com/Audio-WestlakeU/audiossl): a Lightning checkpoint whose `state_dict` holds
+# `model.student.encoder.*` and `model.teacher.encoder.*` (plus projector / predictor heads); the
+# teacher's encoder is imported (the official evaluation's `model.teacher.encoder`), or the only
+# encoder in the file. ATST-Clip is models/atst/audio_transformer.py's AST (cls_token, `norm`),
+# ATST-Frame methods/atstframe/audio_transformer.py's FrameAST (no CLS, `norm_frame`): both
+# `patch_embed.patch_embed` (a Linear on (64 x 4) patches flattened frequency-major, = sslaudio's
+# Conv2d weight reshaped; or FrameAST's `patch_embed.proj` Conv2d), `mask_embed`, learned `pos_embed`
+# (1, 1 + 250, D) cut to the input (row 0 the CLS position: Clip adds it to the CLS token, Frame
+# skips it), DINO blocks with the timm names, LayerNorm eps 1e-6. The patch height is the whole
+# 64-bin band (one token per 40 ms column), as the released models; the frontend is the presets'
+# `mel_db` (fixed min-max dB scaling, so no --norm-stats).
+
+OFFICIAL_KINDS = {"byol-a": "byol-a", "byol-a-v2": "byol-a-v2", "m2d": "m2d",
+                  "atst-clip": "atst-clip", "atst-frame": "atst-frame"}  # kind -> preset
 M2D_NORM_STATS = (-7.1, 4.2)  # runtime_audio.py's default: log-mel mean / std of AudioSet (M2D pre-training)
 _M2D_IGNORED = ("target_", "decoder_", "mask_token", "norm_stats", "offline_", "text_", "audio_proj",
                 "head.", "fc_norm.")
@@ -368,9 +381,10 @@ def _first_line(e: Exception) -> str:
 
 
 def load_official(path: Path) -> dict[str, Tensor]:
-    """A BYOL-A / M2D .pth read with torch.load(weights_only=True) (an argparse.Namespace, as M2D
-    training checkpoints keep their arguments in, is the only class allowed besides tensors) ->
-    its flat tensor dict, unwrapped from `model` / `state_dict`."""
+    """A BYOL-A / M2D .pth or ATST Lightning .ckpt read with torch.load(weights_only=True) (an
+    argparse.Namespace, as M2D training checkpoints keep their arguments in, is the only class
+    allowed besides tensors and plain containers) -> its flat tensor dict, unwrapped from `model` /
+    `state_dict`."""
     import argparse
 
     try:
@@ -395,7 +409,12 @@ def _prefixes(src: dict[str, Tensor], anchor: str) -> list[str]:
 
 
 def detect_kind(src: dict[str, Tensor], where: Path) -> str:
-    """byol-a / byol-a-v2 / m2d from the key names (and the number of conv blocks)."""
+    """byol-a / byol-a-v2 / m2d / atst-clip / atst-frame from the key names (and the number of conv
+    blocks; ATST's `mask_embed` and `norm_frame` / `cls_token`)."""
+    atst = _atst_prefixes(src)
+    if atst:
+        p = _teacher_first(atst)[0]
+        return "atst-frame" if f"{p}norm_frame.weight" in src else "atst-clip"
     m2d = _prefixes(src, "patch_embed.proj.weight") and _prefixes(src, "blocks.0.attn.qkv.weight")
     byol = _prefixes(src, "features.0.weight") and _prefixes(src, "fc.0.weight")
     if m2d and not byol:
@@ -404,8 +423,8 @@ def detect_kind(src: dict[str, Tensor], where: Path) -> str:
         p = _prefixes(src, "features.0.weight")[0]
         return "byol-a" if f"{p}features.8.weight" in src else "byol-a-v2"
     first = next(iter(src))
-    raise CheckpointError(f"{where}: cannot tell BYOL-A from M2D weights (first key {first!r}); "
-                          f"pass --kind byol-a, byol-a-v2 or m2d")
+    raise CheckpointError(f"{where}: cannot tell BYOL-A, M2D or ATST weights apart (first key {first!r}); "
+                          f"pass --kind {', '.join(OFFICIAL_KINDS)}")
 
 
 def _one_prefix(src: dict[str, Tensor], anchor: str, where: Path) -> str:
@@ -466,19 +485,6 @@ def convert_byola(src: dict[str, Tensor], target: dict[str, Tensor], where: Path
     return _fit(out, target, where, f"{kind} preset's encoder"), sorted(set(src) - used)
 
 
-def _mae_sincos(dim: int, fg: int, tg: int) -> Tensor:
-    """MAE / M2D get_2d_sincos_pos_embed_flexible without the CLS row: (fg * tg, dim), time index
-    in the first half of the channels, frequency index in the second."""
-    def one(d: int, pos: Tensor) -> Tensor:
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
-        out = pos.double()[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], 1)
-
-    t = torch.arange(tg).repeat(fg)
-    f = torch.arange(fg).repeat_interleave(tg)
-    return torch.cat([one(dim // 2, t), one(dim // 2, f)], 1)
-
-
 _M2D_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
 
 
@@ -496,7 +502,7 @@ def m2d_preset(src: dict[str, Tensor], where: Path) -> dict:
     fc1 = src.get(f"{p}blocks.0.mlp.fc1.weight")
     enc = data["encoder"]
     enc.update(patch=[int(w.shape[2]), int(w.shape[3])], dim=dim, depth=depth, heads=dim // 64,
-               qkv_bias=f"{p}blocks.0.attn.qkv.bias" in src, cls_token=True)
+               qkv_bias=f"{p}blocks.0.attn.qkv.bias" in src, cls_token=True, pos_order="time_first")
     if fc1 is not None and fc1.ndim == 2:
         enc["mlp_ratio"] = float(fc1.shape[0]) / dim
     return data
@@ -506,7 +512,6 @@ def convert_m2d(src: dict[str, Tensor], target: dict[str, Tensor], where: Path, 
                 ) -> tuple[dict[str, Tensor], list[str]]:
     p = _one_prefix(src, "patch_embed.proj.weight", where)
     dim = int(target["cls"].shape[-1])
-    perm = torch.cat([torch.arange(dim // 2, dim), torch.arange(dim // 2)])  # ours[c] = official[perm[c]]
     out, used = {}, set()
     for k, v in src.items():
         if not k.startswith(p):
@@ -517,13 +522,9 @@ def convert_m2d(src: dict[str, Tensor], target: dict[str, Tensor], where: Path, 
         m = _M2D_BLOCK.match(name)
         if m:
             i, part, kind = m.groups()
-            if part in ("norm1", "norm2", "attn.proj", "mlp.fc2"):  # writes (or normalises) the stream
-                v = v[perm]
-            elif kind == "weight":  # attn.qkv / mlp.fc1 read the stream
-                v = v[:, perm]
             out[f"blocks.blocks.{i}.{part.removeprefix('mlp.')}.{kind}"] = v
         elif name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"):
-            out[name] = v[perm] if v.shape[:1] == (dim,) else v
+            out[name] = v
         else:
             raise CheckpointError(f"{where}: unknown tensor {k} for an M2D ViT encoder "
                                   f"(layer scale, a different block?)")
@@ -542,21 +543,133 @@ def convert_m2d(src: dict[str, Tensor], target: dict[str, Tensor], where: Path, 
         if pos.shape[-1] != dim or n < fg or n % fg:
             raise CheckpointError(f"{where}: {p}pos_embed has shape {tuple(src[f'{p}pos_embed'].shape)}, "
                                   f"not 1 + {fg} x T positions of width {dim}")
-        table = _mae_sincos(dim, fg, n // fg)
+        table = sincos_pos_embed_2d(dim, (fg, n // fg), dtype=torch.float64, time_first=True)
         err = (pos[1:].double() - table).abs().max().item()
         if err > 1e-4:
             raise CheckpointError(f"{where}: {p}pos_embed is not the fixed 2-D sin-cos table (max diff "
                                   f"{err:.3g}); learned or resampled positions are not supported")
         cls = cls + pos[0]  # M2D adds pos_embed[:, :1] (zeros in the released files) to the CLS token
-    out["cls"] = cls[perm].reshape(1, 1, dim)
+    out["cls"] = cls.reshape(1, 1, dim)
     used.add(f"{p}cls_token")
     out["mask_token"] = torch.zeros_like(target["mask_token"])  # M2D's mask token is the predictor's
     return _fit(out, target, where, "m2d preset's ViT"), sorted(set(src) - used)
 
 
+# -- ATST ---------------------------------------------------------------------------------------
+
+def _atst_prefixes(src: dict[str, Tensor]) -> list[str]:
+    """Prefixes of ATST encoders: transformer blocks beside `mask_embed` / `norm_frame` /
+    `patch_embed.patch_embed` (names M2D's timm ViT does not have)."""
+    return [p for p in _prefixes(src, "blocks.0.attn.qkv.weight")
+            if any(f"{p}{x}" in src for x in ("mask_embed", "norm_frame.weight", "patch_embed.patch_embed.weight"))]
+
+
+def _teacher_first(found: list[str]) -> list[str]:
+    return sorted(found, key=lambda p: (not p.endswith("teacher.encoder."), p))
+
+
+def _atst_prefix(src: dict[str, Tensor], where: Path) -> str:
+    """The teacher's encoder (`model.teacher.encoder.`), else the only ATST encoder in the file."""
+    found = _atst_prefixes(src)
+    if not found:
+        raise CheckpointError(f"{where}: no ATST encoder (blocks.0.attn.qkv.weight beside mask_embed / "
+                              f"patch_embed.patch_embed.weight); not ATST weights?")
+    teachers = [p for p in found if p.endswith("teacher.encoder.")]
+    if len(teachers) == 1:
+        return teachers[0]
+    if len(found) > 1:
+        raise CheckpointError(f"{where}: {len(found)} encoders in the file (prefixes "
+                              f"{', '.join(repr(p) for p in found[:3])}); save the one to import alone")
+    return found[0]
+
+
+def atst_preset(kind: str, src: dict[str, Tensor], where: Path) -> dict:
+    data = load_preset_dict(OFFICIAL_KINDS[kind])
+    p = _atst_prefix(src, where)
+    enc = data["encoder"]
+    w = src.get(f"{p}patch_embed.patch_embed.weight", src.get(f"{p}patch_embed.proj.weight"))
+    if w is None:
+        raise CheckpointError(f"{where}: no {p}patch_embed.patch_embed.weight (or patch_embed.proj.weight)")
+    n_mels = int(data["frontend"]["n_mels"])
+    size = int(w[0].numel())
+    if w.ndim == 4 and (w.shape[1] != 1 or w.shape[2] != n_mels):
+        raise CheckpointError(f"{where}: {p}patch_embed.proj.weight has shape {tuple(w.shape)}, expected "
+                              f"(dim, 1, {n_mels}, T_p): patches of the whole {n_mels}-bin band")
+    if w.ndim not in (2, 4) or size % n_mels:
+        raise CheckpointError(f"{where}: patch embedding of shape {tuple(w.shape)} does not take "
+                              f"{n_mels}-bin patches (the {kind} preset's frontend)")
+    dim = int(w.shape[0])
+    if dim % 64:
+        raise CheckpointError(f"{where}: width {dim} is not a multiple of 64 (heads = width / 64 as ATST's "
+                              f"small / base models)")
+    pos = src.get(f"{p}pos_embed")
+    if pos is None:
+        raise CheckpointError(f"{where}: no {p}pos_embed")
+    rows = int(pos.reshape(-1, pos.shape[-1]).shape[0]) - 1  # row 0: the CLS position
+    if rows < 1:
+        raise CheckpointError(f"{where}: {p}pos_embed has shape {tuple(pos.shape)}: no patch positions")
+    depth = 1 + max(int(m[1]) for k in src if k.startswith(p) and (m := _M2D_BLOCK.match(k[len(p):])))
+    enc.update(patch=[n_mels, size // n_mels], dim=dim, depth=depth, heads=dim // 64,
+               qkv_bias=f"{p}blocks.0.attn.qkv.bias" in src,
+               pos_len=rows if kind == "atst-frame" else min(int(enc.get("pos_len", rows)), rows))
+    fc1 = src.get(f"{p}blocks.0.mlp.fc1.weight")
+    if fc1 is not None and fc1.ndim == 2:
+        enc["mlp_ratio"] = float(fc1.shape[0]) / dim
+    return data
+
+
+def convert_atst(src: dict[str, Tensor], target: dict[str, Tensor], where: Path, kind: str
+                 ) -> tuple[dict[str, Tensor], list[str]]:
+    p = _atst_prefix(src, where)
+    norm = "norm_frame" if kind == "atst-frame" else "norm"
+    out, used = {}, set()
+    for k, v in src.items():
+        if not k.startswith(p):
+            continue
+        name = k[len(p):]
+        if name in ("cls_token", "pos_embed"):
+            continue
+        if name == "final_to_melsp.weight" or name == "final_to_melsp.bias":  # AST's reconstruction head
+            continue
+        m = _M2D_BLOCK.match(name)
+        if m:
+            i, part, pk = m.groups()
+            out[f"blocks.blocks.{i}.{part.removeprefix('mlp.')}.{pk}"] = v
+        elif name in ("patch_embed.patch_embed.weight", "patch_embed.proj.weight"):
+            t = target["patch_embed.proj.weight"]
+            out["patch_embed.proj.weight"] = v.reshape(t.shape) if v.numel() == t.numel() else v
+        elif name in ("patch_embed.patch_embed.bias", "patch_embed.proj.bias"):
+            out["patch_embed.proj.bias"] = v
+        elif name == "mask_embed":
+            out["mask_token"] = v.reshape(-1)
+        elif name in (f"{norm}.weight", f"{norm}.bias"):
+            out[f"norm.{name.rsplit('.', 1)[1]}"] = v
+        else:
+            raise CheckpointError(f"{where}: unknown tensor {k} for an {kind} encoder "
+                                  f"(prompts, another structure, or the other ATST kind?)")
+        used.add(k)
+    pos = src.get(f"{p}pos_embed")
+    t = target["pos_embed"]  # (1, pos_len, dim)
+    pos = pos.reshape(-1, pos.shape[-1])
+    if pos.shape[-1] != t.shape[-1] or pos.shape[0] < 1 + t.shape[1]:
+        raise CheckpointError(f"{where}: {p}pos_embed has shape {tuple(src[f'{p}pos_embed'].shape)}, the {kind} "
+                              f"preset's ViT needs 1 + {t.shape[1]} positions of width {t.shape[-1]}")
+    out["pos_embed"] = pos[1: 1 + t.shape[1]].reshape(t.shape)
+    used.add(f"{p}pos_embed")
+    if "cls" in target:
+        cls = src.get(f"{p}cls_token")
+        if cls is None:
+            raise CheckpointError(f"{where}: no {p}cls_token (ATST-Frame weights? pass --kind atst-frame)")
+        out["cls"] = (cls.reshape(-1) + pos[0]).reshape(target["cls"].shape)  # AST adds pos_embed[:, 0] to CLS
+        used.add(f"{p}cls_token")
+    elif f"{p}cls_token" in src:
+        raise CheckpointError(f"{where}: unknown tensor {p}cls_token for an {kind} encoder (ATST-Clip weights?)")
+    return _fit(out, target, where, f"{kind} preset's ViT"), sorted(set(src) - used)
+
+
 def import_official(src: str | Path, run_dir: str | Path, kind: str | None = None,
                     norm_stats: tuple[float, float] | None = None, force: bool = False) -> dict:
-    """Convert an official BYOL-A / M2D weight file into RUN/export/encoder.safetensors (+ RUN/import.json)."""
+    """Convert an official BYOL-A / M2D / ATST weight file into RUN/export/encoder.safetensors (+ RUN/import.json)."""
     src, run_dir = Path(src), Path(run_dir)
     if not src.is_file():
         raise ConfigError(f"{src}: no such file")
@@ -571,7 +684,12 @@ def import_official(src: str | Path, run_dir: str | Path, kind: str | None = Non
     detected = kind is None
     kind = kind or detect_kind(source, src)
     stats_from = "--norm-stats"
-    if norm_stats is None:
+    atst = kind.startswith("atst")
+    if atst and norm_stats is not None:
+        raise ConfigError(f"{src}: ATST's frontend scales dB by the fixed official bounds; --norm-stats does not apply")
+    if atst:
+        pass
+    elif norm_stats is None:
         if kind != "m2d":
             raise ConfigError(f"{src}: BYOL-A weights need the log-mel statistics they are used with: "
                               f"--norm-stats MEAN STD (of your data, or the ones you pre-trained with)")
@@ -580,29 +698,37 @@ def import_official(src: str | Path, run_dir: str | Path, kind: str | None = Non
             norm_stats, stats_from = (float(ns[0]), float(ns[1])), "the file's norm_stats"
         else:
             norm_stats, stats_from = M2D_NORM_STATS, "M2D default (AudioSet)"
-    mean, std = (float(x) for x in norm_stats)
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise ConfigError(f"--norm-stats {mean} {std}: need a finite mean and a positive std")
-    data = m2d_preset(source, src) if kind == "m2d" else byola_preset(kind, source, src)
+    if not atst:
+        mean, std = (float(x) for x in norm_stats)
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ConfigError(f"--norm-stats {mean} {std}: need a finite mean and a positive std")
+    if atst:
+        data = atst_preset(kind, source, src)
+    else:
+        data = m2d_preset(source, src) if kind == "m2d" else byola_preset(kind, source, src)
     data["description"] = f"imported from the official {kind} weights ({src.name})"
     preset = preset_from_dict(data)
     frontend, encoder = build_encoder(preset)
     if kind == "m2d":
         tensors, unused = convert_m2d(source, encoder.state_dict(), src, int(frontend.out_channels))
+    elif atst:
+        tensors, unused = convert_atst(source, encoder.state_dict(), src, kind)
     else:
         tensors, unused = convert_byola(source, encoder.state_dict(), src, kind)
     encoder.load_state_dict(tensors, strict=True)
-    with torch.no_grad():
-        frontend.norm_mean.fill_(mean)
-        frontend.norm_std.fill_(std)
+    if atst:  # mel_db: the official min-max bounds, kept in the normalisation buffers
+        mean, std = float(frontend.norm_mean), float(frontend.norm_std)
+        stats_from = "ATST's fixed dB bounds (mel_db frontend)"
+    else:
+        with torch.no_grad():
+            frontend.norm_mean.fill_(mean)
+            frontend.norm_std.fill_(std)
     frontend.eval()
     encoder.eval()
     summary = {"source": str(src), "kind": kind, "kind_detected": detected, "preset": OFFICIAL_KINDS[kind],
                "out": str(out_file), "parameters": sum(p.numel() for p in encoder.parameters()),
                "encoder": dict(preset.encoder), "norm_mean": mean, "norm_std": std, "norm_stats_from": stats_from,
                "unused_source_tensors": len(unused), "parity": "not checked (no official package here)"}
-    if kind == "m2d":
-        summary["channel_order"] = "each token's two channel halves swapped relative to the official ViT"
     shim = types.SimpleNamespace(frontend=frontend, inference_encoder=lambda: encoder)
     export_encoder(out_file, shim, preset)
     atomic_text(run_dir / "import.json", json.dumps(summary, indent=2) + "\n")

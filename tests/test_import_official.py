@@ -1,7 +1,9 @@
-"""`sslaudio import FILE.pth`: official BYOL-A (AudioNTT2020 / AudioNTT2022) and M2D (timm ViT)
-weight files. The official modules are re-declared here as plain torch modules with the official
-parameter names and forward passes (nttcslab/byol-a models.py, v2/byol_a2/models.py; nttcslab/m2d
-models_mae.py forward_encoder with timm Blocks and MAE's sin-cos positions), saved with torch.save,
+"""`sslaudio import FILE.pth`: official BYOL-A (AudioNTT2020 / AudioNTT2022), M2D (timm ViT) and
+ATST (Clip / Frame Lightning checkpoints) weight files. The official modules are re-declared here as
+plain torch modules with the official parameter names and forward passes (nttcslab/byol-a
+models.py, v2/byol_a2/models.py; nttcslab/m2d models_mae.py forward_encoder with timm Blocks and
+MAE's sin-cos positions; Audio-WestlakeU/audiossl models/atst/audio_transformer.py AST and
+methods/atstframe/audio_transformer.py FrameAST with modules/transformer.py Blocks), saved with torch.save,
 imported through the CLI and compared with the imported encoder on the same log-mel input.
 Refusals are one line with exit code 2. No network."""
 
@@ -250,7 +252,7 @@ def test_m2d_parity(tmp_path):
     assert summary["unused_source_tensors"] > 0  # target encoder, predictor
     enc = bundle.preset.encoder
     assert (enc["dim"], enc["depth"], enc["heads"], list(enc["patch"])) == (128, 2, 2, [16, 16])
-    perm = torch.cat([torch.arange(64, 128), torch.arange(64)])  # sslaudio: frequency half first
+    assert enc["pos_order"] == "time_first"  # MAE's channel order: the official tokens as they are
     worst = 0.0
     for n_samples in (16000 * 128 // 100, 16000 * 96 // 100):  # the training crop, and shorter
         x = official_input(bundle, -7.1, 4.2, n_samples)[..., : (n_samples // 160 + 1) // 16 * 16]
@@ -258,10 +260,23 @@ def test_m2d_parity(tmp_path):
             out = bundle.encoder(x)
             ref = official.forward_encoder(x.unsqueeze(1))
         assert out.tokens.shape == ref[:, 1:].shape
-        worst = max(worst, (out.tokens - ref[:, 1:, perm]).abs().max().item(),
-                    (out.cls - ref[:, 0, perm]).abs().max().item())
+        worst = max(worst, (out.tokens - ref[:, 1:]).abs().max().item(),
+                    (out.cls - ref[:, 0]).abs().max().item())
     print(f"m2d max abs diff {worst:.3g}")
     assert worst <= TOL
+
+
+def test_time_first_positions_are_mae():
+    """pos_order time_first is MAE's get_2d_sincos_pos_embed; the default is it with the halves swapped."""
+    from sslaudio.encoders.layers import sincos_pos_embed_2d, sincos_pos_embed_2d_traced
+
+    dim, grid = 32, (5, 7)
+    mae = torch.from_numpy(mae_pos_embed(dim, grid)[1:]).float()
+    time_first = sincos_pos_embed_2d(dim, grid, time_first=True)
+    assert torch.allclose(time_first, mae, atol=1e-6)
+    assert torch.equal(sincos_pos_embed_2d(dim, grid), torch.cat([time_first[:, 16:], time_first[:, :16]], 1))
+    tokens = torch.zeros(1, 35, dim)
+    assert torch.equal(sincos_pos_embed_2d_traced(dim, 5, tokens, time_first=True), time_first)
 
 
 def test_m2d_norm_stats_from_file_and_option(tmp_path):
@@ -281,6 +296,155 @@ def test_m2d_learned_positions_are_refused(tmp_path):
         official.pos_embed.add_(0.01)
     src = save_official(official, tmp_path / "m2d.pth")
     assert "pos_embed" in one_line_error(invoke("import", src, "--out", tmp_path / "run"))
+
+
+# -- official ATST (audiossl AST / FrameAST, DINO blocks), re-declared ---------------------------
+
+class DinoBlock(TimmBlock):
+    """audiossl modules/transformer.py Block: timm names, no qkv bias, additive key mask from lengths."""
+
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads)
+        self.attn.qkv = nn.Linear(dim, dim * 3, bias=False)
+
+    def forward(self, x, length=None):
+        B, N, C = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).reshape(B, N, 3, self.attn.heads, C // self.attn.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (C // self.attn.heads) ** -0.5
+        if length is not None:
+            attn = attn + -10000.0 * (torch.arange(N)[None] >= length[:, None])[:, None, None, :]
+        y = self.attn.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbedV2(nn.Module):
+    """PatchEmbed_v2: Rearrange('b c (h p1) (w p2) -> b (w h) (p1 p2 c)') then a Linear."""
+
+    def __init__(self, ph, pw, dim):
+        super().__init__()
+        self.ph, self.pw = ph, pw
+        self.patch_embed = nn.Linear(ph * pw, dim)
+
+    def forward(self, mel):
+        B, c, H, W = mel.shape
+        h, w = H // self.ph, W // self.pw
+        x = mel[:, :, : h * self.ph, : w * self.pw].reshape(B, c, h, self.ph, w, self.pw)
+        return self.patch_embed(x.permute(0, 4, 2, 3, 5, 1).reshape(B, w * h, self.ph * self.pw * c))
+
+
+class OfficialATST(nn.Module):
+    """AST (ATST-Clip: cls_token, norm) or FrameAST (ATST-Frame: norm_frame, CNN or Linear patches),
+    pos_type cut, 1 + (1001 // 4) learned positions."""
+
+    def __init__(self, frame: bool, dim=128, depth=2, heads=2, cnn=False):
+        super().__init__()
+        self.frame = frame
+        self.patch_embed = PatchEmbed(64, dim) if cnn else PatchEmbedV2(64, 4, dim)
+        if cnn:
+            self.patch_embed.proj = nn.Conv2d(1, dim, kernel_size=(64, 4), stride=(64, 4))
+        self.mask_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        if not frame:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1001 // 4 + 1, dim))
+        self.blocks = nn.ModuleList([DinoBlock(dim, heads) for _ in range(depth)])
+        if frame:
+            self.norm_frame = nn.LayerNorm(dim, eps=1e-6)
+        else:
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, length=None):  # (B, 1, 64, T) -> (B, [1 +] T / 4, D): prepare_tokens, blocks, norm
+        x = self.patch_embed(x)
+        T = x.shape[1]
+        if self.frame:
+            x = x + self.pos_embed[:, 1:T + 1]
+        else:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed[:, :T + 1]
+        for blk in self.blocks:
+            x = blk(x, length)
+        return self.norm_frame(x) if self.frame else self.norm(x)
+
+
+def save_lightning(student: nn.Module, teacher: nn.Module, path):
+    """A Lightning checkpoint of FrameATSTLightningModule / ATSTLightningModule: model.student /
+    model.teacher MultiCropWrappers (encoder + projector, the student's predictor)."""
+    state = {f"model.student.encoder.{k}": v.clone() for k, v in student.state_dict().items()}
+    state.update({f"model.teacher.encoder.{k}": v.clone() for k, v in teacher.state_dict().items()})
+    for who in ("student", "teacher"):
+        state[f"model.{who}.projector.mlp.0.weight"] = torch.randn(256, 128)
+    state["model.student.predictor.mlp.0.weight"] = torch.randn(256, 256)
+    torch.save({"epoch": 3, "global_step": 1200, "pytorch-lightning_version": "1.6.5", "state_dict": state,
+                "hyper_parameters": {"arch": "small", "learning_rate": 5e-4, "ema": 0.99},
+                "optimizer_states": [], "lr_schedulers": []}, path)
+    return path
+
+
+def atst_official(frame: bool, seed: int, **kw) -> OfficialATST:
+    torch.manual_seed(seed)
+    return jitter_(OfficialATST(frame, **kw), seed)
+
+
+@pytest.mark.parametrize("kind,cnn", [("atst-clip", False), ("atst-frame", False), ("atst-frame", True)])
+def test_atst_parity(tmp_path, kind, cnn):
+    frame = kind == "atst-frame"
+    student, teacher = atst_official(frame, 1, cnn=cnn), atst_official(frame, 2, cnn=cnn)
+    src = save_lightning(student, teacher, tmp_path / "last.ckpt")
+    r = invoke("import", src, "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    bundle, summary = imported(tmp_path / "run")
+    assert summary["kind"] == kind and summary["kind_detected"]
+    assert summary["unused_source_tensors"] > 0  # the student, projectors, predictor
+    enc = bundle.preset.encoder
+    assert (enc["dim"], enc["depth"], enc["heads"], list(enc["patch"])) == (128, 2, 2, [64, 4])
+    assert enc["pos_len"] == (250 if frame else 150) and enc["cls_token"] == (not frame)
+    assert bundle.preset.frontend["name"] == "mel_db"
+    worst, g = 0.0, torch.Generator().manual_seed(0)
+    for T in ((1000, 403) if frame else (600, 403)):  # the training crop, and shorter (a partial patch)
+        x = torch.randn(2, 64, T, generator=g)
+        with torch.no_grad():
+            out = bundle.encoder(x)
+            ref = teacher(x.unsqueeze(1))
+        n_cls = 0 if frame else 1
+        assert out.tokens.shape == ref[:, n_cls:].shape
+        worst = max(worst, (out.tokens - ref[:, n_cls:]).abs().max().item())
+        if not frame:
+            worst = max(worst, (out.cls - ref[:, 0]).abs().max().item())
+        # the student's outputs differ: the teacher was imported
+        with torch.no_grad():
+            assert (out.tokens - student(x.unsqueeze(1))[:, n_cls:]).abs().max().item() > 1e-2
+    print(f"{kind}{' cnn' if cnn else ''} max abs diff {worst:.3g}")
+    assert worst <= TOL
+
+
+def test_atst_padded_batch_matches_official_lengths(tmp_path):
+    """A padded item gives the official output for its length (attention masked beyond it)."""
+    teacher = atst_official(True, 2)
+    save_lightning(atst_official(True, 1), teacher, tmp_path / "f.ckpt")
+    assert invoke("import", tmp_path / "f.ckpt", "--out", tmp_path / "run").exit_code == 0
+    bundle = load_encoder(str(tmp_path / "run"))
+    x = torch.randn(2, 64, 400, generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([400, 240])
+    with torch.no_grad():
+        out = bundle.encoder(x, lengths)
+        ref = teacher(x.unsqueeze(1), lengths // 4)
+    assert (out.tokens[1, :60] - ref[1, :60]).abs().max().item() <= TOL
+    assert (out.tokens[0] - ref[0]).abs().max().item() <= TOL
+
+
+def test_atst_refusals(tmp_path):
+    clip = save_lightning(atst_official(False, 1), atst_official(False, 2), tmp_path / "clip.ckpt")
+    msg = one_line_error(invoke("import", clip, "--out", tmp_path / "run", "--kind", "atst-frame"))
+    assert "cls_token" in msg or "norm." in msg
+    assert "--norm-stats" in one_line_error(invoke("import", clip, "--out", tmp_path / "run", "--norm-stats", 0, 1))
+    frame = atst_official(True, 1)
+    state = dict(frame.state_dict(), prompt_embed=torch.zeros(1, 2, 128))
+    torch.save({"state_dict": state}, tmp_path / "prompt.ckpt")
+    assert "prompt_embed" in one_line_error(invoke("import", tmp_path / "prompt.ckpt", "--out", tmp_path / "run"))
+    small = OfficialATST(True, dim=128)
+    small.pos_embed = nn.Parameter(torch.zeros(1, 1, 128))
+    torch.save({"state_dict": small.state_dict()}, tmp_path / "nopos.ckpt")
+    assert "pos_embed" in one_line_error(invoke("import", tmp_path / "nopos.ckpt", "--out", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 # -- refusals ------------------------------------------------------------------------------------

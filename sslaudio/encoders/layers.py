@@ -178,7 +178,7 @@ class PatchEmbed(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        fp, tp = self.patch
+        tp = self.patch[1]
         x = x[:, :, : (x.shape[-1] // tp) * tp]
         return self.proj(x.unsqueeze(1)).flatten(2).transpose(1, 2)  # (B, Fg*Tg, D)
 
@@ -194,32 +194,36 @@ _SINCOS_CACHE: dict[tuple, Tensor] = {}
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> Tensor:
+                        dtype: torch.dtype = torch.float32, time_first: bool = False) -> Tensor:
     """Fixed 2-D sin-cos positions for a (Fg, Tg) grid -> (Fg*Tg, dim), row-major (freq, time).
 
-    Half the channels encode the frequency index, half the time index (MAE). The value at (i, j)
-    does not depend on the grid size, so inputs longer than the training crop get consistent
-    positions. Cached by (dim, grid, device, dtype).
+    Half the channels encode the frequency index, half the time index (MAE): the frequency half
+    first, or with `time_first` the time half first, the channel order of MAE / M2D's
+    `get_2d_sincos_pos_embed` (its first half encodes the grid's width, the time axis). The value
+    at (i, j) does not depend on the grid size, so inputs longer than the training crop get
+    consistent positions. Cached by (dim, grid, device, dtype, time_first).
     """
-    key = (dim, tuple(grid), str(device), dtype)
+    key = (dim, tuple(grid), str(device), dtype) + ((True,) if time_first else ())
     if key not in _SINCOS_CACHE:
         fg, tg = grid
         f_idx = torch.arange(fg).repeat_interleave(tg)
         t_idx = torch.arange(tg).repeat(fg)
-        emb = torch.cat([sincos_1d(dim // 2, f_idx), sincos_1d(dim // 2, t_idx)], dim=1)
+        halves = [sincos_1d(dim // 2, f_idx), sincos_1d(dim // 2, t_idx)]
+        emb = torch.cat(halves[::-1] if time_first else halves, dim=1)
         if len(_SINCOS_CACHE) > 64:
             _SINCOS_CACHE.clear()
         _SINCOS_CACHE[key] = emb.to(device=device, dtype=dtype)
     return _SINCOS_CACHE[key]
 
 
-def sincos_pos_embed_2d_traced(dim: int, fg: int, tokens: Tensor) -> Tensor:
+def sincos_pos_embed_2d_traced(dim: int, fg: int, tokens: Tensor, time_first: bool = False) -> Tensor:
     """`sincos_pos_embed_2d` for the grid (fg, N / fg) of `tokens` (B, N, D), built from the token
     count with tensor ops only, so a traced or exported graph accepts inputs of any length."""
     tg = tokens.shape[1] // fg
     f = sincos_1d(dim // 2, torch.arange(fg, device=tokens.device))  # (fg, dim/2)
     t = sincos_1d(dim // 2, torch.arange(tg, device=tokens.device))  # (tg, dim/2)
-    emb = torch.cat([f[:, None].expand(-1, t.shape[0], -1), t[None].expand(f.shape[0], -1, -1)], dim=-1)
+    halves = [f[:, None].expand(-1, t.shape[0], -1), t[None].expand(f.shape[0], -1, -1)]
+    emb = torch.cat(halves[::-1] if time_first else halves, dim=-1)
     return emb.reshape(-1, dim).to(tokens.dtype)
 
 

@@ -4,14 +4,16 @@ ATST (Li et al. 2022/2024; 64x4 patches on 64 mel bins).
 
 Tokens follow MAE/M2D patchify order: row-major over the (freq, time) patch grid, index
 f * Tg + t. Positions are fixed 2-D sin-cos computed for any grid (`pos: sincos`, default), so clips
-longer than the training crop work; or learned (`pos: learned`, ATST's `pos_type cut`): one vector
-per patch of the first `pos_len` time columns, the first Tg of them added to an input of Tg
-columns. A learned-position ViT encodes an input of more than pos_len columns in chunks of pos_len
-columns, each chunk a batch row of its own (the official ATST extraction,
-`get_intermediate_layers_chunks` / embedding.py: chunks of the training length), so it accepts any
-length; the CLS output is then the mean of the chunks' CLS outputs weighted by their valid columns.
-A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens after positions are added; a replace mask
-swaps hidden patch embeddings for a learned token before positions.
+longer than the training crop work (`pos_order`: the table's frequency half first, default, or its
+time half first as MAE / M2D's get_2d_sincos_pos_embed writes it, for imported M2D weights); or
+learned (`pos: learned`, ATST's `pos_type cut`): one vector per patch of the first `pos_len` time
+columns, the first Tg of them added to an input of Tg columns. A learned-position ViT encodes an
+input of more than pos_len columns in chunks of pos_len columns, each chunk a batch row of its own
+(the official ATST extraction, `get_intermediate_layers_chunks` / embedding.py: chunks of the
+training length), so it accepts any length; the CLS output is then the mean of the chunks' CLS
+outputs weighted by their valid columns. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens
+after positions are added; a replace mask swaps hidden patch embeddings for a learned token before
+positions.
 
 Clip embedding: the mean of the frames (`Encoder.pool`). With `cls_frames` every frame of
 `to_frames` starts with the CLS output, so that mean is [CLS, mean of the patch frames]: ATST-Clip's
@@ -82,6 +84,9 @@ class ViT(Encoder):
         # columns (ATST-Frame 250 = 10 s of 40 ms patches), longer inputs encoded in chunks of pos_len
         pos: Literal["sincos", "learned"] = "sincos"
         pos_len: int = 250
+        # channel order of the sin-cos table: "freq_first" (sslaudio's default), or "time_first",
+        # MAE / M2D's get_2d_sincos_pos_embed order (time half first), which imported M2D weights use
+        pos_order: Literal["freq_first", "time_first"] = "freq_first"
         # "mae": xavier-uniform Linear weights (MAE, M2D); "trunc_normal": N(0, 0.02) truncated at
         # +-2 for Linear and patch weights, positions, CLS and mask tokens (ATST / DINO _init_weights)
         init: Literal["mae", "trunc_normal"] = "mae"
@@ -103,6 +108,8 @@ class ViT(Encoder):
                 raise ConfigError(f"encoder.drop_path must be in [0, 1), found {self.drop_path}")
             if self.pos not in ("sincos", "learned"):
                 raise ConfigError(f"encoder.pos: {self.pos!r} is not one of ['sincos', 'learned']")
+            if self.pos_order not in ("freq_first", "time_first"):
+                raise ConfigError(f"encoder.pos_order: {self.pos_order!r} is not one of ['freq_first', 'time_first']")
             if self.pos_len < 1:
                 raise ConfigError(f"encoder.pos_len must be >= 1, found {self.pos_len}")
             if self.init not in ("mae", "trunc_normal"):
@@ -126,6 +133,7 @@ class ViT(Encoder):
         self.hop = int(frontend.hop)
         self.downsample = self.hop * tp
         self.sample_rate = int(frontend.sample_rate)
+        self._time_first = cfg.pos_order == "time_first"
 
         self.patch_embed = PatchEmbed(cfg.patch, cfg.dim)
         self.mask_token = nn.Parameter(torch.zeros(cfg.dim))
@@ -235,9 +243,9 @@ class ViT(Encoder):
             tokens, chunk_padding, chunks, cols, tg = self._chunk(tokens, padding)
             tokens = tokens + self.pos_embed[:, :cols].reshape(-1, self.dim).to(tokens.dtype)
         elif torch.jit.is_tracing():  # export: positions must follow the input length
-            tokens = tokens + sincos_pos_embed_2d_traced(self.dim, grid[0], tokens)
+            tokens = tokens + sincos_pos_embed_2d_traced(self.dim, grid[0], tokens, self._time_first)
         else:
-            tokens = tokens + sincos_pos_embed_2d(self.dim, grid, tokens.device, tokens.dtype)
+            tokens = tokens + sincos_pos_embed_2d(self.dim, grid, tokens.device, tokens.dtype, self._time_first)
         keep = mask is not None and mask.mode == "keep"
         if keep:
             if chunks > 1:
