@@ -293,17 +293,31 @@ def check_parity(encoder, reference, seconds: float = 1.0, sample_rate: int = 16
 
 # -- the command --------------------------------------------------------------------------------
 
+def _output_file(run_dir: Path, force: bool) -> Path:
+    """RUN/export/encoder.safetensors, refused (before anything is read) in a training run folder or
+    over an existing encoder without --force."""
+    out_file = run_dir / "export" / "encoder.safetensors"
+    if (run_dir / "ckpt").exists():
+        raise ConfigError(f"{run_dir}: holds training checkpoints; import into a new folder")
+    if out_file.exists() and not force:
+        raise ConfigError(f"{out_file}: exists (use --force to replace it)")
+    return out_file
+
+
+def _write(run_dir: Path, out_file: Path, frontend, encoder, preset, summary: dict) -> None:
+    """The converted encoder (checkpoint.export_encoder, atomic) and RUN/import.json."""
+    shim = types.SimpleNamespace(frontend=frontend, inference_encoder=lambda: encoder)
+    export_encoder(out_file, shim, preset)
+    atomic_text(run_dir / "import.json", json.dumps(summary, indent=2) + "\n")
+
+
 def import_model(src: str | Path, run_dir: str | Path, force: bool = False, check: bool = True) -> dict:
     """Convert the transformers folder `src` into RUN/export/encoder.safetensors (+ RUN/import.json);
     returns the summary."""
     src, run_dir = Path(src), Path(run_dir)
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src}: no config.json (expected a transformers model folder)")
-    out_file = run_dir / "export" / "encoder.safetensors"
-    if (run_dir / "ckpt").exists():
-        raise ConfigError(f"{run_dir}: holds training checkpoints; import into a new folder")
-    if out_file.exists() and not force:
-        raise ConfigError(f"{out_file}: exists (use --force to replace it)")
+    out_file = _output_file(run_dir, force)
     cfg = _json(src / "config.json")
     pre = src / "preprocessor_config.json"
     preproc = _json(pre) if pre.is_file() else None
@@ -335,9 +349,7 @@ def import_model(src: str | Path, run_dir: str | Path, force: bool = False, chec
                                  f"single {diffs['single_max_rel']:.3g}, padded {diffs['padded_max_rel']:.3g} "
                                  f"> {MAX_REL_DIFF:g}); nothing written")
         summary["parity"] = "ok"
-    shim = types.SimpleNamespace(frontend=frontend, inference_encoder=lambda: encoder)
-    export_encoder(out_file, shim, preset)
-    atomic_text(run_dir / "import.json", json.dumps(summary, indent=2) + "\n")
+    _write(run_dir, out_file, frontend, encoder, preset, summary)
     return summary
 
 
@@ -675,11 +687,7 @@ def import_official(src: str | Path, run_dir: str | Path, kind: str | None = Non
         raise ConfigError(f"{src}: no such file")
     if kind is not None and kind not in OFFICIAL_KINDS:
         raise ConfigError(f"--kind {kind!r} is not one of {', '.join(OFFICIAL_KINDS)}")
-    out_file = run_dir / "export" / "encoder.safetensors"
-    if (run_dir / "ckpt").exists():
-        raise ConfigError(f"{run_dir}: holds training checkpoints; import into a new folder")
-    if out_file.exists() and not force:
-        raise ConfigError(f"{out_file}: exists (use --force to replace it)")
+    out_file = _output_file(run_dir, force)
     source = load_official(src)
     detected = kind is None
     kind = kind or detect_kind(source, src)
@@ -729,7 +737,5 @@ def import_official(src: str | Path, run_dir: str | Path, kind: str | None = Non
                "out": str(out_file), "parameters": sum(p.numel() for p in encoder.parameters()),
                "encoder": dict(preset.encoder), "norm_mean": mean, "norm_std": std, "norm_stats_from": stats_from,
                "unused_source_tensors": len(unused), "parity": "not checked (no official package here)"}
-    shim = types.SimpleNamespace(frontend=frontend, inference_encoder=lambda: encoder)
-    export_encoder(out_file, shim, preset)
-    atomic_text(run_dir / "import.json", json.dumps(summary, indent=2) + "\n")
+    _write(run_dir, out_file, frontend, encoder, preset, summary)
     return summary
