@@ -16,24 +16,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
-from sslaudio.cli import app
 from sslaudio.inference import load_encoder
+from tests.test_import import invoke, one_line_error
 
-runner = CliRunner()
 TOL = 1e-5
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r) -> str:
-    assert r.exit_code == 2, r.output
-    lines = [x for x in r.output.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    return lines[0]
 
 
 def jitter_(module: nn.Module, seed: int = 0) -> nn.Module:
