@@ -389,3 +389,52 @@ def test_data2vec_wave_presets_project_equal_widths(name):
     enc = build_encoder(p)[1]
     assert p.encoder["always_project"] and enc.extractor.out_channels == enc.dim
     assert isinstance(enc.project, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("c_in,k,s,bias", [(1, 10, 5, False), (6, 3, 2, True), (6, 2, 2, False), (4, 4, 1, True)])
+def test_strided_conv_last_is_conv1d_on_channels_last_input(c_in, k, s, bias):
+    from sslaudio.encoders.layers import strided_conv_last
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, c_in, requires_grad=True)
+    w = torch.randn(5, c_in, k, requires_grad=True)
+    b = torch.randn(5, requires_grad=True) if bias else None
+    ours = strided_conv_last(x, w, s, b)
+    ref = F.conv1d(x.transpose(1, 2), w, b, stride=s).transpose(1, 2)
+    assert ours.shape == ref.shape == (3, (37 - k) // s + 1, 5)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(ours, [x, w], g)
+    want = torch.autograd.grad(ref, [x, w], g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_same_values_and_gradients_less_saved_memory():
+    from sslaudio.encoders.layers import Block, TransformerStack
+
+    def run(flag: bool):
+        torch.manual_seed(0)
+        stack = TransformerStack([Block(16, 2, 32, dropout=0.1, attention_dropout=0.1) for _ in range(4)]).train()
+        stack.activation_checkpointing = flag
+        x = torch.randn(2, 9, 16, requires_grad=True)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)  # the dropout masks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _, ffns = stack(x, return_layers=True)
+            loss = (y ** 2).sum() + sum(f.sum() for f in ffns)
+        loss.backward()
+        return y.detach(), x.grad, [p.grad for p in stack.parameters()], sum(saved)
+
+    y0, gx0, gp0, mem0 = run(False)
+    y1, gx1, gp1, mem1 = run(True)
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(gx1, gx0)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b)
+    assert mem1 < mem0 / 3  # the blocks' inputs only, not every intermediate of every block
