@@ -78,8 +78,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flops import (  # benchmarks/flops.py
+    bf16_peak,
+    count_flops,
+    default_matmul,
+    matmul_rate,
+    sync,
+)
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from sslaudio.build import build_method, load_preset
 
@@ -91,10 +97,6 @@ EMA_TAU = 0.999
 MAX_STEPS = 30000  # for sslaudio's schedules (EMA, Gumbel temperature)
 
 # bf16 dense tensor-core peaks (TFLOP/s) from the vendors' data sheets; the first match wins
-BF16_PEAK_TFLOPS = [("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0)]
-
-
 def sslaudio_overrides(method: str, batch: int, seconds: float) -> list[str]:
     common = [f"train.batch_size={batch}", f"data.clip_seconds={seconds}", f"encoder.dim={DIM}",
               f"encoder.depth={DEPTH}", f"encoder.heads={HEADS}", f"encoder.ffn_dim={FFN}",
@@ -240,7 +242,10 @@ class HFData2Vec(Impl):
 class HFWav2Vec2(Impl):
     def __init__(self, tf, audio: torch.Tensor, device: str, amp) -> None:
         super().__init__()
-        from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+        from transformers.models.wav2vec2.modeling_wav2vec2 import (
+            _compute_mask_indices,
+            _sample_negative_indices,
+        )
         self.compute_mask, self.sample_neg = _compute_mask_indices, _sample_negative_indices
         self.name = "transformers"
         cfg = tf.Wav2Vec2Config(**hf_common(), feat_extract_norm="group", num_conv_pos_embeddings=128,
@@ -277,30 +282,8 @@ class HFWav2Vec2(Impl):
         self.last["loss"] /= self.last["masked_pct"] * self.audio.shape[0] * self.frames  # per masked frame
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def matmul_rate(n: int, reps: int, device: str, dtype: torch.dtype) -> float:
-    """Attained FLOP/s of n x n torch.matmul (2 n^3 each), best of `reps` after one warm-up."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    sync(device)
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
-def count_flops(impl: Impl, i: int) -> int:
-    with FlopCounterMode(display=False) as fc:
-        impl.fwd_bwd(i)
-    return fc.get_total_flops()
+def count_impl_flops(impl: Impl, i: int) -> int:
+    return count_flops(lambda: impl.fwd_bwd(i))
 
 
 def run_pair(impls: list[Impl], steps: int, warmup: int, device: str) -> dict[str, dict]:
@@ -316,20 +299,10 @@ def run_pair(impls: list[Impl], steps: int, warmup: int, device: str) -> dict[st
             sync(device)
             times[impl.name][0] += time.perf_counter() - w
             times[impl.name][1] += time.process_time() - c
-    flops = {impl.name: count_flops(impl, warmup + steps) for impl in impls}
+    flops = {impl.name: count_impl_flops(impl, warmup + steps) for impl in impls}
     return {impl.name: {"wall": times[impl.name][0] / steps, "cpu": times[impl.name][1] / steps,
                         "flops": flops[impl.name], "params": impl.params, "last": dict(impl.last)}
             for impl in impls}
-
-
-def bf16_peak(device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    for key, tflops in BF16_PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 def main() -> None:
@@ -362,8 +335,8 @@ def main() -> None:
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 
-    mm_n = a.matmul_n or (8192 if cuda else 2048)
-    mm_dtype = torch.bfloat16 if cuda else torch.float32
+    mm_n, mm_dtype = default_matmul(dev)
+    mm_n = a.matmul_n or mm_n
     mm_rate = matmul_rate(mm_n, 5, dev, mm_dtype)
     peak = bf16_peak(dev)
     torch.manual_seed(0)
