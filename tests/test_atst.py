@@ -185,7 +185,7 @@ def test_no_gradient_reaches_the_teacher_and_ema_is_exact(name, segments):
     tau = momentum(m.cfg.ema, k, K)
     assert tau == pytest.approx(1 - (1 - 0.99) * (np.cos(np.pi * k / K) + 1) / 2)
     for t0, s, t1 in zip(before, student, teacher):
-        assert torch.equal(t1, t0.mul(tau).add(s, alpha=1 - tau))  # tau t + (1 - tau) s, as ema_update
+        assert torch.equal(t1, t0.lerp(s, 1 - tau))  # tau t + (1 - tau) s, as ema_update
         torch.testing.assert_close(t1, tau * t0 + (1 - tau) * s, atol=1e-7, rtol=1e-6)
     assert m.inference_encoder() is m.encoder  # tiny: eval_teacher false
     full = tiny(name, "method.eval_teacher=true")  # the full presets evaluate the teacher, as the official code

@@ -52,12 +52,12 @@ def make_teacher(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, tau: float) -> None:
-    """teacher <- tau * teacher + (1 - tau) * student for parameters; buffers are copied."""
+    """teacher <- tau * teacher + (1 - tau) * student for parameters (one foreach lerp: one pass
+    over the teacher's memory, teacher + (1 - tau) * (student - teacher)); buffers are copied."""
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     if tau >= 1.0:
         return
-    torch._foreach_mul_(t_params, tau)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - tau)
     for tb, sb in zip(teacher.buffers(), student.buffers()):
         tb.copy_(sb)
