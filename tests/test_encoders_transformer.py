@@ -438,3 +438,26 @@ def test_activation_checkpointing_same_values_and_gradients_less_saved_memory():
     for a, b in zip(gp1, gp0):
         torch.testing.assert_close(a, b)
     assert mem1 < mem0 / 3  # the blocks' inputs only, not every intermediate of every block
+
+
+@pytest.mark.parametrize("lengths", [[40, 40, 40], [40, 17, 40]])
+def test_masked_instance_norm_is_group_norm_of_each_valid_item(lengths):
+    from sslaudio.encoders.layers import MaskedInstanceNorm
+
+    torch.manual_seed(0)
+    norm = MaskedInstanceNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = (torch.randn(3, 40, 6) * 3 + 1).requires_grad_()  # channels last (B, T, C)
+    y = norm(x, torch.tensor(lengths))
+    assert y.shape == x.shape and y.is_contiguous()
+    g = torch.randn_like(y)
+    for b, n in enumerate(lengths):
+        xb = x.detach()[b:b + 1, :n].clone().requires_grad_()
+        ref = F.group_norm(xb.transpose(1, 2), 6, norm.weight, norm.bias, 1e-5).transpose(1, 2)
+        torch.testing.assert_close(y[b:b + 1, :n], ref, rtol=1e-5, atol=1e-5)
+        gx_ref, = torch.autograd.grad(ref, xb, g[b:b + 1, :n])
+        gx, = torch.autograd.grad(y, x, g * (torch.arange(40)[None, :, None] < n) * (torch.arange(3)[:, None, None] == b),
+                                  retain_graph=True)
+        torch.testing.assert_close(gx[b:b + 1, :n], gx_ref, rtol=1e-4, atol=1e-5)

@@ -298,13 +298,16 @@ class MaskedInstanceNorm(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:  # x (B, T, C)
         xf = x.float()
+        if bool((lengths >= x.shape[1]).all()):  # no padding (training crops): the native kernel,
+            # on a channels-last (B, C, 1, T) view of x (no copy; 3-4x the speed of the masked path)
+            y = F.group_norm(xf.unsqueeze(1).permute(0, 3, 1, 2), xf.shape[-1], self.weight, self.bias, self.eps)
+            return y.permute(0, 2, 3, 1).squeeze(1).to(x.dtype)
         valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).float()
-        n = valid.sum(1).clamp_min(1.0)[:, None, None]
-        valid = valid[:, :, None]
-        mean = (xf * valid).sum(1, keepdim=True) / n
-        var = (((xf - mean) * valid) ** 2).sum(1, keepdim=True) / n
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        return (y * self.weight + self.bias).to(x.dtype)
+        w = (valid / valid.sum(1, keepdim=True).clamp_min(1.0))[:, :, None]  # (B, T, 1)
+        mean = (xf * w).sum(1, keepdim=True)
+        var = ((xf - mean).square() * w).sum(1, keepdim=True)
+        scale = torch.rsqrt(var + self.eps) * self.weight  # y = (x - mean) / std * weight + bias
+        return torch.addcmul(self.bias - mean * scale, xf, scale).to(x.dtype)
 
 
 class _Windows(torch.autograd.Function):
