@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from sslaudio import optim
 from sslaudio.build import build_method, load_preset
 
 
@@ -33,8 +34,7 @@ def measure(preset_name: str, overrides: list[str], steps: int, warmup: int, dev
     preset = load_preset(preset_name, overrides)
     torch.manual_seed(0)
     method = build_method(preset).to(device).train()
-    opt = torch.optim.AdamW(method.param_groups(preset.optim.weight_decay), lr=1e-4,
-                            betas=preset.optim.betas, eps=preset.optim.eps)
+    opt = optim.adamw(method.param_groups(preset.optim.weight_decay), preset.optim, lr=1e-4)
     B, seconds = preset.train.batch_size, preset.data.clip_seconds
     audio = torch.randn(B, 1, int(seconds * preset.data.sample_rate), device=device) * 0.1
     use_bf16 = device.startswith("cuda")

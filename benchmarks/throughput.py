@@ -32,6 +32,7 @@ from flops import (  # benchmarks/flops.py
     matmul_rate,
 )
 
+from sslaudio import optim
 from sslaudio.build import build_method, load_preset
 from sslaudio.config import list_presets
 
@@ -41,7 +42,7 @@ def measure(name: str, device: str, steps: int, warmup: int, overrides: list[str
     dev = torch.device(device)
     torch.manual_seed(0)
     m = build_method(p).to(dev).train()
-    opt = torch.optim.AdamW(m.param_groups(p.optim.weight_decay), lr=p.optim.lr)
+    opt = optim.adamw(m.param_groups(p.optim.weight_decay), p.optim)  # the trainer's optimizer
     n = int(round(p.data.clip_seconds * p.data.sample_rate))
     audio = (torch.randn(p.train.batch_size, p.data.segments, n, device=dev) * 0.1)
     # as the trainer before a new run: frontend statistics, HuBERT's k-means, DeepCluster's memory

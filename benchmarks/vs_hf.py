@@ -20,7 +20,8 @@ make the step time random, and no LayerDrop at depth 4 as the tiny presets).
 A step is what the trainer does: torch.manual_seed per step, a torch.Generator for the masks
 (sslaudio) / numpy's global RNG seeded per step (transformers' mask and negative helpers),
 forward, the loss fetched to the host (the trainer's one sync per step), backward, AdamW step
-(weight decay 0.01, betas (0.9, 0.98), eps 1e-6; fused on CUDA), and the EMA update (data2vec).
+(weight decay 0.01, betas (0.9, 0.98), eps 1e-6; the trainer's fused AdamW, sslaudio.optim, on
+both sides), and the EMA update (data2vec).
 
 sslaudio: `build_method` of presets/data2vec.yaml / presets/wav2vec2.yaml with `--set`-style
 overrides (printed with the results).
@@ -87,7 +88,9 @@ from flops import (  # benchmarks/flops.py
 )
 from torch import nn
 
+from sslaudio import optim
 from sslaudio.build import build_method, load_preset
+from sslaudio.config import OptimConfig
 
 SR = 16000
 DIM, DEPTH, HEADS, FFN, TOP_K = 256, 4, 4, 1024, 4
@@ -114,8 +117,8 @@ def n_params(*modules: nn.Module) -> int:
 
 
 def adamw(params, device: str) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                             **({"fused": True} if device.startswith("cuda") else {}))
+    """The trainer's optimizer (fused AdamW) on both sides, so the comparison is of the models."""
+    return optim.adamw(params, OptimConfig(lr=LR, betas=BETAS, eps=EPS), weight_decay=WD)
 
 
 class Impl:
