@@ -238,9 +238,18 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     max_nonfinite: int = 5  # consecutive non-finite losses before stopping (exit 3)
+    # under torchrun: ddp (DistributedDataParallel: the gradient all-reduce overlaps backward),
+    # allreduce (one flat all-reduce after backward: the way out for a method DDP cannot wrap),
+    # fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded over processes)
+    parallel: typing.Literal["ddp", "allreduce", "fsdp"] = "ddp"
+    # micro-batches per process and step (batch_size stays the global batch); batch statistics
+    # (BatchNorm, in-batch negatives) then see micro-batches
+    grad_accum: int = 1
+    compile: bool = False  # torch.compile of the method's step
+    activation_checkpointing: bool = False  # recompute the activations of deep transformers in backward
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
+        for key in ("steps", "batch_size", "log_every", "ckpt_every", "keep_last", "max_nonfinite", "grad_accum"):
             check_range(f"train.{key}", getattr(self, key), low=1)
 
 
@@ -272,6 +281,11 @@ class Preset:
         d["data"].pop("num_workers", None)
         if d["optim"].get("weight_decay_end") is None:  # runs from before the option keep their identity
             d["optim"].pop("weight_decay_end", None)
+        # how the step is computed, not what it computes: the same weights up to rounding
+        for k in ("parallel", "compile", "activation_checkpointing"):
+            d["train"].pop(k, None)
+        if d["train"].get("grad_accum") == 1:  # micro-batches change batch statistics: part of the identity
+            d["train"].pop("grad_accum", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -15,7 +15,23 @@ finite, so a checkpoint never holds a diverged model. What a SIGKILL leaves (a t
 temp files) is removed at the next start.
 
 Under torchrun every process runs this loop on its shard of the global batch (distributed.py);
-rank 0 alone locks and writes the run folder.
+rank 0 alone locks and writes the run folder. The step's forward / backward goes through
+DistributedDataParallel (`train.parallel: ddp`), whose hooks all-reduce the gradients while backward
+runs; `allreduce` averages them after backward in one flat all-reduce instead (a way out for a
+method DDP cannot follow); `fsdp` shards the transformer blocks and the method with FSDP2 and
+gathers full tensors for the checkpoints. Everything but the step itself (after_step, checkpoints,
+the health check) uses the bare method, so checkpoints look the same with any of them.
+
+`train.grad_accum` splits each process's rows into micro-batches: all but the last run forward
+and backward at once (DDP without its all-reduce, `no_sync`), each loss scaled by 1 / grad_accum;
+the last one's backward waits for the step's one host sync (the mean loss over micro-batches and
+processes, so every process skips a non-finite step alike). Each micro-batch draws its own
+augmentations, masks and dropout from (seed, step, rank * grad_accum + micro-batch), so a resume
+stays bit-identical and one process with grad_accum N draws what N processes draw. Batch
+statistics (BatchNorm, in-batch negatives, a method's mixup memory) are those of a micro-batch.
+`train.compile` compiles the step (torch.compile of what the step calls), and
+`train.activation_checkpointing` switches on `activation_checkpointing` in every module that has it
+(the transformer stacks).
 """
 
 from __future__ import annotations
@@ -29,14 +45,14 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from sslaudio import checkpoint, distributed
+from sslaudio import checkpoint, distributed, optim
 from sslaudio.atomic import atomic_text
 from sslaudio.build import build_method
 from sslaudio.config import ConfigError, OptimConfig, Preset, dump_yaml
@@ -49,6 +65,7 @@ from sslaudio.data import (
     scan,
     validate,
 )
+from sslaudio.encoders.layers import Block
 from sslaudio.inference import load_encoder
 from sslaudio.interrupts import Interrupted, StopSignals, worker_init
 from sslaudio.runfolder import (
@@ -138,19 +155,35 @@ def _json_or_none(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def _state_max_abs(module: nn.Module) -> torch.Tensor:
+def _state_max_abs(module: nn.Module, sharded: distributed.World | None = None) -> torch.Tensor:
     """max |x| over every floating-point parameter and buffer, as a device scalar (NaN if any is
-    NaN), in one foreach kernel per dtype; no host sync."""
+    NaN), in one foreach kernel per dtype; no host sync. `sharded` (FSDP): over every process's
+    shards (NaN as inf), the same verdict everywhere."""
     ts = [t.detach() for t in itertools.chain(module.parameters(), module.buffers())
           if t.is_floating_point() and t.numel()]
-    return torch.stack([n.float() for n in torch._foreach_norm(ts, float("inf"))]).max()
+    if sharded is None:
+        return torch.stack([n.float() for n in torch._foreach_norm(ts, float("inf"))]).max()
+    device = next(itertools.chain(module.parameters(), module.buffers())).device
+    ts = [t for t in (t.to_local() if distributed.is_sharded(t) else t for t in ts) if t.numel()]  # a shard may be empty
+    norms = [n.float() for n in torch._foreach_norm(ts, float("inf"))] if ts else []
+    worst = torch.stack([torch.zeros((), device=device), *norms]).max()
+    return distributed.max_scalar(torch.nan_to_num(worst, nan=math.inf), sharded)
 
 
 def _worst_tensor(module: nn.Module) -> str:
-    bad = [(n, float(t.detach().float().abs().max())) for n, t in module.state_dict().items()
-           if t.is_floating_point() and t.numel()]
+    bad = [(n, float((t.full_tensor() if distributed.is_sharded(t) else t).detach().float().abs().max()))
+           for n, t in module.state_dict().items() if t.is_floating_point() and t.numel()]
     name, value = max(bad, key=lambda nv: (not nv[1] <= MAX_ABS_STATE, nv[1] if nv[1] == nv[1] else math.inf))
     return f"{name} = {value:.3g}"
+
+
+def _compile_error(e: BaseException) -> bool:
+    exc = sys.modules.get("torch._dynamo.exc")
+    return exc is not None and isinstance(e, exc.TorchDynamoException)
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:300]
 
 
 def resolve_sources(preset: Preset, run: Path, resume: bool) -> Preset:
@@ -200,9 +233,11 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     run = Path(run_dir)
     world = distributed.from_env()
     tc = preset.train
-    if tc.batch_size % world.size:
+    if tc.batch_size % (world.size * tc.grad_accum):
         raise ConfigError(f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
-                          f"{world.size} processes")
+                          f"{world.size} processes" + (f" x train.grad_accum {tc.grad_accum}" if tc.grad_accum > 1 else ""))
+    if tc.parallel == "fsdp" and world.active:
+        distributed.check_fsdp()
     if not world.main:
         warn, on_log = (lambda m: None), None
     created = world.main and not run.exists()
@@ -268,10 +303,11 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         if dev.type == "cuda":  # batch statistics over the global batch, as one big-batch process
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     params = [p for p in method.parameters() if p.requires_grad]
-    # fused AdamW (one kernel for every tensor) on CUDA; the foreach implementation on the CPU
-    optimizer = torch.optim.AdamW(method.param_groups(preset.optim.weight_decay), lr=preset.optim.lr,
-                                  betas=preset.optim.betas, eps=preset.optim.eps,
-                                  **({"fused": True} if dev.type == "cuda" else {}))
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        return optim.adamw(method.param_groups(preset.optim.weight_decay), preset.optim)  # fused AdamW
+
+    optimizer = make_optimizer()
     # the groups a weight-decay schedule drives (indices: a resume replaces the group dicts)
     decaying = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
     start, state = 0, {}
@@ -286,6 +322,26 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         method.prepare(sample_for_stats(dataset, preset.data.norm_samples, seed).to(dev),
                        functools.partial(sample_batches, dataset, seed, dev))
     state["method"] = method.run_info()
+    if tc.activation_checkpointing:
+        flagged = [m for m in method.modules() if hasattr(m, "activation_checkpointing")]
+        for m in flagged:
+            m.activation_checkpointing = True
+        if not flagged:
+            warn(f"train.activation_checkpointing: {preset.method.get('name')} has no module that recomputes "
+                 f"its activations (transformer blocks do); the option does nothing here")
+    fsdp = world.active and tc.parallel == "fsdp"
+    if fsdp:  # once the weights and the optimizer state are in place, whole
+        optimizer = distributed.shard_fsdp(method, [m for m in method.modules() if isinstance(m, Block)],
+                                           optimizer, make_optimizer)
+        params = [p for p in method.parameters() if p.requires_grad]
+    # what the step calls: DistributedDataParallel around the method under torchrun (its hooks average
+    # the gradients during backward), compiled with train.compile. Everything else (after_step,
+    # checkpoints, the health check) uses `method` itself: no `module.` / `_orig_mod.` key prefixes.
+    ddp = distributed.wrap_ddp(method, dev) if world.active and tc.parallel == "ddp" else None
+    model = ddp if ddp is not None else method
+    if tc.compile:
+        model = torch.compile(model)
+    micro = tc.grad_accum
 
     precision = tc.precision if tc.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -301,7 +357,6 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     waited, t_asked = 0.0, time.perf_counter()  # seconds spent waiting for batches since the last log row
     state.update({"skipped_files": len(skipped), "files": len(infos), "world_size": world.size,
                   "data_sha256": digest})
-    rank = (world.rank,) if world.rank else ()  # rank 0 draws what a single process draws
     health, health_at, committed = None, start, start  # max |state| after step health_at, not yet checked
 
     def check_health(value: float) -> None:
@@ -315,16 +370,18 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         nonlocal committed, drop_replaced
         if health is not None:  # nothing non-finite is ever committed
             check_health(float(health))
-        if check:  # not on an interrupt: the other processes may be gone
+        if check and not fsdp:  # not on an interrupt: the other processes may be gone (FSDP: shards differ)
             distributed.check_in_sync(params, world)
+        # FSDP: whole tensors gathered by every process (rank 0 keeps them): the same checkpoint
+        whole, whole_optimizer = distributed.full_state(method, optimizer, world) if fsdp else (method, optimizer)
         if world.main:
             with stops.protect():
                 try:
-                    checkpoint.save(run, at, method, optimizer, preset, {**state, "nonfinite": nonfinite,
+                    checkpoint.save(run, at, whole, whole_optimizer, preset, {**state, "nonfinite": nonfinite,
                                     "log_loss_sum": loss_sum, "log_steps": n_sum}, tc.keep_last)
                 except checkpoint.NonFiniteWeights as e:  # the optimizer state, which the health check skips
                     raise TrainingDiverged(f"{e}; try a lower optim.lr") from None
-                checkpoint.export_encoder(run / "export" / "encoder.safetensors", method, preset, step=at)
+                checkpoint.export_encoder(run / "export" / "encoder.safetensors", whole, preset, step=at)
                 if drop_replaced:  # the new run has a checkpoint: the one it replaces can go
                     for d in run.glob(".replaced-*"):
                         shutil.rmtree(d, ignore_errors=True)
@@ -332,7 +389,11 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         committed = at
 
     def stop(at: int):  # a signal asked to stop; `at` steps are done
-        if at > committed:
+        if at > committed and fsdp:  # gathering the shards needs every process, which may be gone
+            warn(f"train.parallel: fsdp cannot save step {at} on an interrupt; the run resumes from step "
+                 f"{committed}")
+            at = committed
+        elif at > committed:
             commit(at, check=False)
         return Interrupted(stops.signum, at if world.main and at > start else None)
 
@@ -353,16 +414,32 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                 wd = weight_decay_at(step, preset.optim, tc.steps)
                 for i in decaying:
                     optimizer.param_groups[i]["weight_decay"] = wd
-            torch.manual_seed(derive_seed(seed, step, 1, *rank))
-            gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2, *rank))
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            with autocast:
-                out = method(batch, step, gen, tc.steps)
-            loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
+            # grad_accum micro-batches: all but the last go forward and backward at once (DDP: without
+            # the gradient all-reduce); the last one's backward waits for the verdict on the step's loss
+            parts = [batch] if micro == 1 else [dict(zip(batch, vs)) for vs in
+                                                zip(*(v.chunk(micro) for v in batch.values()))]
+            logged: dict[str, torch.Tensor] = {}  # the means over micro-batches, on the device
+            for i, part in enumerate(parts):
+                # a virtual process per micro-batch: rank 0's first draws what a single process draws,
+                # and N processes draw what one process with grad_accum N draws
+                vrank = (world.rank * micro + i,) if world.rank or i else ()
+                if fsdp and micro > 1:  # as DDP's no_sync: reduce-scatter in the last micro-batch's backward
+                    distributed.set_gradient_sync(method, i == micro - 1)
+                torch.manual_seed(derive_seed(seed, step, 1, *vrank))
+                gen = torch.Generator(dev).manual_seed(derive_seed(seed, step, 2, *vrank))
+                with ddp.no_sync() if ddp is not None and i < micro - 1 else nullcontext():
+                    with autocast:
+                        out = model(part, step, gen, tc.steps)
+                    loss = out["loss"] if micro == 1 else out["loss"] / micro
+                    if i < micro - 1:
+                        loss.backward()
+                vals = {k: v.detach() if micro == 1 else v.detach() / micro for k, v in out.items()}
+                logged = {k: logged[k] + v if k in logged else v for k, v in vals.items()}
             # the step's one host sync: the loss (finiteness, the same verdict on every process; the log)
             # and the state after the previous step (finiteness of the weights)
-            loss_t = distributed.mean_scalar(loss.detach(), world).float()
+            loss_t = distributed.mean_scalar(logged["loss"], world).float()
             if health is None:
                 loss_value = float(loss_t)
             else:
@@ -371,24 +448,26 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             if math.isfinite(loss_value):
                 nonfinite = 0
                 loss.backward()
-                distributed.average_gradients(params, world)
+                if tc.parallel == "allreduce":  # else DDP's hooks (FSDP's reduce-scatter) did, in backward
+                    distributed.average_gradients(params, world)
                 if preset.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(method.parameters(), preset.optim.grad_clip)
                 optimizer.step()
                 method.after_step(step, tc.steps)
                 loss_sum, n_sum = loss_sum + loss_value, n_sum + 1
             else:  # skip the update; the step still counts, so data order stays tied to it
+                optimizer.zero_grad(set_to_none=True)  # those of the first micro-batches
                 nonfinite += 1
                 if nonfinite >= tc.max_nonfinite:
                     raise TrainingDiverged(f"loss was non-finite for {nonfinite} consecutive steps "
                                            f"(last at step {step}); try a lower optim.lr")
             done = step + 1
-            health, health_at = _state_max_abs(method), done  # checked at the next sync or commit
+            health, health_at = _state_max_abs(method, world if fsdp else None), done  # checked at the next sync or commit
             if n_sum and log is not None and (done % tc.log_every == 0 or done == tc.steps):
                 now = time.time()
                 sps = n_sum / max(now - t_last, 1e-9)
                 row = {"step": done, "loss": loss_sum / n_sum, "lr": lr,
-                       **{k: float(v.detach()) for k, v in out.items() if k != "loss"},
+                       **{k: float(v) for k, v in logged.items() if k != "loss"},
                        "steps_per_s": sps, "audio_h_per_s": sps * crop_h,
                        "data_wait": min(waited / max(now - t_last, 1e-9), 1.0), "time": now - t0}
                 notes = method.log_warnings(row)
@@ -405,6 +484,11 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             if stops.signum is not None and done < tc.steps:
                 raise stop(done)
             t_asked = time.perf_counter()
+    except Exception as e:
+        if tc.compile and _compile_error(e):
+            raise ConfigError(f"train.compile: torch.compile failed for method {preset.method.get('name')} "
+                              f"({type(e).__name__}: {_first_line(e)}); set train.compile: false") from None
+        raise
     finally:
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:  # now, not when the traceback is freed: workers ignore signals
