@@ -177,6 +177,9 @@ def pretrain(
     targets: Optional[str] = typer.Option(None, "--targets", help="HuBERT's k-means targets: 'mfcc' (iteration 1) "
                                           "or RUN_OR_CKPT[:LAYER] (iteration 2: block LAYER, from 1, of that "
                                           "model; default the preset's method.layer)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Decode the audio once, at data.sample_rate, into "
+                                      "int16 shards in this folder (built or updated at the start; later runs "
+                                      "read crops from it at disk speed). One folder per sample rate."),
 ):
     """Pretrain an encoder on unlabeled audio; writes RUN/config.yaml, log.jsonl, ckpt/, export/."""
     from rich.markup import escape
@@ -196,7 +199,7 @@ def pretrain(
         dev = resolve_device(device)
         try:
             with _Progress(not quiet) as bar:
-                summary = fit(p, data, out_dir, resume=resume, device=str(dev), on_log=bar,
+                summary = fit(p, data, out_dir, resume=resume, device=str(dev), on_log=bar, cache=cache,
                               warn=lambda m: err.print(f"[yellow]warning:[/yellow] {escape(m)}", highlight=False,
                                                        soft_wrap=True))
         except Interrupted as e:  # Ctrl-C / SIGTERM: the last finished step is saved (exit code 130)

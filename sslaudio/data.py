@@ -3,6 +3,8 @@
 Determinism: the file order of epoch e is a permutation seeded by (seed, e), and the crop offsets
 of item `slot` in step `step` come from a generator seeded by (seed, step, slot). A batch is thus a
 pure function of (seed, step), whatever the number of workers, and a resumed run replays exactly.
+With `--cache DIR` (cache.py) the crops are read from memory-mapped int16 shards instead of being
+decoded and resampled per item.
 """
 
 from __future__ import annotations
@@ -11,14 +13,26 @@ import csv
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sslaudio import audio as _audio
-from sslaudio.audio import AUDIO_EXTENSIONS, AudioError, AudioInfo, load, path_problem, probe
+from sslaudio.audio import (
+    AUDIO_EXTENSIONS,
+    AudioError,
+    AudioInfo,
+    load,
+    one_thread,
+    path_problem,
+    probe,
+)
+
+if TYPE_CHECKING:
+    from sslaudio.cache import AudioCache
+    from sslaudio.config import DataConfig
 
 
 class DataError(Exception):
@@ -160,12 +174,19 @@ def scan(inputs: list[str]) -> list[str]:
     return [path for path, _ in scan_entries(inputs)]
 
 
-def validate(paths: list[str], min_seconds: float, warn: Callable[[str], None] | None = None
-             ) -> tuple[list[AudioInfo], list[tuple[str, str]]]:
+def validate(paths: list[str], min_seconds: float, warn: Callable[[str], None] | None = None,
+             cache: str | Path | None = None) -> tuple[list[AudioInfo], list[tuple[str, str]]]:
     """Probe every file; returns (usable infos, [(path, reason)] skipped), one warning per skip.
 
-    A path listed more than once is used once and reported once ("listed N times")."""
+    A path listed more than once is used once and reported once ("listed N times"). With `cache`
+    (a --cache DIR), a file its index lists with the same size and mtime_ns is not probed: its
+    frames, rate and channels come from the index, for the cost of an os.stat."""
     warn = warn or (lambda m: print(m, file=sys.stderr))
+    known = {}
+    if cache is not None:
+        from sslaudio.cache import known_files
+
+        known = known_files(cache)
     counts: dict[str, int] = {}
     for p in paths:
         counts[os.path.abspath(p)] = counts.get(os.path.abspath(p), 0) + 1
@@ -176,7 +197,7 @@ def validate(paths: list[str], min_seconds: float, warn: Callable[[str], None] |
             continue
         done.add(key)
         try:
-            ok.append(probe(p, min_seconds=min_seconds))
+            ok.append(_known(p, known.get(key), min_seconds) or probe(p, min_seconds=min_seconds))
             reason = f"listed {counts[key]} times (duplicate entries are used once)" if counts[key] > 1 else None
         except AudioError as e:
             reason = str(e) + (f" (listed {counts[key]} times)" if counts[key] > 1 else "")
@@ -184,6 +205,25 @@ def validate(paths: list[str], min_seconds: float, warn: Callable[[str], None] |
             skipped.append((p, reason))
             warn(f"skip {p}: {reason}")
     return ok, skipped
+
+
+def _known(path: str, entry: dict | None, min_seconds: float) -> AudioInfo | None:
+    """The AudioInfo a cache index entry gives for `path` while the file is unchanged, else None."""
+    if entry is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if (st.st_size, st.st_mtime_ns) != (entry.get("size"), entry.get("mtime_ns")):
+        return None
+    try:
+        frames, sr, channels = int(entry["source_frames"]), int(entry["source_rate"]), int(entry["channels"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if frames / sr < min_seconds:  # probe's words
+        raise AudioError(f"too short ({frames / sr:.3f} s < {min_seconds} s)")
+    return AudioInfo(str(path), frames, sr, channels)
 
 
 def crop(info: AudioInfo, sample_rate: int, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -198,29 +238,80 @@ def crop(info: AudioInfo, sample_rate: int, n: int, rng: np.random.Generator) ->
 
 
 class CropDataset(Dataset):
-    """Item key (file_index, step, slot) -> {"audio": (V, S) float32}; V = segments per file."""
+    """Item key (file_index, step, slot) -> {"audio": (V, S) float32}; V = segments per file.
 
-    def __init__(self, infos: list[AudioInfo], sample_rate: int, clip_seconds: float, segments: int, seed: int):
+    With a `cache` (cache.py) the crops are read from its int16 memory maps (/ 32768) instead of
+    decoding: the same (seed, step, slot) -> crop determinism, but offsets are drawn at the target
+    rate over the cached samples, so a cached run differs from an uncached one (and is itself
+    deterministic). A file the cache could not decode is passed over like an unreadable one."""
+
+    def __init__(self, infos: list[AudioInfo], sample_rate: int, clip_seconds: float, segments: int, seed: int,
+                 cache: AudioCache | None = None):
         self.infos = infos
         self.sample_rate = sample_rate
         self.n = int(round(clip_seconds * sample_rate))
         self.segments = segments
         self.seed = seed
+        self.cache = cache
+        self.where = [cache.locate(i.path) for i in infos] if cache is not None else None
 
     def __len__(self) -> int:
         return len(self.infos)
 
+    def _cached(self, i: int, rng: np.random.Generator) -> torch.Tensor | None:
+        loc = self.where[i]
+        if loc is None:
+            return None
+        samples, n = self.cache.samples(loc), self.n
+        out = np.zeros((self.segments, n), dtype=np.float32)
+        for v in range(self.segments):  # shorter files are zero-padded evenly on both sides, as `crop`
+            if loc.frames > n:
+                start = int(rng.integers(0, loc.frames - n + 1))
+                np.multiply(samples[start:start + n], np.float32(1 / 32768), out=out[v])
+            else:
+                pad = (n - loc.frames) // 2
+                np.multiply(samples, np.float32(1 / 32768), out=out[v, pad:pad + loc.frames])
+        return torch.from_numpy(out)
+
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        with one_thread():
+            return self._item(key)
+
+    def _item(self, key: tuple[int, int, int]) -> dict:
         index, step, slot = key
         rng = np.random.default_rng([self.seed, step + 2, slot, 0x5EED])  # step -2: stats sample
         for attempt in range(len(self.infos)):
-            info = self.infos[(index + attempt) % len(self.infos)]
+            i = (index + attempt) % len(self.infos)
+            if self.cache is not None:
+                audio = self._cached(i, rng)
+                if audio is not None:
+                    return {"audio": audio}
+                continue
+            info = self.infos[i]
             try:
                 audio = torch.stack([crop(info, self.sample_rate, self.n, rng) for _ in range(self.segments)])
                 return {"audio": audio}
             except AudioError as e:  # file changed or broke since the scan: use the next one
                 print(f"skip {info.path}: {e}", file=sys.stderr)
         raise DataError("no readable audio file left")
+
+    @classmethod
+    def open(cls, infos: list[AudioInfo], data: DataConfig, seed: int, cache: str | Path | None = None,
+             saved: dict | None = None, warn: Callable[[str], None] | None = None) -> CropDataset:
+        """The training CropDataset, reading from the cache in `cache` (built or updated first, with
+        data.num_workers threads) when given. `saved`: the state.json of the checkpoint a run resumes
+        from; a resume that switches between cached and decoded crops gets one warning."""
+        warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
+        opened = None
+        if cache is not None:
+            from sslaudio.cache import open_cache
+
+            opened = open_cache(cache, infos, data.sample_rate, min(data.num_workers, os.cpu_count() or 1) or 1, warn)
+        if saved and bool(saved.get("cache")) != (opened is not None):
+            was = "with --cache" if saved.get("cache") else "without --cache"
+            warn(f"this run was trained {was}; crops are now {'read from the cache' if opened else 'decoded'}, "
+                 f"so the resumed run will not match an uninterrupted one")
+        return cls(infos, data.sample_rate, data.clip_seconds, data.segments, seed, cache=opened)
 
 
 class StepSampler(Sampler):

@@ -222,7 +222,8 @@ def resolve_sources(preset: Preset, run: Path, resume: bool) -> Preset:
 
 
 def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = True, device: str = "auto",
-        on_log: Callable[[int, int, dict | None], None] | None = None, warn=None) -> dict:
+        on_log: Callable[[int, int, dict | None], None] | None = None, warn=None,
+        cache: str | Path | None = None) -> dict:
     """Train `preset` on the audio in `inputs` into `run_dir`. Returns a summary dict.
 
     on_log(start_step, total_steps, None) is called once before the first step, then
@@ -251,7 +252,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
             if lock is not None:
                 with stops.protect():  # never a descriptor of a held lock lost to a signal
                     lock.acquire()
-            summary = _train(preset, inputs, run, resume, dev, world, method, stops, lock, on_log, warn)
+            summary = _train(preset, inputs, run, resume, dev, world, method, stops, lock, on_log, warn, cache)
             distributed.finish(world)
             return summary
         finally:
@@ -268,7 +269,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
 
 
 def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torch.device, world, method: nn.Module,
-           stops: StopSignals, lock: RunLock | None, on_log, warn) -> dict:
+           stops: StopSignals, lock: RunLock | None, on_log, warn, cache: str | Path | None = None) -> dict:
     tc, seed = preset.train, preset.seed
     last = checkpoint.latest(run, warn) if resume else None  # warn None: checkpoint's own default
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -282,13 +283,14 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                 warn(f"{d} holds a run that --no-resume was replacing when it stopped, before the new run "
                      f"saved a checkpoint; move its files back into {run} to resume that run, or delete it")
 
-    infos, skipped = validate(scan(inputs), preset.data.min_seconds, warn)
+    infos, skipped = validate(scan(inputs), preset.data.min_seconds, warn, cache=cache)  # --cache: no re-probing
     if not infos:
         raise DataError(f"no usable audio file in {' '.join(inputs)} ({len(skipped)} skipped)")
     digest = data_digest(infos)
     if saved.get("data_sha256") not in (None, digest):
         warn(f"DATA is not the list of files this run was trained on ({saved.get('files')} files then, "
              f"{len(infos)} now): the resumed run will not match an uninterrupted one")
+    dataset = CropDataset.open(infos, preset.data, seed, cache, saved, warn)  # --cache: before the run folder changes
     drop_replaced = False
     if world.main:  # the first change to the run folder, once the configuration and the data are known good
         with stops.protect():
@@ -296,7 +298,6 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                 move_aside(run)
             drop_replaced = not resume
             atomic_text(run / "config.yaml", dump_yaml(preset))
-    dataset = CropDataset(infos, preset.data.sample_rate, preset.data.clip_seconds, preset.data.segments, seed)
 
     if world.active:
         method.gather_fn = distributed.gather_rows  # negatives / batch statistics of every process
@@ -356,7 +357,7 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     t0, t_last, step = time.time(), time.time(), start
     waited, t_asked = 0.0, time.perf_counter()  # seconds spent waiting for batches since the last log row
     state.update({"skipped_files": len(skipped), "files": len(infos), "world_size": world.size,
-                  "data_sha256": digest})
+                  "data_sha256": digest, "cache": dataset.cache is not None})
     health, health_at, committed = None, start, start  # max |state| after step health_at, not yet checked
 
     def check_health(value: float) -> None:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "sslaudio"
 LAYERS = [
     ["sslaudio", "sslaudio.registry", "sslaudio.config", "sslaudio.atomic", "sslaudio.runlock"],
     ["sslaudio.audio", "sslaudio.distributed", "sslaudio.interrupts", "sslaudio.runfolder", "sslaudio.optim"],
-    ["sslaudio.data", "sslaudio.augment", "sslaudio.frontends", "sslaudio.masking", "sslaudio.synth",
+    ["sslaudio.cache", "sslaudio.data", "sslaudio.augment", "sslaudio.frontends", "sslaudio.masking", "sslaudio.synth",
      "sslaudio.kmeans"],
     ["sslaudio.encoders"],
     ["sslaudio.methods"],

@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from sslaudio.audio import AudioError, load, probe
-from sslaudio.data import CropDataset, DataError, StepSampler, sample_for_stats, scan, scan_pairs, validate
+from sslaudio.data import (
+    CropDataset,
+    DataError,
+    StepSampler,
+    sample_for_stats,
+    scan,
+    scan_pairs,
+    validate,
+)
 from tests.conftest import write_wav
 
 
@@ -74,3 +82,15 @@ def test_stats_sample_is_fixed(audio_dir):
     infos, _ = validate(scan([str(audio_dir)]), 0.1)
     ds = CropDataset(infos, 16000, 0.3, 1, 0)
     assert torch.equal(sample_for_stats(ds, 5, 0), sample_for_stats(ds, 5, 0))
+
+
+def test_kernel_cached_resample_is_torchaudio_bit_for_bit():
+    import torchaudio.functional as AF
+
+    from sslaudio import audio
+
+    x = torch.randn(30011) * 0.1
+    for sr in (44100, 22050, 8000, 16000):
+        assert torch.equal(audio.resample(x, sr, 16000), AF.resample(x, sr, 16000))
+        assert torch.equal(audio.resample(x[None], 16000, sr), AF.resample(x[None], 16000, sr))  # batched
+    assert audio.resample(x, 16000, 16000) is x
