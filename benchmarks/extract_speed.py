@@ -10,7 +10,9 @@ memory first, then only `bundle.embed` on the same batches (equal lengths togeth
 batches them). Both report audio seconds per second; the ratio is the share of the forward-pass
 ceiling that extraction reaches. With --long, a subprocess per file length extracts one
 synthetic file and reports its peak resident memory (ru_maxrss), which should not grow with the
-file's length (long files are read and encoded in chunks).
+file's length (long files are read and encoded in chunks). The FLOPs of the forward passes
+(torch.utils.flop_counter) give both passes' FLOP rate as a fraction of the attained fp32 matmul
+rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from flops import count_flops, default_matmul, matmul_rate  # benchmarks/flops.py
 
 from sslaudio.audio import load
 from sslaudio.data import scan_pairs
@@ -30,10 +33,10 @@ from sslaudio.features import extract, plan_files
 from sslaudio.inference import load_encoder
 
 
-def forward_only(bundle, items, batch_size: int) -> tuple[float, float]:
-    """(seconds of audio, seconds of forward passes) over the files of `items`."""
+def forward_only(bundle, items, batch_size: int) -> tuple[float, float, int]:
+    """(seconds of audio, seconds of forward passes, their FLOPs) over the files of `items`."""
     plan = plan_files(bundle, items, torch.device("cpu"), 30.0)
-    audio_s, spent = 0.0, 0.0
+    audio_s, spent, flops = 0.0, 0.0, 0
     sr = bundle.sample_rate
     for key in sorted(plan.groups):
         members = plan.groups[key]
@@ -44,7 +47,9 @@ def forward_only(bundle, items, batch_size: int) -> tuple[float, float]:
                 bundle.embed(x)
             spent += time.perf_counter() - t
             audio_s += x.shape[0] * x.shape[1] / sr
-    return audio_s, spent
+            with torch.inference_mode():  # counted apart from the timing (the counter slows the pass)
+                flops += count_flops(lambda x=x: bundle.embed(x))
+    return audio_s, spent, flops
 
 
 def peak_rss(ckpt: str, seconds: float) -> float:
@@ -83,18 +88,21 @@ def main() -> None:
     bundle = load_encoder(a.ckpt)
     bundle.needs_stats = False  # the same numbers in both passes
     items = scan_pairs(a.inputs)[: a.max_files]
-    audio_s, fwd = forward_only(bundle, items, a.batch_size)  # also warms the decoder's caches
+    mm_n, mm_dtype = default_matmul("cpu")
+    mm_rate = matmul_rate(mm_n, 5, "cpu", mm_dtype)
+    audio_s, fwd, flops = forward_only(bundle, items, a.batch_size)  # also warms the decoder's caches
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         summary = extract(bundle, items, Path(d) / "feats", True, "safetensors", torch.device("cpu"), a.batch_size,
                           a.ckpt, workers=a.workers)
         e2e = time.perf_counter() - t
     print(f"{len(items)} files, {audio_s:.0f} s of audio, {summary.get('written')} written, "
-          f"{a.threads} thread(s), --workers {a.workers}, batch {a.batch_size}\n")
-    print("| pass | seconds | audio s/s | of forward-only |")
-    print("|---|---|---|---|")
-    print(f"| forward only (decoded beforehand) | {fwd:.2f} | {audio_s / fwd:.0f} | 1.00 |")
-    print(f"| extract end to end | {e2e:.2f} | {audio_s / e2e:.0f} | {fwd / e2e:.2f} |")
+          f"{a.threads} thread(s), --workers {a.workers}, batch {a.batch_size}; {flops / 1e9:.1f} GFLOP of "
+          f"forward passes, attained matmul rate {mm_rate / 1e9:.1f} GFLOP/s\n")
+    print("| pass | seconds | audio s/s | of forward-only | FLOP rate of matmul rate |")
+    print("|---|---|---|---|---|")
+    print(f"| forward only (decoded beforehand) | {fwd:.2f} | {audio_s / fwd:.0f} | 1.00 | {flops / fwd / mm_rate:.2f} |")
+    print(f"| extract end to end | {e2e:.2f} | {audio_s / e2e:.0f} | {fwd / e2e:.2f} | {flops / e2e / mm_rate:.2f} |")
     if a.long:
         print("\n| file | peak RSS (MiB) |\n|---|---|")
         for s in (10.0, 3600.0):
