@@ -15,19 +15,56 @@ RUNS/devbench_results.json. Make the data with ../shared/devbench/make_devbench.
 `--finetune` also fine-tunes each encoder on `sound_events` (`sslaudio probe --finetune`, its
 defaults or the --ft-* values given) and prints a second table: frozen against fine-tuned frame
 micro-F1, segment-based F1 (1 s) and event-based F1 (200 ms collar), for SSL and random init.
+
+Seeds table (`--seeds`, `--all-tiny` or `--results` turn it on): every preset given (`--all-tiny`:
+every preset under presets/tiny/, plus tiny/hubert+iter2) with the same budget, once per seed
+(`--set seed=S`), each probed with its seed next to `random:` of the same preset and seed, and one
+Markdown table of the five tasks (mean ± half the range over the seeds, SSL / random) with the
+devbench hand-crafted baseline as the last row:
+
+    python benchmarks/devbench.py /work/devbench-full --all-tiny --seeds 0 1 --minutes 4 \\
+        --runs runs/devbench-table --results benchmarks/RESULTS.md
+    python benchmarks/devbench.py /work/devbench-small --presets tiny/byol-a tiny/apc --seeds 0 1 --steps 5 \\
+        --runs /tmp/dt --results /tmp/RESULTS_test.md
+
+Everything is cached under RUNS/<pool size>-<budget>[-t<threads>][-set<hash of --set>]/: steps.json
+(the steps a `--minutes` budget gave each preset, measured once, then reused for every seed and
+every later invocation), <preset>_s<seed>/ (the run; an interrupted one resumes from its last
+checkpoint) and <preset>_s<seed>.json (the training summary and every probe result, written as
+each one finishes). Run the same command again to continue an interrupted table: finished runs
+and probes are skipped. `--no-train` only renders (and probes finished runs).
+
+Presets that read other runs are chained from the same seed's runs: tiny/atst-c2f distils that
+seed's tiny/atst-clip and tiny/atst-frame (method.clip_teacher / method.frame_teacher), and
+tiny/hubert+iter2 is tiny/hubert with that seed's tiny/hubert run as its k-means targets
+(`--targets RUN`, HuBERT iteration 2); the runs they need are added to the list. Any other preset
+whose method reads a run (Method.sources, or a `random:` placeholder) is skipped with a note.
+`--results FILE` replaces the section between `<!-- devbench-table:start -->` and
+`<!-- devbench-table:end -->` in FILE (appending it when the markers are absent), atomically; the
+table is also printed and written to the cache folder as table.md. The baseline row comes from
+`--baseline` (default PROBES/baseline_results.json, made by ../shared/devbench/baseline_devbench.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
+import hashlib
 import json
+import os
+import platform
+import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
+from sslaudio.atomic import atomic_write
 from sslaudio.build import load_preset
+from sslaudio.config import list_presets, load_preset_dict
 from sslaudio.evaluation import probe_checkpoint
 from sslaudio.finetune import FinetuneConfig
 from sslaudio.train import fit
@@ -35,11 +72,33 @@ from sslaudio.train import fit
 TASKS = ("words", "instrument_family", "speaker_id", "pitch_class", "sound_events")
 SED_KEYS = ("f1", "segment_f1", "event_f1")
 
+# the seeds table ---------------------------------------------------------------------------------
+MARK_START, MARK_END = "<!-- devbench-table:start -->", "<!-- devbench-table:end -->"
+BASELINE_CMD = "/work/.venv-devbench/bin/python /work/shared/devbench/baseline_devbench.py {}"
+# families of the methods (method.name), for the table's family column
+FAMILIES = {
+    "two-view": ("byol-a", "byol", "simclr", "simsiam", "moco-v2", "moco-v3", "barlow-twins", "vicreg", "dino",
+                 "atst-clip", "atst-frame", "atst-c2f"),
+    "masked prediction": ("m2d", "data2vec", "data2vec2", "hubert", "wav2vec2", "mockingjay", "tera"),
+    "predictive coding": ("apc", "cpc", "npc"),
+    "clustering": ("deepcluster", "swav"),
+}
+# presets that read other runs: name -> (preset file, {override key: preset whose run of the same seed
+# it names}); the runs needed are trained first, with the same budget
+CHAINED = {
+    "tiny/atst-c2f": ("tiny/atst-c2f", {"method.clip_teacher": "tiny/atst-clip",
+                                        "method.frame_teacher": "tiny/atst-frame"}),
+    "tiny/hubert+iter2": ("tiny/hubert", {"method.targets": "tiny/hubert"}),
+}
+# what a table cell shows: the linear probe's test accuracy, sound_events' frame micro-F1 at 100 ms
+MAIN_METRIC = {t: "f1" if t == "sound_events" else "accuracy" for t in TASKS}
+KEEP_METRICS = ("accuracy", "knn_accuracy", "f1", "map", "segment_f1", "event_f1")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("devbench", type=Path)
-    ap.add_argument("--presets", nargs="+", required=True)
+    ap.add_argument("--presets", nargs="+", default=None)
     ap.add_argument("--probe-on", type=Path, default=None,
                     help="another devbench folder for the probes (e.g. pretrain on full, probe small)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
@@ -57,7 +116,32 @@ def main() -> None:
     ap.add_argument("--ft-patience", type=int, default=None)
     ap.add_argument("--ft-batch-size", type=int, default=None)
     ap.add_argument("--rnn-head", action="store_true", help="fine-tune with the BiGRU head")
+    tab = ap.add_argument_group("seeds table (any of these turns it on)")
+    tab.add_argument("--seeds", nargs="+", type=int, default=None,
+                     help="one run per seed and preset (--set seed=S); default 0 1")
+    tab.add_argument("--all-tiny", action="store_true",
+                     help="every preset under presets/tiny/ (plus tiny/hubert+iter2); --presets restricts")
+    tab.add_argument("--results", type=Path, default=None,
+                     help="write the table into this Markdown file (e.g. benchmarks/RESULTS.md), replacing "
+                          "its devbench-table section")
+    tab.add_argument("--baseline", type=Path, default=None,
+                     help="devbench baseline results (default PROBES/baseline_results.json)")
     a = ap.parse_args()
+    if a.seeds is not None or a.all_tiny or a.results is not None:
+        if a.finetune:
+            ap.error("--finetune is not part of the seeds table")
+        if not a.presets and not a.all_tiny:
+            ap.error("the seeds table needs --presets or --all-tiny")
+        torch.set_num_threads(a.threads)
+        try:
+            table_mode(a)
+        except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM (fit saves its last finished step first)
+            print(f"\n{e or 'interrupted'}; finished runs and probes are cached: run the same command to continue",
+                  file=sys.stderr)
+            sys.exit(130)
+        return
+    if not a.presets:
+        ap.error("--presets is required (or --all-tiny for the seeds table)")
     ft_given = {k: getattr(a, f"ft_{k}") for k in ("epochs", "lr", "encoder_lr_ratio", "patience", "batch_size")}
     ft_cfg = FinetuneConfig(rnn_head=a.rnn_head, **{k: v for k, v in ft_given.items() if v is not None}) \
         if a.finetune else None
@@ -67,12 +151,7 @@ def main() -> None:
     for name in a.presets:
         overrides = list(a.overrides)
         if a.minutes:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from throughput import measure
-
-            sps = measure(name, "cpu" if a.device == "auto" and not torch.cuda.is_available() else
-                          ("cuda" if a.device == "auto" else a.device), 10, 3, overrides)["steps_per_s"]
-            overrides.append(f"train.steps={max(10, int(sps * 0.8 * a.minutes * 60))}")
+            overrides.append(f"train.steps={minutes_to_steps(name, a, overrides)[0]}")
         elif a.steps:
             overrides.append(f"train.steps={a.steps}")
         preset = load_preset(name, overrides)
@@ -137,6 +216,314 @@ def print_finetune_table(results: dict) -> None:
         cells = [f"{r[f'sound_events_{kind}_frozen_{k}']:.3f} -> {r[f'sound_events_{kind}_ft_{k}']:.3f}"
                  for k in SED_KEYS]
         print(f"| {name} | {kind} | " + " | ".join(cells) + f" | {r[f'sound_events_{kind}_ft_epochs']} |")
+
+
+def train_device(a) -> str:
+    if a.device != "auto":
+        return a.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def minutes_to_steps(name: str, a, overrides: list[str]) -> tuple[int, float]:
+    """train.steps for a budget of a.minutes: 80% of the step rate of a short timing (the rest is data)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import measure
+
+    sps = measure(name, train_device(a), 10, 3, overrides)["steps_per_s"]
+    return max(10, int(sps * 0.8 * a.minutes * 60)), sps
+
+
+# the seeds table ---------------------------------------------------------------------------------
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"), mode=0o666)
+
+
+def manifest(folder: Path) -> dict:
+    return read_json(folder / "MANIFEST.json", {}) or {}
+
+
+def devbench_size(folder: Path) -> str:
+    m = manifest(folder)
+    return f"{m['size']} ({m.get('gen_version', '?')})" if "size" in m else f"{folder.name} (no MANIFEST.json)"
+
+
+def test_sizes(folder: Path, tasks) -> dict[str, int]:
+    """Test files per task (sound_events: clips, from files.csv)."""
+    out = {}
+    for t in tasks:
+        with open(folder / t / ("files.csv" if t == "sound_events" else "labels.csv"), newline="") as f:
+            out[t] = sum(r.get("split") == "test" for r in csv.DictReader(f))
+    return out
+
+
+def family(name: str) -> str:
+    method = load_preset_dict(CHAINED.get(name, (name,))[0]).get("method", {}).get("name", "")
+    return next((f for f, methods in FAMILIES.items() if method in methods), "other")
+
+
+def needs_runs(name: str) -> str | None:
+    """Why a preset (not chained here) cannot run on its own: the runs its method reads, else None."""
+    from sslaudio.build import load_components
+    from sslaudio.config import component_config
+    from sslaudio.registry import METHODS
+
+    method = load_preset_dict(name).get("method", {})
+    load_components()
+    cls, cfg = component_config(METHODS, method, "method")
+    keys = sorted(set(cls.sources(cfg)) | {k for k, v in method.items()
+                                          if isinstance(v, str) and v.startswith("random:")})
+    return f"reads other runs (method.{', method.'.join(keys)}) and is not chained here" if keys else None
+
+
+def table_presets(a) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(presets in training order, dependencies first; skipped -> reason; added -> why)."""
+    if a.presets:
+        names = list(a.presets)
+    else:
+        names = [n for n in list_presets() if n.startswith("tiny/")]
+        if "tiny/hubert" in names:
+            names.insert(names.index("tiny/hubert") + 1, "tiny/hubert+iter2")
+    order, skipped, added = [], {}, {}
+
+    def add(name: str, needed_by: str | None = None) -> bool:
+        if name in order:
+            return True
+        if name in skipped:
+            return False
+        if name in CHAINED:
+            for dep in CHAINED[name][1].values():
+                if not add(dep, name):
+                    skipped[name] = f"needs {dep}, which is skipped"
+                    return False
+        else:
+            why = needs_runs(name)
+            if why:
+                skipped[name] = why
+                return False
+        if needed_by and name not in names:
+            added[name] = f"added: {needed_by} reads its runs"
+        order.append(name)
+        return True
+
+    for n in names:
+        add(n)
+    return order, skipped, added
+
+
+def budget_tag(a) -> str:
+    size = manifest(a.devbench).get("size", a.devbench.name)
+    if a.minutes:
+        tag = f"{size}-{a.minutes:g}min-t{a.threads}"
+    elif a.steps:
+        tag = f"{size}-{a.steps}steps"
+    else:
+        tag = f"{size}-preset-steps"
+    if a.overrides:
+        tag += "-set" + hashlib.sha1("\n".join(a.overrides).encode()).hexdigest()[:8]
+    return tag
+
+
+def budget_text(a) -> str:
+    if a.minutes:
+        return (f"{a.minutes:g} CPU-minutes per preset and seed (train.steps = 80% of the step rate of a 10-step "
+                f"timing on {a.threads} thread(s), measured once per preset)")
+    if a.steps:
+        return f"{a.steps} steps per preset and seed"
+    return "each preset's own train.steps"
+
+
+def table_mode(a) -> None:
+    seeds = a.seeds if a.seeds is not None else [0, 1]
+    probes = a.probe_on or a.devbench
+    pool = a.devbench / "pretrain_pool" / "audio"
+    cache = a.runs / budget_tag(a)
+    cache.mkdir(parents=True, exist_ok=True)
+    ctx = f"{probes.resolve()}|layer={a.layer}"
+    order, skipped, added = table_presets(a)
+    tasks = [t for t in TASKS if (probes / t / "labels.csv").is_file()]
+    print(f"seeds table: {len(order)} preset(s) x seeds {' '.join(map(str, seeds))}, {budget_text(a)}; "
+          f"cache {cache}", flush=True)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", flush=True)
+    steps_file = cache / "steps.json"
+    failed: dict[str, str] = {}
+
+    def run_dir(name: str, seed: int) -> Path:
+        return cache / f"{name.replace('/', '_')}_s{seed}"
+
+    def done(name: str, seed: int) -> bool:
+        return "train" in (read_json(run_dir(name, seed).with_suffix(".json"), {}) or {})
+
+    for name in order:
+        base, chain = CHAINED.get(name, (name, {}))
+        for seed in seeds:
+            run, rec_path = run_dir(name, seed), run_dir(name, seed).with_suffix(".json")
+            rec = read_json(rec_path, {}) or {}
+            try:
+                missing = [dep for dep in chain.values() if not done(dep, seed)]
+                if missing:
+                    raise RuntimeError(f"seed {seed}: the run of {', '.join(missing)} is not finished")
+                overrides = list(a.overrides) + [f"{k}={json.dumps(str(run_dir(dep, seed).resolve()))}"
+                                                 for k, dep in chain.items()]
+                steps_of = read_json(steps_file, {}) or {}
+                if a.minutes and name not in steps_of and not a.no_train:
+                    t0 = time.time()
+                    steps, sps = minutes_to_steps(base, a, overrides)
+                    steps_of = read_json(steps_file, {}) or {}
+                    steps_of[name] = {"steps": steps, "steps_per_s": round(sps, 3), "threads": a.threads,
+                                      "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                          timespec="seconds"), "timing_s": round(time.time() - t0, 1)}
+                    write_json(steps_file, steps_of)
+                    print(f"{name}: {sps:.2f} steps/s -> {steps} steps", flush=True)
+                steps = steps_of.get(name, {}).get("steps") if a.minutes else a.steps
+                if steps:
+                    overrides.append(f"train.steps={steps}")
+                overrides.append(f"seed={seed}")
+                if "train" not in rec:
+                    if a.no_train:
+                        continue
+                    preset = load_preset(base, overrides)
+                    print(f"{name} seed {seed}: training {preset.train.steps} steps into {run}", flush=True)
+                    t0 = time.time()
+                    fit(preset, [str(pool)], run, resume=True, device=a.device)
+                    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+                    rec = {"preset": name, "base": base, "seed": seed, "overrides": overrides, "probes": {},
+                           "train": {"steps": log[-1]["step"], "train_s": round(time.time() - t0, 1),
+                                     "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]}}
+                    write_json(rec_path, rec)
+                got = rec.setdefault("probes", {}).setdefault(ctx, {})
+                for task in tasks:
+                    for kind, ckpt in (("ssl", str(run)), ("random", f"random:{run / 'config.yaml'}")):
+                        key = f"{task}_{kind}"
+                        if key in got:
+                            continue
+                        t0 = time.time()
+                        r = probe_checkpoint(ckpt, probes / task / "labels.csv", device=a.device, seed=seed,
+                                             layer=a.layer)
+                        got[key] = {k: r[k] for k in KEEP_METRICS if k in r} | {"probe_s": round(time.time() - t0, 1)}
+                        write_json(rec_path, rec)
+                        print(f"{name} seed {seed}: {key} {got[key][MAIN_METRIC[task]]:.3f}", flush=True)
+            # one broken run must not end a long table (Ctrl-C still does: fit's Interrupted is a
+            # KeyboardInterrupt; the same command resumes)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                failed[f"{name} seed {seed}"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                print(f"{name} seed {seed}: failed ({failed[f'{name} seed {seed}']}); run again to retry",
+                      flush=True)
+    text = render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, probes)
+    print("\n" + text)
+    atomic_write(cache / "table.md", lambda tmp: Path(tmp).write_text(text), mode=0o666)
+    if a.results is not None:
+        write_section(a.results, text)
+        print(f"wrote the devbench-table section of {a.results}")
+
+
+def spread(values: list[float]) -> tuple[float, float] | None:
+    return (sum(values) / len(values), (max(values) - min(values)) / 2) if values else None
+
+
+def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, probes) -> str:
+    steps_of = read_json(cache / "steps.json", {}) or {}
+    base_path = a.baseline or probes / "baseline_results.json"
+    baseline = read_json(base_path)
+    cmd = "python " + shlex.join([os.path.relpath(sys.argv[0]) if Path(sys.argv[0]).exists() else sys.argv[0]]
+                                 + sys.argv[1:])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pool_files = manifest(a.devbench).get("tasks", {}).get("pretrain_pool", {}).get("n_files", "?")
+    title = "every tiny preset" if a.all_tiny and not a.presets else "tiny presets"
+    lines = [MARK_START, f"## devbench seeds table: {title}, seeds {', '.join(map(str, seeds))} ({now:%Y-%m-%d})", "",
+             "```sh", cmd, "```", ""]
+    lines.append(f"- date: {now:%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} CPU cores ({platform.machine()}), "
+                 f"torch {torch.__version__} with {a.threads} thread(s), device {train_device(a)}")
+    lines.append(f"- budget: {budget_text(a)}" + (f"; --set {' --set '.join(a.overrides)}" if a.overrides else ""))
+    lines.append(f"- pretraining: {a.devbench}/pretrain_pool, devbench {devbench_size(a.devbench)}, {pool_files} "
+                 f"clips; probes: {probes}, devbench {devbench_size(probes)}, test sets of "
+                 + ", ".join(f"{n} {'clips' if t == 'sound_events' else 'files'} ({t})"
+                             for t, n in test_sizes(probes, tasks).items())
+                 + (f"; encoder block {a.layer}" if a.layer else ""))
+    lines.append("- cells: linear-probe test accuracy (sound_events: frame micro-F1 at 100 ms), SSL / random init "
+                 "of the same preset and seed, mean ± half the range over the seeds; **bold**: SSL above random by "
+                 "more than the two half-ranges together; ↑: SSL mean above the hand-crafted baseline. \"beats "
+                 "random\": the tasks in bold (below on: random above SSL by more than the two half-ranges).")
+    lines.append("")
+    head = ["preset", "family", "steps"] + list(tasks) + ["beats random", "above baseline"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_val = {}
+    for t in tasks:
+        r = (baseline or {}).get(t, {})
+        v = r.get("test_micro_f1" if t == "sound_events" else "test_acc")
+        if v is not None:
+            base_val[t] = v
+    for name in order:
+        recs = [read_json(cache / f"{name.replace('/', '_')}_s{s}.json", {}) or {} for s in seeds]
+        steps = sorted({r["train"]["steps"] for r in recs if "train" in r})
+        planned = steps_of.get(name, {}).get("steps")
+        cells, wins, losses, above, n = [], 0, [], [], 0
+        for t in tasks:
+            vals = {k: [r["probes"][ctx][f"{t}_{k}"][MAIN_METRIC[t]] for r in recs
+                        if f"{t}_{k}" in r.get("probes", {}).get(ctx, {})] for k in ("ssl", "random")}
+            ssl, rnd = spread(vals["ssl"]), spread(vals["random"])
+            if ssl is None or rnd is None:
+                cells.append("–")
+                continue
+            n += 1
+            s = f"{ssl[0]:.3f} ± {ssl[1]:.3f}"
+            margin = ssl[1] + rnd[1]
+            if ssl[0] - rnd[0] > margin:
+                s, wins = f"**{s}**", wins + 1
+            elif rnd[0] - ssl[0] > margin:
+                losses.append(t)
+            if t in base_val and ssl[0] > base_val[t]:
+                s += " ↑"
+                above.append(t)
+            cells.append(f"{s} / {rnd[0]:.3f} ± {rnd[1]:.3f}")
+        done_seeds = sum("train" in r for r in recs)
+        label = name + ("" if done_seeds == len(seeds) else f" ({done_seeds}/{len(seeds)} seeds)")
+        if name in added:
+            label += f" ({added[name]})"
+        steps_cell = ", ".join(map(str, steps)) or (f"{planned} (planned)" if planned else "–")
+        verdict = f"{wins}/{n}" + (f" (below on {', '.join(losses)})" if losses else "") if n else "–"
+        lines.append(f"| {label} | {family(name)} | {steps_cell} | " + " | ".join(cells)
+                     + f" | {verdict} | {f'{len(above)}/{len(base_val)}' if base_val else '–'} |")
+    if baseline is not None:
+        lines.append("| hand-crafted baseline (log-mel + MFCC statistics, logistic regression) | – | – | "
+                     + " | ".join(f"{base_val[t]:.3f}" if t in base_val else "–" for t in tasks) + " | – | – |")
+    lines.append("")
+    if baseline is None:
+        lines.append(f"No baseline row: {base_path} is missing; make it with "
+                     f"`{BASELINE_CMD.format(probes)}`.")
+        print(f"note: {base_path} is missing; make it with {BASELINE_CMD.format(probes)}", file=sys.stderr)
+    else:
+        lines.append(f"Baseline: ../shared/devbench/baseline_devbench.py on the same probe sets ({base_path}).")
+    for name, why in skipped.items():
+        lines.append(f"Skipped {name}: {why}.")
+    chained = [n for n in order if n in CHAINED]
+    for name in chained:
+        deps = ", ".join(f"{k}={dep}" for k, dep in CHAINED[name][1].items())
+        lines.append(f"{name}: {CHAINED[name][0]} with {deps} (the run of the same seed).")
+    for what, why in failed.items():
+        lines.append(f"Failed (run the command again to retry): {what}: {why}.")
+    lines.append(MARK_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the devbench-table section of `path` (append it when the markers are absent), atomically."""
+    old = path.read_text() if path.is_file() else ""
+    i, j = old.find(MARK_START), old.find(MARK_END)
+    if i >= 0 and j > i:
+        new = old[:i] + section.rstrip("\n") + old[j + len(MARK_END):]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n") else "") + ("\n" if old else "") + section
+    atomic_write(path, lambda tmp: Path(tmp).write_text(new), mode=0o666)
 
 
 if __name__ == "__main__":
