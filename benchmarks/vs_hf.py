@@ -5,6 +5,7 @@
     python benchmarks/vs_hf.py --method data2vec --steps 10
     python benchmarks/vs_hf.py --device cuda --batch 32 --seconds 15   # bf16 autocast on both sides
     python benchmarks/vs_hf.py --batch 2 --seconds 1 --steps 2 --warmup 1  # smoke test
+    python benchmarks/vs_hf.py --compile          # also sslaudio with train.compile: true (torch.compile)
 
 Needs transformers (`pip install 'sslaudio[bench]'`). The configuration (the issue's): raw
 waveform, wav2vec 2.0 conv feature extractor 7 x 512 (kernels 10,3,3,3,3,2,2, strides
@@ -151,9 +152,9 @@ class Impl:
 
 
 class SslaudioImpl(Impl):
-    def __init__(self, method: str, audio: torch.Tensor, device: str, amp) -> None:
+    def __init__(self, method: str, audio: torch.Tensor, device: str, amp, compile: bool = False) -> None:
         super().__init__()
-        self.name = "sslaudio"
+        self.name = "sslaudio" + (" (train.compile)" if compile else "")
         self.overrides = sslaudio_overrides(method, audio.shape[0], audio.shape[-1] / SR)
         preset = load_preset(method, self.overrides)
         torch.manual_seed(0)
@@ -161,12 +162,17 @@ class SslaudioImpl(Impl):
         self.opt = adamw(self.method.param_groups(WD), device)
         self.batch, self.device, self.amp = {"audio": audio[:, None]}, device, amp
         self.params = n_params(self.method)
+        # as the trainer with train.compile: true; FLOPs are counted on the eager method (the
+        # counter does not see inside compiled kernels)
+        self.compiled = torch.compile(self.method) if compile else None
+        self.counting = False
 
     def loss(self, i: int) -> torch.Tensor:
         torch.manual_seed(1000 + i)
         gen = torch.Generator(self.device).manual_seed(2000 + i)
+        step = self.method if self.compiled is None or self.counting else self.compiled
         with self.amp():
-            out = self.method(self.batch, i, gen, MAX_STEPS)
+            out = step(self.batch, i, gen, MAX_STEPS)
         for k in ("contrastive", "diversity", "feature_pen", "masked_pct"):
             if k in out:
                 self.last[k] = float(out[k])
@@ -286,7 +292,11 @@ class HFWav2Vec2(Impl):
 
 
 def count_impl_flops(impl: Impl, i: int) -> int:
-    return count_flops(lambda: impl.fwd_bwd(i))
+    impl.counting = True
+    try:
+        return count_flops(lambda: impl.fwd_bwd(i))
+    finally:
+        impl.counting = False
 
 
 def run_pair(impls: list[Impl], steps: int, warmup: int, device: str) -> dict[str, dict]:
@@ -320,6 +330,8 @@ def main() -> None:
     ap.add_argument("--hf-teacher", choices=["full", "transformer"], default="full",
                     help="data2vec on the HF side: the teacher is a copy of the whole model (default) "
                          "or of its transformer only, on the student's conv features (as sslaudio)")
+    ap.add_argument("--compile", action="store_true", help="also time sslaudio with train.compile: true "
+                    "(torch.compile of the method step), alternating with the other two")
     ap.add_argument("--matmul-n", type=int, default=0, help="matmul size for the attained rate "
                     "(0: 2048 on the CPU, 8192 on CUDA)")
     a = ap.parse_args()
@@ -358,7 +370,8 @@ def main() -> None:
         ours = SslaudioImpl(method, audio, dev, amp)
         theirs = (HFData2Vec(tf, audio, dev, amp, a.hf_teacher) if method == "data2vec"
                   else HFWav2Vec2(tf, audio, dev, amp))
-        res = run_pair([ours, theirs], a.steps, a.warmup, dev)
+        compiled = [SslaudioImpl(method, audio, dev, amp, compile=True)] if a.compile else []
+        res = run_pair([ours, theirs, *compiled], a.steps, a.warmup, dev)
         print(f"## {method}\n")
         print(f"sslaudio: preset {method} with --set " + " ".join(ours.overrides) + "\n")
         print("| implementation | params (M) | wall s/step | process s/step | GFLOP/step (fwd+bwd) "
@@ -370,12 +383,14 @@ def main() -> None:
             print(f"| {name} | {r['params'] / 1e6:.2f} | {r['wall']:.3f} | {r['cpu']:.3f} | "
                   f"{r['flops'] / 1e9:.1f} | {rate / 1e9:.1f} | {rate / mm_rate:.3f} |"
                   + (f" {rate / peak:.4f} |" if peak else "") + f" {r['last']['loss']:.4g} | {terms} |")
-        s, h = res[ours.name], res[theirs.name]
-        summary.append((method, s["wall"] / h["wall"], s["cpu"] / h["cpu"], s["flops"] / h["flops"]))
+        h = res[theirs.name]
+        for impl in (ours, *compiled):
+            s = res[impl.name]
+            summary.append((f"{method}, {impl.name}", s["wall"] / h["wall"], s["cpu"] / h["cpu"], s["flops"] / h["flops"]))
         print()
-        del ours, theirs
+        del ours, theirs, compiled
     print("## ratio sslaudio / transformers\n")
-    print("| method | wall | process time | FLOPs |")
+    print("| method, implementation | wall | process time | FLOPs |")
     print("|---|---|---|---|")
     for method, w, c, f in summary:
         print(f"| {method} | {w:.3f} | {c:.3f} | {f:.3f} |")
