@@ -185,8 +185,7 @@ def probe(path: str | Path, min_seconds: float = 0.0, check_finite: bool = True)
         if frames <= 0:
             raise AudioError("empty (no samples)")
         raise AudioError("unknown length")
-    if frames / info.samplerate < min_seconds:
-        raise AudioError(f"too short ({frames / info.samplerate:.3f} s < {min_seconds} s)")
+    check_duration(frames, int(info.samplerate), min_seconds)
     with _captured_stderr(path) as captured:
         try:
             if check_finite and info.subtype in _FLOAT_SUBTYPES:  # decodes the whole file
@@ -204,6 +203,13 @@ def probe(path: str | Path, min_seconds: float = 0.0, check_finite: bool = True)
         reason = _reason(path, error, captured)
         raise AudioError(reason.replace("unreadable (", "truncated or corrupt near its end (", 1)) from None
     return AudioInfo(str(path), frames, int(info.samplerate), int(info.channels))
+
+
+def check_duration(frames: int, sample_rate: int, min_seconds: float) -> None:
+    """AudioError when `frames` at `sample_rate` last less than `min_seconds` (probe, and the
+    cache index's stand-in for it)."""
+    if frames / sample_rate < min_seconds:
+        raise AudioError(f"too short ({frames / sample_rate:.3f} s < {min_seconds} s)")
 
 
 def _short(e: Exception) -> str:

@@ -24,6 +24,7 @@ from sslaudio.audio import (
     AUDIO_EXTENSIONS,
     AudioError,
     AudioInfo,
+    check_duration,
     load,
     one_thread,
     path_problem,
@@ -221,8 +222,7 @@ def _known(path: str, entry: dict | None, min_seconds: float) -> AudioInfo | Non
         frames, sr, channels = int(entry["source_frames"]), int(entry["source_rate"]), int(entry["channels"])
     except (KeyError, TypeError, ValueError):
         return None
-    if frames / sr < min_seconds:  # probe's words
-        raise AudioError(f"too short ({frames / sr:.3f} s < {min_seconds} s)")
+    check_duration(frames, sr, min_seconds)
     return AudioInfo(str(path), frames, sr, channels)
 
 
