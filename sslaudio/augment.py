@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, build_component
+from sslaudio.hostint import host_int, set_host_int
 from sslaudio.registry import AUGMENTS
 
 
@@ -82,8 +83,9 @@ class Mixup(nn.Module):
     def forward(self, x: Tensor, g: torch.Generator) -> Tensor:
         B = x.shape[0]
         alpha = _uniform(B, 0.0, self.cfg.ratio, g).view(B, 1, 1)
-        idx = torch.randint(0, max(int(self.filled), 1), (B,), generator=g, device=g.device)
-        if int(self.filled) > 0:
+        filled = host_int(self, "filled")
+        idx = torch.randint(0, max(filled, 1), (B,), generator=g, device=g.device)
+        if filled > 0:
             z = self.bank[idx.to(self.bank.device)].to(x.dtype)
             if self.cfg.log_mixup_exp:
                 mixed = torch.log((1 - alpha) * x.exp() + alpha * z.exp() + torch.finfo(x.dtype).eps)
@@ -98,10 +100,11 @@ class Mixup(nn.Module):
     def _push(self, x: Tensor) -> None:
         M = self.bank.shape[0]
         x = x[-M:]
-        pos = (int(self.ptr) + torch.arange(x.shape[0], device=self.bank.device)) % M
+        ptr = host_int(self, "ptr")
+        pos = (ptr + torch.arange(x.shape[0], device=self.bank.device)) % M
         self.bank[pos] = x.to(self.bank.dtype)
-        self.ptr.fill_((int(self.ptr) + x.shape[0]) % M)
-        self.filled.fill_(min(M, int(self.filled) + x.shape[0]))
+        set_host_int(self, "ptr", (ptr + x.shape[0]) % M)
+        set_host_int(self, "filled", min(M, host_int(self, "filled") + x.shape[0]))
 
 
 @AUGMENTS.register("rrc")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sslaudio.config import ConfigError
+from sslaudio.hostint import host_int, set_host_int
 from sslaudio.methods import losses
 from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
@@ -170,10 +171,10 @@ class MoCoV2(ViewMethod):
         K = self.queue.shape[0]
         keys = keys[-K:]  # more keys than slots: only the newest K survive
         n = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        ptr = host_int(self, "queue_ptr")
         idx = (ptr + torch.arange(n, device=self.queue.device)) % K
         self.queue[idx] = F.normalize(keys.float(), dim=1).to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % K)
+        set_host_int(self, "queue_ptr", (ptr + n) % K)
 
     def after_step(self, step: int, max_steps: int) -> None:
         tau = momentum(self.cfg.ema, step, max_steps)

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from sslaudio.augment import MultiCrop
 from sslaudio.config import ConfigError
+from sslaudio.hostint import host_int, set_host_int
 from sslaudio.methods import losses
 from sslaudio.methods.base import ViewMethod, embedding_std, multicrop_embed
 from sslaudio.methods.heads import mlp
@@ -105,7 +106,7 @@ class SwAV(ViewMethod):
 
     def queue_ready(self, step: int) -> bool:
         L = self.cfg.queue_length
-        return L > 0 and step >= self.cfg.queue_start_step and int(self.queue_count) >= L
+        return L > 0 and step >= self.cfg.queue_start_step and host_int(self, "queue_count") >= L
 
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         self.normalize_prototypes()
@@ -134,7 +135,7 @@ class SwAV(ViewMethod):
         queue[i, bs:] = queue[i, :-bs]; queue[i, :bs] = embedding)."""
         L = self.queue.shape[1]
         self.queue.copy_(torch.cat([rows.to(self.queue.dtype), self.queue], dim=1)[:, :L])
-        self.queue_count.fill_(min(L, int(self.queue_count) + rows.shape[1]))
+        set_host_int(self, "queue_count", min(L, host_int(self, "queue_count") + rows.shape[1]))
 
     def after_step(self, step: int, max_steps: int) -> None:
         if self._new_rows is not None:

@@ -49,8 +49,10 @@ def _check_2d_pair(name: str, a: Tensor, b: Tensor, min_rows: int = 1) -> None:
 
 
 def _off_diagonal(m: Tensor) -> Tensor:
-    """The off-diagonal entries of a square (D, D) matrix, flattened to (D * (D - 1),)."""
-    return m[~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)]
+    """The off-diagonal entries of a square (D, D) matrix, flattened to (D * (D - 1),), row by row
+    (the official Barlow Twins view trick: no boolean indexing, so no host sync on a GPU)."""
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
 def _gather(name: str, z: Tensor, gather_fn: GatherFn | None) -> tuple[Tensor, int]:

@@ -51,7 +51,7 @@ def dino_loss(student: Tensor, teacher: Tensor, center: Tensor, teacher_temp: fl
     pt = F.softmax((teacher.detach().float() - center.detach().float().reshape(K)) / teacher_temp, dim=-1)
     cross = -(pt.reshape(G, N * K) @ log_ps.reshape(V, N * K).T) / N  # (G, V) mean CE of each pair
     pairs = torch.arange(G, device=student.device)[:, None] != torch.arange(V, device=student.device)[None]
-    loss = cross[pairs].mean()
+    loss = (cross * pairs).sum() / (G * V - G)  # the G x V pairs but a crop with itself (static count)
     terms = {"teacher_entropy": _dist_entropy(pt).mean().detach(),
              "teacher_mean_entropy": _dist_entropy(pt.reshape(G * N, K).mean(dim=0)).detach()}
     return LossOut(loss, terms)
@@ -114,7 +114,6 @@ def swav_loss(scores: Tensor, crops_for_assign: Sequence[int] = (0, 1), temperat
         raise ValueError(f"swav_loss: expected queue_scores ({len(assign)}, L, {K}), "
                          f"found {tuple(queue_scores.shape)}")
     log_p = F.log_softmax(scores.float() / temperature, dim=-1)  # (V, N, K)
-    others = torch.ones(V, dtype=torch.bool, device=scores.device)
     loss, h, h_mean = 0.0, 0.0, 0.0
     for a, i in enumerate(assign):
         s = scores[i]
@@ -122,9 +121,7 @@ def swav_loss(scores: Tensor, crops_for_assign: Sequence[int] = (0, 1), temperat
             s = torch.cat([queue_scores[a], s])
         q = sinkhorn(s, epsilon, iterations, gather_fn)[-N:]  # (N, K), this batch's rows
         cross = -(log_p * q).sum(dim=-1).mean(dim=-1)  # (V,) batch-mean CE of every crop against q
-        mask = others.clone()
-        mask[i] = False
-        loss = loss + cross[mask].mean()
+        loss = loss + (cross.sum() - cross[i]) / (V - 1)  # every other crop; no boolean indexing
         h = h + _dist_entropy(q).mean()
         h_mean = h_mean + _dist_entropy(q.mean(dim=0))
     A = len(assign)

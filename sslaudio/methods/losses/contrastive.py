@@ -56,7 +56,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1,
     loss = F.cross_entropy(logits, pos_idx)
     is_neg = ~is_self
     is_neg[rows, pos_idx] = False
-    terms = {"pos_sim": sim[rows, pos_idx].mean().detach(), "neg_sim": sim[is_neg].mean().detach()}
+    # every row has 2M - 2 negatives: a masked sum over a static count, no boolean indexing (host sync)
+    neg_sim = sim.detach().masked_fill(~is_neg, 0.0).sum() / max(2 * n * (2 * m - 2), 1)
+    terms = {"pos_sim": sim[rows, pos_idx].mean().detach(), "neg_sim": neg_sim}
     return LossOut(loss, terms)
 
 
@@ -111,11 +113,11 @@ def moco_v3_loss(q: Tensor, k: Tensor, temperature: float = 0.2,
     sim = q @ all_k.T  # (N, M)
     labels = torch.arange(n, device=q.device) + offset
     loss = F.cross_entropy(sim / temperature, labels) * (2.0 * temperature)
-    is_pos = torch.zeros_like(sim, dtype=torch.bool)
-    is_pos[torch.arange(n, device=q.device), labels] = True
-    neg = sim[~is_pos]
-    neg_sim = neg.mean() if neg.numel() else torch.full((), float("nan"), device=q.device)
-    return LossOut(loss, {"pos_sim": sim[is_pos].mean().detach(), "neg_sim": neg_sim.detach()})
+    pos = sim.detach().gather(1, labels[:, None])  # (N, 1); every row has M - 1 negatives
+    m = sim.shape[1]
+    neg_sim = (sim.detach().sum() - pos.sum()) / (n * (m - 1)) if m > 1 else \
+        torch.full((), float("nan"), device=q.device)
+    return LossOut(loss, {"pos_sim": pos.mean(), "neg_sim": neg_sim})
 
 
 @_fp32
