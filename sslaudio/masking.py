@@ -44,17 +44,22 @@ class Mask:
     restore_idx: Tensor | None = None  # (B, N) long, keep mode only
 
     @staticmethod
-    def from_masked(masked: Tensor, mode: Literal["keep", "replace"]) -> "Mask":
-        """Build a Mask from a boolean matrix; keep mode requires equal visible counts per row."""
+    def from_masked(masked: Tensor, mode: Literal["keep", "replace"], n_hidden: int | None = None) -> "Mask":
+        """Build a Mask from a boolean matrix; keep mode requires equal visible counts per row.
+        `n_hidden`: the hidden count of every row when the masker knows it on the host; then keep
+        mode needs no check or count read from the device (no host sync on a GPU)."""
         if mode == "replace":
             return Mask(masked=masked, mode=mode)
-        n_keep = (~masked).sum(1)
-        if masked.shape[0] and not bool((n_keep == n_keep[0]).all()):
-            raise ValueError("keep-mode masks need the same number of visible tokens in every row")
+        if n_hidden is not None:
+            k = masked.shape[1] - n_hidden
+        else:
+            n_keep = (~masked).sum(1)
+            if masked.shape[0] and not bool((n_keep == n_keep[0]).all()):
+                raise ValueError("keep-mode masks need the same number of visible tokens in every row")
+            k = int(n_keep[0]) if masked.shape[0] else 0
         # stable sort puts visible tokens (0) first in their original order, then hidden ones
         order = torch.sort(masked.to(torch.int8), dim=1, stable=True).indices
         restore = torch.argsort(order, dim=1)
-        k = int(n_keep[0]) if masked.shape[0] else 0
         return Mask(masked=masked, mode=mode, keep_idx=order[:, :k], restore_idx=restore)
 
 
@@ -116,8 +121,9 @@ def _equalise(masked: Tensor, valid: Tensor, generator: torch.Generator, grow: b
     """Make every row hide the same number of tokens: randomly reveal hidden tokens down to the
     batch minimum, or (grow) hide extra random valid tokens up to the batch maximum."""
     counts = masked.sum(1)
-    if masked.shape[0] == 0 or bool((counts == counts[0]).all()):
+    if masked.shape[0] == 0:
         return masked
+    # no shortcut for rows that already agree: testing that would read the counts on the host
     key = _rand(tuple(masked.shape), generator)
     if grow:  # hidden first, then random valid tokens, padding last
         key = torch.where(masked, key - 2.0, torch.where(valid, key, key + 2.0))
@@ -153,7 +159,7 @@ class NoMasker(Masker):
 
     def __call__(self, grid, batch, padding, generator) -> Mask:
         n, device, _ = _prepare(grid, batch, padding, generator)
-        return Mask.from_masked(torch.zeros(batch, n, dtype=torch.bool, device=device), self.cfg.mode)
+        return Mask.from_masked(torch.zeros(batch, n, dtype=torch.bool, device=device), self.cfg.mode, 0)
 
 
 @MASKERS.register("random")
@@ -177,7 +183,7 @@ class RandomMasker(Masker):
         n_hide = int(math.floor(n * self.cfg.ratio + 0.5))
         key = _rand((batch, n), generator) - pad.float()  # padding sorts first -> hidden first
         masked = _first_k(key, n_hide)
-        return Mask.from_masked(masked, self.cfg.mode)
+        return Mask.from_masked(masked, self.cfg.mode, n_hide)
 
 
 @MASKERS.register("span")
@@ -219,7 +225,10 @@ class SpanMasker(Masker):
         # fairseq: starts in [0, sz - length); if that leaves too few choices, widen to n_spans + 1
         n_choices = valid_len - cfg.length
         n_choices = torch.where(n_choices <= n_spans, n_spans + 1, n_choices)
-        width = max(n, int(n_choices.max()) if batch else 0)
+        # candidate starts per row: n_choices <= max(valid_len - length, n_spans + 1), and n_spans
+        # <= max(min_spans, floor(p * n / length) + 1) since U < 1: a bound known on the host
+        most_spans = max(cfg.min_spans, math.floor(cfg.p * n / cfg.length) + 1)
+        width = max(n, most_spans + 1)
         starts = _draw_starts(n_spans, n_choices, width, generator)
         pos = torch.arange(width, device=device)[None, :]
         masked = (_spans(starts, cfg.length) & (pos < valid_len[:, None]))[:, :n]
@@ -325,7 +334,8 @@ class InverseBlockMasker(Masker):
         valid_t = (~pad.view(batch, nf, nt).all(1)).sum(1)  # (B,)
         n_valid = valid.sum(1)
         n_centres = (n_valid.double() * (1.0 - cfg.ratio + cfg.adjust) / (bf * bt)).floor().long()
-        cmax = int(n_centres.max()) if batch else 0
+        # the most centres any row can have (all tokens valid): known on the host, no sync
+        cmax = math.floor(n * (1.0 - cfg.ratio + cfg.adjust) / (bf * bt)) if batch else 0
         # centres drawn with replacement inside each row's valid (F, valid_T) region
         cf = (_rand((batch, cmax), generator) * nf).floor().long()
         ct = (_rand((batch, cmax), generator) * valid_t[:, None].double()).floor().long()
@@ -340,4 +350,4 @@ class InverseBlockMasker(Masker):
         target = int(n * (1.0 - cfg.ratio) + 1e-9)
         key = _rand((batch, n), generator) + (~visible).float() + 2.0 * pad.float()
         visible = _first_k(key, target)
-        return Mask.from_masked(~visible, cfg.mode)
+        return Mask.from_masked(~visible, cfg.mode, n - target)

@@ -166,23 +166,27 @@ class ConvTransformer(Encoder):
                              f"receptive field), found lengths {lengths.tolist()}")
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
-        if lengths is None:  # every item spans the whole input
-            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
-        self._check(x, lengths)
+        unpadded = lengths is None  # every item spans the whole input: nothing to read on the device
+        if unpadded:
+            self._check(x, torch.full((x.shape[0],), x.shape[1], dtype=torch.long))  # host-side
+        else:
+            self._check(x, lengths)
         B = x.shape[0]
         m = self.cfg.feature_grad_mult
         # official padding: the extractor's GroupNorm sees the padded input as one full-length item
-        norm_lengths = torch.full_like(lengths, x.shape[1]) if self.cfg.official_padding else lengths
+        norm_lengths = None if unpadded or self.cfg.official_padding else lengths
         if m == 0.0:
             with torch.no_grad():
                 feats, frame_lengths = self.extractor(x, norm_lengths)
         else:
             feats, frame_lengths = self.extractor(x, norm_lengths)
             feats = scale_grad(feats, m)
-        if self.cfg.official_padding:
-            frame_lengths = self.extractor.output_lengths(lengths)
         feats = feats.transpose(1, 2)  # (B, T, C)
         T = feats.shape[1]
+        if unpadded:
+            frame_lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+        elif self.cfg.official_padding:
+            frame_lengths = self.extractor.output_lengths(lengths)
         frame_padding = lengths_to_padding(frame_lengths, T)
         valid = (~frame_padding).unsqueeze(-1).to(feats.dtype)
         features_pen = (feats.float().pow(2) * valid).sum() / (valid.sum() * feats.shape[-1]).clamp_min(1)
@@ -208,21 +212,22 @@ class ConvTransformer(Encoder):
             else:
                 keep_idx = mask.keep_idx.to(h.device)
                 pos_in = zero_padded(h, hidden)  # data2vec 2.0: positions see zeros at hidden frames
-        h, padding, layers, ffns = self.context(h, padding, pos_in, keep_idx, return_layers=return_layers)
+        h, padding, layers, ffns = self.context(h, padding, pos_in, keep_idx, return_layers=return_layers,
+                                                unpadded=unpadded)
         return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None,
                           ffn=ffns if return_layers else None, grid=(T,), lengths=frame_lengths,
                           frame_padding=frame_padding, keep=keep_idx is not None, clone=clone,
                           local=projected, features=features, features_pen=features_pen)
 
     def context(self, h: Tensor, padding: Tensor, pos_in: Tensor | None = None, keep_idx: Tensor | None = None,
-                parts: tuple[nn.Module, nn.Module, nn.Module] | None = None, return_layers: bool = False
-                ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+                parts: tuple[nn.Module, nn.Module, nn.Module] | None = None, return_layers: bool = False,
+                unpadded: bool = False) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
         """The context network on projected features h (B, T, D) with padding (B, T): conv
         positions over the whole sequence (computed from `pos_in`, default h), then only the
         `keep_idx` tokens when given, LayerNorm (post-LN), dropout, the blocks with ALiBi, final
         LayerNorm (pre-LN) -> (tokens, padding, per-block outputs, per-block FFN outputs).
         `parts` = (pos_conv, norm, blocks) runs other copies of them without dropout (the data2vec
-        EMA teacher)."""
+        EMA teacher). `unpadded`: the caller knows `padding` is all False (no host read of it)."""
         pos_conv, norm, blocks = (self.pos_conv, self.norm, self.blocks) if parts is None else parts
         pos_in = h if pos_in is None else pos_in
         if self.cfg.official_padding:  # zeroed once, then the positional conv layers see no padding
@@ -236,7 +241,7 @@ class ConvTransformer(Encoder):
             h = norm(h)
         if parts is None:
             h = self.dropout(h)
-        attn_padding = padding if bool(padding.any()) else None
+        attn_padding = None if unpadded or not bool(padding.any()) else padding
         bias = None
         if self.cfg.alibi:  # positions of the kept frames in keep mode, 0..T-1 otherwise
             pos = keep_idx if keep_idx is not None else \

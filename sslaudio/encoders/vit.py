@@ -237,7 +237,7 @@ class ViT(Encoder):
                 hidden = mask.masked.to(tokens.device).unsqueeze(-1)
                 tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
 
-        chunks, tg = 1, grid[1]
+        chunks, tg, cols = 1, grid[1], grid[1]
         chunk_padding = padding
         if self.pos_embed is not None:  # learned positions, cut to the input (chunks beyond pos_len)
             tokens, chunk_padding, chunks, cols, tg = self._chunk(tokens, padding)
@@ -266,8 +266,9 @@ class ViT(Encoder):
 
         # a traced graph with chunks keeps the mask: its last chunk is padded at other lengths
         traced_chunks = self.pos_embed is not None and torch.jit.is_tracing()
-        y, layers, ffns = self.blocks(tokens, attn_padding if traced_chunks or attn_padding.any() else None,
-                                      return_layers=return_layers)
+        # no lengths: no padding unless chunking padded the last chunk (known on the host, no sync)
+        padded = traced_chunks or (chunks * cols > grid[1] if lengths is None else bool(attn_padding.any()))
+        y, layers, ffns = self.blocks(tokens, attn_padding if padded else None, return_layers=return_layers)
         y = self.norm(y)
         cls = y[:, 0] if self.cls is not None else None
         if chunks > 1 or traced_chunks:

@@ -341,7 +341,7 @@ class ATSTC2F(Method):
         if self.augment is not None:
             with torch.no_grad():
                 x = self.augment(x, generator)
-        lengths = torch.full((x.shape[0],), x.shape[-1], dtype=torch.long, device=x.device)
+        lengths = None  # whole crops: no padding
         with torch.no_grad():
             clip_enc = self.clip_teacher["encoder"]
             target = clip_enc.pool(clip_enc(x, lengths))  # (B, C): the teacher's clip embedding
@@ -349,8 +349,8 @@ class ATSTC2F(Method):
         out = self.encoder(x, lengths)
         scene = self.encoder.pool(out)  # (B, D): mean of the student's frames
         clip_loss = losses.byol_loss(self.head(scene), target)
-        valid = ~out.padding
-        frame_loss = losses.byol_loss(out.tokens[valid], frame_target[valid]) if frame_target is not None \
+        flat = out.tokens.reshape(-1, out.tokens.shape[-1])  # every frame is valid (no lengths)
+        frame_loss = losses.byol_loss(flat, frame_target.reshape(flat.shape)) if frame_target is not None \
             else torch.zeros((), device=x.device)
         loss = clip_loss + self.cfg.frame_weight * frame_loss
         return {"loss": loss, "clip_loss": clip_loss.detach(), "frame_loss": frame_loss.detach(),

@@ -167,7 +167,15 @@ def multicrop_embed(encoder: nn.Module, views: list[Tensor]) -> Tensor:
     return torch.cat(out)
 
 
-def embedding_std(z: Tensor) -> Tensor:
-    """Mean per-dimension std of L2-normalised embeddings: ~1/sqrt(D) when healthy, 0 if collapsed."""
+def embedding_std(z: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean per-dimension std of L2-normalised embeddings (N, D): ~1/sqrt(D) when healthy, 0 if
+    collapsed. `valid` (N,) bool: only those rows, by weights rather than boolean indexing (whose
+    data-dependent size is a host sync on a GPU)."""
     z = nn.functional.normalize(z.detach().float(), dim=-1)
-    return z.std(dim=0).mean()
+    if valid is None:
+        return z.std(dim=0).mean()
+    w = valid.to(z.dtype).unsqueeze(-1)
+    n = w.sum()
+    mean = (z * w).sum(0) / n.clamp_min(1)
+    var = ((z - mean).pow(2) * w).sum(0) / (n - 1)  # unbiased, as Tensor.std (nan for one row)
+    return var.sqrt().mean()

@@ -51,6 +51,7 @@ pred_var are the collapse signals to watch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -69,18 +70,25 @@ from sslaudio.registry import METHODS
 _FINAL_NORMS = (None, "layer_norm", "instance_norm")
 
 
-def token_std(y: Tensor) -> Tensor:
-    """fairseq `compute_var`: per-dimension std over all rows of (..., D), averaged over D."""
+def token_std(y: Tensor, select: Tensor | None = None) -> Tensor:
+    """fairseq `compute_var`: per-dimension std over all rows of (..., D), averaged over D;
+    `select` (...) bool: over those rows only (weights, not indexing: no host sync)."""
     y = y.detach().float().reshape(-1, y.shape[-1])
-    if y.shape[0] < 2:
-        return torch.zeros((), device=y.device)
-    return torch.sqrt(y.var(dim=0) + 1e-6).mean()
+    if select is None:
+        if y.shape[0] < 2:
+            return torch.zeros((), device=y.device)
+        return torch.sqrt(y.var(dim=0) + 1e-6).mean()
+    w = select.reshape(-1, 1).to(y.dtype)
+    n = w.sum()
+    mean = (y * w).sum(0) / n.clamp_min(1)
+    var = ((y - mean).pow(2) * w).sum(0) / (n - 1).clamp_min(1)
+    return torch.where(n < 2, 0.0, torch.sqrt(var + 1e-6).mean())
 
 
 def frame_std(tokens: Tensor, padding: Tensor | None = None) -> Tensor:
     """`embedding_std` over the student's individual frames (B, N, D) rather than clips."""
-    rows = tokens.reshape(-1, tokens.shape[-1]) if padding is None else tokens[~padding]
-    return embedding_std(rows)
+    rows = tokens.reshape(-1, tokens.shape[-1])
+    return embedding_std(rows, None if padding is None else ~padding.reshape(-1))
 
 
 def _check_common(cfg, path: str) -> None:
@@ -144,7 +152,8 @@ class _TeacherStudent(Method):
             return self.teacher(x, lengths, return_layers=True).ffn
         pos_conv = self.teacher["pos_conv"] if self.ema_pos_conv else self.encoder.pos_conv
         parts = (pos_conv, self.teacher["norm"], self.teacher["blocks"])
-        return self.encoder.context(out.local, out.frame_padding, parts=parts, return_layers=True)[3]
+        return self.encoder.context(out.local, out.frame_padding, parts=parts, return_layers=True,
+                                    unpadded=lengths is None)[3]
 
     def targets(self, x: Tensor, lengths: Tensor, out: EncoderOut) -> Tensor:
         """(B, N, D) float32: mean of the top-K teacher FFN outputs, each instance-normalised."""
@@ -152,14 +161,15 @@ class _TeacherStudent(Method):
         return losses.average_top_k_layers(self.teacher_layers(x, lengths, out), self.cfg.top_k,
                                            instance_norm=self.cfg.instance_norm_targets,
                                            final_norm=self.cfg.final_norm,
-                                           padding=padding if bool(padding.any()) else None)
+                                           padding=None if lengths is None else padding)
 
     def _inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
         """-> frontend output x (normalised waveform (B, S) or log-mel (B, F, T)), lengths (B,),
         token padding (B, N)."""
         x = self.features(batch["audio"][:, 0])
-        lengths = torch.full((x.shape[0],), x.shape[-1], dtype=torch.long, device=x.device)
-        return x, lengths, self.encoder.token_padding(lengths, x.shape)
+        # whole crops: no lengths for the encoders to check, all-False padding made on the device
+        n = math.prod(self.encoder.token_grid(x.shape))
+        return x, None, torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
 
 
 @METHODS.register("data2vec")
@@ -189,9 +199,10 @@ class Data2Vec(_TeacherStudent):
         out = self.encoder(x, lengths, mask=mask)  # masked tokens replaced by the mask embedding
         y = self.targets(x, lengths, out)  # (B, N, D), teacher on the unmasked input
         sel = mask.masked.to(x.device) & ~padding
-        pred = self.final_proj(out.tokens[sel])  # (M, D), masked frames only
-        loss = losses.regression_loss(pred, y[sel], self.cfg.loss_beta)
-        return {"loss": loss, "target_var": token_std(y[sel]), "pred_var": token_std(pred),
+        # masked frames only, selected by weights: indexing by `sel` has a data-dependent shape
+        pred = self.final_proj(out.tokens)
+        loss = losses.regression_loss(pred, y, self.cfg.loss_beta, select=sel)
+        return {"loss": loss, "target_var": token_std(y, sel), "pred_var": token_std(pred, sel),
                 "emb_std": embedding_std(self.encoder.pool(out)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
@@ -296,7 +307,7 @@ class Data2Vec2(_TeacherStudent):
         y_k = y.repeat_interleave(K, 0)
         pred = self.decoder(self.decoder_input(out.tokens, mask, generator), padding_k, grid)
         sel = mask.masked.to(x.device) & ~padding_k
-        loss = losses.regression_loss(pred[sel], y_k[sel], self.cfg.loss_beta)
+        loss = losses.regression_loss(pred, y_k, self.cfg.loss_beta, select=sel)  # masked tokens only
         logs = {}
         if self.cfg.cls_loss > 0:  # EAT utterance loss / fairseq cls_loss: CLS -> mean target
             clip_target = masked_mean(y, padding).repeat_interleave(K, 0)
@@ -307,7 +318,7 @@ class Data2Vec2(_TeacherStudent):
             # clip mean times the number of student clips this process sees (EAT: 12 x 16 = 192)
             loss = loss + self.cfg.cls_loss * out.cls.shape[0] * cls
             logs["cls_loss"] = cls.detach()
-        return {"loss": loss, "target_var": token_std(y_k[sel]), "pred_var": token_std(pred[sel]),
+        return {"loss": loss, "target_var": token_std(y_k, sel), "pred_var": token_std(pred, sel),
                 "emb_std": embedding_std(masked_mean(out.tokens, out.padding)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),

@@ -145,18 +145,19 @@ class M2D(Method):
         """Target network on the masked patches only -> (B, N_masked, D) final-normed tokens in
         grid order (the complementary keep mask lists the hidden positions ascending)."""
         with torch.no_grad():
-            return self.target_encoder(x, lengths, mask=Mask.from_masked(~mask.masked, "keep")).tokens
+            hidden = Mask.from_masked(~mask.masked, "keep", n_hidden=mask.keep_idx.shape[1])
+            return self.target_encoder(x, lengths, mask=hidden).tokens
 
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         x = self.features(batch["audio"][:, 0])  # (B, F, T)
         B = x.shape[0]
-        lengths = torch.full((B,), x.shape[-1], dtype=torch.long, device=x.device)
+        lengths = None  # whole crops: no padding, nothing for the encoder to check on the device
         grid = self.encoder.token_grid(x.shape)
         mask = self.masker(grid, B, None, generator)  # keep mode: equal visible count per row
 
         out = self.encoder(x, lengths, mask=mask)  # (B, N_vis, D): visible patches only
         pred = self.predictor(out.tokens, mask.keep_idx, grid, out.cls)  # (B, N, D)
-        hidden_idx = Mask.from_masked(~mask.masked, "keep").keep_idx  # (B, N_masked) ascending
+        hidden_idx = Mask.from_masked(~mask.masked, "keep", mask.keep_idx.shape[1]).keep_idx  # (B, N_masked) ascending
         pred = gather_tokens(pred, hidden_idx)  # (B, N_masked, D)
         target = self.targets(x, lengths, mask)  # (B, N_masked, D)
 

@@ -92,7 +92,7 @@ def average_top_k_layers(layers: Sequence[Tensor], k: int, instance_norm: bool =
 
 
 @_fp32
-def regression_loss(pred: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:
+def regression_loss(pred: Tensor, target: Tensor, beta: float = 0.0, select: Tensor | None = None) -> Tensor:
     """data2vec regression: per token Σ_d loss(pred_d, target_d) / sqrt(D), mean over tokens.
 
     Baevski et al. 2022, "data2vec", eq. 2; fairseq examples/data2vec/models/data2vec_audio.py:
@@ -102,6 +102,8 @@ def regression_loss(pred: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:
     (data2vec: the masked ones). No tokens gives a loss of 0.
 
     pred: (..., D) student predictions. target: (..., D) teacher targets, detached.
+    select: (...) bool, the tokens that count (the same as indexing both with it, without the
+      data-dependent shape, a host sync on a GPU).
     Returns a () loss. data2vec's collapse signals (pred_var / target_var) are the method's.
     """
     if pred.shape != target.shape or pred.dim() < 1:
@@ -116,4 +118,7 @@ def regression_loss(pred: Tensor, target: Tensor, beta: float = 0.0) -> Tensor:
     else:
         per_elem = F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
     per_token = per_elem.sum(dim=-1) / math.sqrt(d)
+    if select is not None:
+        w = select.to(per_token.dtype)
+        return (per_token * w).sum() / w.sum().clamp_min(1)
     return per_token.sum() / max(per_token.numel(), 1)
