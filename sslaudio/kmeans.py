@@ -163,10 +163,13 @@ def fit(x: Tensor, cfg: KMeansConfig, generator: torch.Generator, k: int | None 
     return KMeansResult(centers=centers, inertia=float(dists.mean()), used=int(labels.unique().numel()), rows=n)
 
 
-def usage_entropy(labels: Tensor, k: int) -> Tensor:
+def usage_entropy(labels: Tensor, k: int, select: Tensor | None = None) -> Tensor:
     """Entropy of the label histogram over log k: 1 when every cluster is used equally, 0 when one
-    takes everything."""
-    p = torch.bincount(labels.reshape(-1), minlength=k).float()
+    takes everything. `select` (labels' shape, bool): count only those (no boolean indexing, and a
+    scatter rather than bincount, whose output size is data-dependent: no host sync)."""
+    labels = labels.reshape(-1)
+    w = torch.ones(labels.shape, device=labels.device) if select is None else select.reshape(-1).float()
+    p = torch.zeros(k, device=labels.device).scatter_add_(0, labels, w)
     p = p / p.sum().clamp_min(1)
     return -(p * torch.log(p.clamp_min(1e-12))).sum() / math.log(k)
 

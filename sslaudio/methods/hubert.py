@@ -40,6 +40,7 @@ batch's labels over log k: 0 when one cluster takes everything), kmeans_inertia 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +137,7 @@ class HuBERT(Method):
         self.register_buffer("codebook", torch.zeros(self.k, label_dim))
         self.register_buffer("kmeans_stats", torch.zeros(3))  # inertia, used clusters, rows (0: not fitted)
         self._source_id: str | None = None
+        self.register_load_state_dict_post_hook(lambda m, keys: m.__dict__.pop("_fitted", None))
 
     @staticmethod
     def _depth(encoder: nn.Module) -> int:
@@ -208,25 +210,29 @@ class HuBERT(Method):
 
     # -- the step -------------------------------------------------------------------------------
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
-        if not bool(self.kmeans_stats[2] > 0):
-            raise RuntimeError("hubert: the codebook was never fitted (prepare() runs before the first step)")
+        if not self.__dict__.get("_fitted"):  # read once per run (a load forgets it), not every step
+            if not bool(self.kmeans_stats[2] > 0):
+                raise RuntimeError("hubert: the codebook was never fitted (prepare() runs before the first step)")
+            self.__dict__["_fitted"] = True
         audio = batch["audio"][:, 0]
         x = self.features(audio)
         B = x.shape[0]
-        lengths = torch.full((B,), x.shape[-1], dtype=torch.long, device=x.device)
-        padding = self.encoder.token_padding(lengths, x.shape)
+        # whole crops: no lengths for the encoder to check, all-False padding made on the device
+        padding = torch.zeros(B, math.prod(self.encoder.token_grid(x.shape)), dtype=torch.bool, device=x.device)
         mask = self.masker(self.encoder.token_grid(x.shape), B, padding, generator)
-        out = self.encoder(x, lengths, mask=mask)
+        out = self.encoder(x, None, mask=mask)
         labels = self.frame_labels(audio, out.tokens.shape[1])
         pred = self.final_proj(out.tokens)
         hidden = mask.masked.to(x.device) & ~padding
         shown = ~mask.masked.to(x.device) & ~padding
         cfg = self.cfg
-        m = losses.cluster_prediction_loss(pred[hidden], self.label_embs, labels[hidden], cfg.logit_temp)
+        # every frame's logits, the masked ones selected by weights (no data-dependent shapes)
+        flat_pred, flat_labels = pred.reshape(-1, pred.shape[-1]), labels.reshape(-1)
+        m = losses.cluster_prediction_loss(flat_pred, self.label_embs, flat_labels, cfg.logit_temp, select=hidden)
         total, frames = cfg.masked_weight * m.loss, m.terms["rows"]
         acc_u = torch.zeros((), device=x.device)
         if cfg.unmasked_weight > 0:
-            u = losses.cluster_prediction_loss(pred[shown], self.label_embs, labels[shown], cfg.logit_temp)
+            u = losses.cluster_prediction_loss(flat_pred, self.label_embs, flat_labels, cfg.logit_temp, select=shown)
             total, frames = total + cfg.unmasked_weight * u.loss, frames + u.terms["rows"]
             acc_u = u.terms["correct"] / u.terms["rows"].clamp_min(1)
         loss = total / frames.clamp_min(1)
@@ -234,7 +240,7 @@ class HuBERT(Method):
             loss = loss + cfg.feature_pen_weight * out.features_pen
         return {"loss": loss, "masked_loss": (m.loss / m.terms["rows"].clamp_min(1)).detach(),
                 "acc_masked": m.terms["correct"] / m.terms["rows"].clamp_min(1), "acc_unmasked": acc_u,
-                "cluster_usage": kmeans.usage_entropy(labels[~padding], self.k),
+                "cluster_usage": kmeans.usage_entropy(labels, self.k, ~padding),
                 "kmeans_inertia": self.kmeans_stats[0].clone(), "kmeans_used": self.kmeans_stats[1].clone(),
                 "features_pen": (out.features_pen if out.features_pen is not None else torch.zeros(())).detach(),
                 "frame_std": frame_std(out.tokens, out.padding), "emb_std": embedding_std(self.encoder.pool(out)),

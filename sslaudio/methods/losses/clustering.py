@@ -129,7 +129,8 @@ def swav_loss(scores: Tensor, crops_for_assign: Sequence[int] = (0, 1), temperat
 
 
 @_fp32
-def cluster_prediction_loss(pred: Tensor, codewords: Tensor, labels: Tensor, temperature: float = 0.1) -> LossOut:
+def cluster_prediction_loss(pred: Tensor, codewords: Tensor, labels: Tensor, temperature: float = 0.1,
+                            select: Tensor | None = None) -> LossOut:
     """HuBERT: predict each frame's cluster id from cosine similarities to learned codeword embeddings.
 
     Hsu et al. 2021, "HuBERT: Self-Supervised Speech Representation Learning by Masked Prediction
@@ -140,12 +141,21 @@ def cluster_prediction_loss(pred: Tensor, codewords: Tensor, labels: Tensor, tem
     "negatives" equal to it, which is this same softmax over all codewords.
 
     pred (N, D) projected frames, codewords (C, D), labels (N,) long in [0, C).
+    select (N,) bool: only those rows count (as indexing pred and labels with it, without its
+    data-dependent shape, a host sync on a GPU).
     Returns the summed loss; terms: correct (rows whose label has the highest logit; fairseq
     compute_correct, whose argmax-and-argmin case only arises with all logits equal), rows."""
     # one (N, D) x (D, C) product of unit vectors, not an (N, C, D) broadcast
     logits = F.normalize(pred.float(), dim=-1) @ F.normalize(codewords.float(), dim=-1).t() / temperature
-    loss = F.cross_entropy(logits, labels, reduction="sum")
+    if select is None:
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        rows = torch.tensor(float(labels.numel()), device=loss.device)
+    else:
+        w = select.reshape(-1).to(logits.dtype)
+        loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum()
+        rows = w.sum()
     with torch.no_grad():
         top, bottom = logits.argmax(-1) == labels, logits.argmin(-1) == labels
-        correct = (top & ~bottom).sum().float()
-    return LossOut(loss, {"correct": correct, "rows": torch.tensor(float(labels.numel()), device=loss.device)})
+        hit = top & ~bottom
+        correct = (hit if select is None else hit & select.reshape(-1)).sum().float()
+    return LossOut(loss, {"correct": correct, "rows": rows})
