@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent / "sslaudio"
 # the same order.
 LAYERS = [
     ["sslaudio", "sslaudio.registry", "sslaudio.config", "sslaudio.atomic", "sslaudio.runlock"],
-    ["sslaudio.audio", "sslaudio.distributed", "sslaudio.interrupts", "sslaudio.runfolder", "sslaudio.optim"],
+    ["sslaudio.audio", "sslaudio.distributed", "sslaudio.interrupts", "sslaudio.runfolder", "sslaudio.optim",
+     "sslaudio.hostint"],
     ["sslaudio.cache", "sslaudio.data", "sslaudio.augment", "sslaudio.frontends", "sslaudio.masking", "sslaudio.synth",
      "sslaudio.kmeans"],
     ["sslaudio.encoders"],
