@@ -44,6 +44,7 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 ENCODER_FORMAT = "sslaudio-encoder/1"
 HASH_KEY = "sha256"
 STEP_FILES = ("model.safetensors", "optim.safetensors")
+RANKS_FILE = "ranks.safetensors"  # several processes: the buffers that differ between them (optional)
 FAULT_ENV = "SSLAUDIO_FAULT"
 FAULT_POINTS = ("after-model", "after-optim", "after-state", "before-rename", "before-prune",
                 "before-export-rename")
@@ -136,13 +137,26 @@ def _verify(step_dir: Path) -> str | None:
             raise ValueError("bad sha256 entry")
     except (OSError, ValueError, AttributeError) as e:
         return f"{step_dir / 'state.json'}: unreadable ({str(e).splitlines()[0][:100]})"
-    for name in STEP_FILES:
+    for name in STEP_FILES + ((RANKS_FILE,) if RANKS_FILE in hashes else ()):
         try:
             tensors, meta = read_tensors(step_dir / name)
             check_tensors(tensors, meta, step_dir / name, hashes.get(name))
         except CheckpointError as e:
             return str(e)
     return None
+
+
+def load_rank_state(step_dir: Path, rank: int) -> dict[str, Tensor] | None:
+    """This process's per-process buffers from a step written by several processes ({} for rank
+    0, whose copies are the model's), or None when the step has none (one process wrote it, or an
+    interrupt saved it without gathering them)."""
+    state = json.loads((Path(step_dir) / "state.json").read_text())
+    if RANKS_FILE not in (state.get(HASH_KEY) or {}):
+        return None
+    tensors, meta = read_tensors(Path(step_dir) / RANKS_FILE)
+    check_tensors(tensors, meta, Path(step_dir) / RANKS_FILE, state[HASH_KEY][RANKS_FILE])
+    prefix = f"{rank}/"
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _fault_spec() -> tuple[str, int | None] | None:
@@ -263,7 +277,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 
 def save(run_dir: Path, step: int, method: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset,
-         state: dict, keep_last: int) -> Path:
+         state: dict, keep_last: int, rank_state: dict[str, Tensor] | None = None) -> Path:
     """Write RUN/ckpt/step-N atomically, then prune to the newest `keep_last` that verify.
 
     Raises NonFiniteWeights, before anything is written, when a model or optimizer tensor holds NaN
@@ -276,6 +290,10 @@ def save(run_dir: Path, step: int, method: nn.Module, optimizer: torch.optim.Opt
     _refuse_nonfinite(opt_tensors, f"step {step}: optimizer state")
     _fault_spec()  # an unknown SSLAUDIO_FAULT is refused before anything is written
     hashes = {"model.safetensors": tensors_sha256(model), "optim.safetensors": tensors_sha256(opt_tensors)}
+    rank_state = _cpu(rank_state) if rank_state else {}
+    if rank_state:  # other processes' copies of per-process buffers (distributed.rank_buffers)
+        _refuse_nonfinite(rank_state, f"step {step}: per-process buffers")
+        hashes[RANKS_FILE] = tensors_sha256(rank_state)
     ckpt = Path(run_dir) / "ckpt"
     ckpt.mkdir(parents=True, exist_ok=True)
     final = ckpt / f"step-{step:09d}"
@@ -288,6 +306,8 @@ def save(run_dir: Path, step: int, method: nn.Module, optimizer: torch.optim.Opt
         _atomic_save(opt_tensors, tmp / "optim.safetensors", {"optim": json.dumps(opt_meta),
                                                               HASH_KEY: hashes["optim.safetensors"]})
         _fault("after-optim", step)
+        if rank_state:
+            _atomic_save(rank_state, tmp / RANKS_FILE, {HASH_KEY: hashes[RANKS_FILE]})
         text = json.dumps({**state, "step": step, "identity": preset.identity(), HASH_KEY: hashes,
                            "config": preset.to_dict()}, indent=1)
         atomic_write(tmp / "state.json", lambda t: Path(t).write_text(text), fsync=True)

@@ -313,6 +313,24 @@ def gather_rows(x: Tensor) -> tuple[Tensor, int]:
     return _AllGather.apply(x), dist.get_rank() * x.shape[0]
 
 
+def rank_buffers(module: torch.nn.Module, world: World) -> dict[str, Tensor]:
+    """The buffers whose values differ between processes (a mixup memory or a queue each process
+    fills with its own clips), every process's copy but rank 0's (the checkpoint's own), as
+    {"RANK/name": tensor}; {} in one process. Collective: every process calls it, at a checkpoint."""
+    if not world.active or world.size == 1:
+        return {}
+    out = {}
+    for name, b in module.named_buffers():
+        t = b.detach().reshape(-1)
+        t = t.view(torch.uint8) if t.dtype == torch.bool else t  # bool: not every backend gathers it
+        parts = [torch.empty_like(t) for _ in range(world.size)]
+        dist.all_gather(parts, t.contiguous())
+        if any(not torch.equal(parts[0], p) for p in parts[1:]):
+            for r in range(1, world.size):
+                out[f"{r}/{name}"] = parts[r].view(b.dtype).reshape(b.shape)
+    return out
+
+
 def check_in_sync(params: list[torch.nn.Parameter], world: World) -> None:
     """Raise if the processes' weights differ (a cheap checksum, compared at every checkpoint)."""
     if not world.active:

@@ -311,12 +311,17 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     optimizer = make_optimizer()
     # the groups a weight-decay schedule drives (indices: a resume replaces the group dicts)
     decaying = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
-    start, state = 0, {}
+    start, state, own = 0, {}, None
     if last is not None:
         model_t, optim_t, optim_meta, saved = checkpoint.load_step(last)
         method.load_state_dict(model_t)
         checkpoint.load_optimizer(optimizer, optim_t, optim_meta)
         start = saved["step"]
+        own = checkpoint.load_rank_state(last, world.rank)
+        if own is not None and saved.get("world_size") != world.size and world.main:
+            warn(f"{last.name} holds the per-process buffers of {saved.get('world_size')} processes; with "
+                 f"{world.size} every process resumes from rank 0's (mixup memories, queues), so the run "
+                 f"continues but not as it would have uninterrupted")
     else:
         for name, spec in method.sources(method.cfg).items():  # e.g. HuBERT's iteration-1 model
             getattr(method, name).load_state_dict(load_encoder(spec).state_dict())
@@ -339,6 +344,8 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     # the gradients during backward), compiled with train.compile. Everything else (after_step,
     # checkpoints, the health check) uses `method` itself: no `module.` / `_orig_mod.` key prefixes.
     ddp = distributed.wrap_ddp(method, dev) if world.active and tc.parallel == "ddp" else None
+    if own and saved.get("world_size") == world.size:  # after DDP's broadcast of rank 0's buffers
+        method.load_state_dict(own, strict=False)  # this process's memories, as they were
     model = ddp if ddp is not None else method
     if tc.compile:
         model = torch.compile(model)
@@ -375,11 +382,13 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             distributed.check_in_sync(params, world)
         # FSDP: whole tensors gathered by every process (rank 0 keeps them): the same checkpoint
         whole, whole_optimizer = distributed.full_state(method, optimizer, world) if fsdp else (method, optimizer)
+        # every process's own buffers (mixup memories, ...), so that a resume continues each of them
+        ranks = distributed.rank_buffers(method, world) if check and not fsdp else {}
         if world.main:
             with stops.protect():
                 try:
                     checkpoint.save(run, at, whole, whole_optimizer, preset, {**state, "nonfinite": nonfinite,
-                                    "log_loss_sum": loss_sum, "log_steps": n_sum}, tc.keep_last)
+                                    "log_loss_sum": loss_sum, "log_steps": n_sum}, tc.keep_last, ranks)
                 except checkpoint.NonFiniteWeights as e:  # the optimizer state, which the health check skips
                     raise TrainingDiverged(f"{e}; try a lower optim.lr") from None
                 checkpoint.export_encoder(run / "export" / "encoder.safetensors", whole, preset, step=at)

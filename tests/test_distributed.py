@@ -211,3 +211,35 @@ def test_global_batch_must_split_evenly(wav_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
         fit(load_preset("tiny/byol-a", ["train.batch_size=8"]), [str(wav_folder)], tmp_path / "r", device="cpu")
+
+
+def test_two_process_resume_continues_each_process_memory(wav_folder, tmp_path):
+    """BYOL-A's mixup memory holds each process's own clips: a 2-process checkpoint keeps every
+    process's copy (ranks.safetensors), so resuming it with 2 processes gives the uninterrupted run's
+    weights and losses, bit for bit; with one process it warns and continues from rank 0's."""
+    small = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
+             "views[0].memory=8", "data.norm_samples=8", "train.log_every=1"]
+    full = tmp_path / "full"
+    torchrun(wav_folder, full, "tiny/byol-a", *small)
+    step2 = full / "ckpt" / "step-000000002"
+    state = json.loads((step2 / "state.json").read_text())
+    assert "ranks.safetensors" in state["sha256"]  # rank 1's mixup memory differs from rank 0's
+    from safetensors.torch import load_file
+
+    assert any(k.startswith("1/") and "bank" in k for k in load_file(str(step2 / "ranks.safetensors")))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(step2, resumed / "ckpt" / step2.name)
+    torchrun(wav_folder, resumed, "tiny/byol-a", *small)
+    assert losses(resumed) == losses(full)[2:]
+    w_full, w_res = weights(full), weights(resumed)
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    one = tmp_path / "one"
+    shutil.copytree(step2, one / "ckpt" / step2.name)
+    from sslaudio.build import load_preset
+    from sslaudio.train import fit
+
+    warnings = []
+    fit(load_preset("tiny/byol-a", ["train.steps=4", "train.batch_size=8", "train.ckpt_every=2",
+                                    "data.num_workers=0", *small]),
+        [str(wav_folder)], one, device="cpu", warn=warnings.append)
+    assert any("per-process buffers of 2 processes" in w for w in warnings)
