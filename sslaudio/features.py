@@ -276,9 +276,25 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
             return Embedding(path, rel, clip, f, t, seconds, lc, ls)
         return Embedding(path, rel, clip, None, None, seconds, lc)
 
+    times: dict[int, np.ndarray] = {}  # frame count -> frame times (read-only, shared by every file)
+
     def embed_batch(members: list[tuple[str, str]], audio: list[torch.Tensor]) -> Iterator[Embedding]:
         n = audio[0].shape[0]
         clips, fr, flen, hs, hclips = run(torch.stack(audio))
+        if hs is None:  # one conversion per batch; each file gets views of its rows
+            clips_np, lengths = clips.float().cpu().numpy(), flen.tolist()
+            fr_np = fr.float().cpu().numpy() if frames else None
+            for j, (path, rel) in enumerate(members):
+                if rel in done:
+                    continue
+                if not frames:
+                    yield Embedding(path, rel, clips_np[j], None, None, n / sr, None)
+                    continue
+                t = int(lengths[j])
+                if t not in times:
+                    times[t] = enc.frame_times(t).numpy()
+                yield Embedding(path, rel, clips_np[j], fr_np[j, :t], times[t], n / sr, None)
+            return
         for j, (path, rel) in enumerate(members):
             if rel in done:
                 continue
