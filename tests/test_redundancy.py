@@ -11,7 +11,7 @@ from sslaudio.build import load_preset
 from sslaudio.config import ConfigError
 from tests.conftest import build_tiny, gen, random_views, use_views
 
-SMALL = ["encoder.d=128", "encoder.base_d=8", "data.clip_seconds=0.3", "encoder.dropout=0.0",
+SMALL = ["encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=64", "data.clip_seconds=0.3", "encoder.dropout=0.0",
          "method.projector=[96, 64]"]
 
 
@@ -69,7 +69,7 @@ def test_vicreg_loss_matches_the_official_formula(monkeypatch):
 def test_projector_shape(name):
     m = build(name)
     linears = [mod for mod in m.projector if isinstance(mod, torch.nn.Linear)]
-    assert [(lin.in_features, lin.out_features) for lin in linears] == [(128, 96), (96, 64)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(160, 96), (96, 64)]
     assert linears[-1].bias is None  # both official projectors end in a bias-free Linear
     assert isinstance(m.projector[1], torch.nn.BatchNorm1d) and isinstance(m.projector[2], torch.nn.ReLU)
 

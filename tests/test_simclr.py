@@ -10,7 +10,7 @@ import torch
 from sslaudio.config import ConfigError
 from tests.conftest import build_tiny, first_last, gen, replay_views, run_steps, synth_batch
 
-SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
+SMALL = ["encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=64", "method.proj_hidden=32", "method.proj_dim=16",
          "views[0].memory=8"]
 S = 15200  # 0.95 s at 16 kHz
 
