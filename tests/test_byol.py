@@ -13,7 +13,7 @@ from sslaudio.augment import ViewSampler
 from tests.conftest import build_tiny, first_last, gen, random_views, run_steps, synth_clips, use_views
 
 METHODS = ["byol", "simsiam", "barlow-twins", "vicreg"]
-SMALL = ["encoder.d=128", "encoder.base_d=8", "data.clip_seconds=0.3", "encoder.dropout=0.0"]
+SMALL = ["encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=64", "data.clip_seconds=0.3", "encoder.dropout=0.0"]
 HEADS = {"byol": ["method.proj_hidden=64", "method.proj_dim=32"],
          "simsiam": ["method.proj_dim=64", "method.pred_hidden=16"],
          "barlow-twins": ["method.projector=[128, 128]"], "vicreg": ["method.projector=[128, 128]"]}
@@ -107,7 +107,7 @@ def test_simsiam_loss_and_stop_gradient(monkeypatch):
 def test_simsiam_heads_follow_the_official_builder():
     m = build("simsiam", "method.proj_hidden=0")
     linears = [mod for mod in m.projector if isinstance(mod, torch.nn.Linear)]
-    assert [lin.out_features for lin in linears] == [128, 128, 64]  # hidden = encoder width
+    assert [lin.out_features for lin in linears] == [160, 160, 64]  # hidden = encoder width
     assert linears[-1].bias is None
     assert isinstance(m.projector[-1], torch.nn.BatchNorm1d) and not m.projector[-1].affine
     assert [mod.out_features for mod in m.predictor if isinstance(mod, torch.nn.Linear)] == [16, 64]
@@ -156,7 +156,7 @@ def fixed_batch(B: int, V: int, seconds: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_short_run_lowers_the_loss_without_collapse(name):
-    m = build(name, "encoder.d=256", "encoder.base_d=16", "data.clip_seconds=0.5")
+    m = build(name, "encoder.d=320", "encoder.base_d=16", "data.clip_seconds=0.5")
     audio = fixed_batch(16, m.inputs.segments, 0.5)
     m.frontend.estimate_stats(audio.flatten(0, 1))
     hist = run_steps(m, audio, 20, lr=1e-3)
