@@ -281,26 +281,23 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
     def embed_batch(members: list[tuple[str, str]], audio: list[torch.Tensor]) -> Iterator[Embedding]:
         n = audio[0].shape[0]
         clips, fr, flen, hs, hclips = run(torch.stack(audio))
-        if hs is None:  # one conversion per batch; each file gets views of its rows
-            clips_np, lengths = clips.float().cpu().numpy(), flen.tolist()
-            fr_np = fr.float().cpu().numpy() if frames else None
-            for j, (path, rel) in enumerate(members):
-                if rel in done:
-                    continue
-                if not frames:
-                    yield Embedding(path, rel, clips_np[j], None, None, n / sr, None)
-                    continue
-                t = int(lengths[j])
-                if t not in times:
-                    times[t] = enc.frame_times(t).numpy()
-                yield Embedding(path, rel, clips_np[j], fr_np[j, :t], times[t], n / sr, None)
-            return
+        # one conversion per batch; each file gets views of its rows
+        clips_np, lengths = clips.float().cpu().numpy(), flen.tolist()
+        lc_np = None if hclips is None else hclips.float().cpu().numpy()  # (B, L, D)
+        fr_np = fr.float().cpu().numpy() if frames else None
+        hs_np = np.stack([h.float().cpu().numpy() for h in hs]) if frames and hs is not None else None  # (L, B, T, D)
         for j, (path, rel) in enumerate(members):
             if rel in done:
                 continue
-            t = int(flen[j])
-            yield finish(path, rel, clips[j], [fr[j, :t]], [enc.frame_times(t).numpy()], n / sr,
-                         None if hclips is None else hclips[j], None if hs is None else [[h[j, :t]] for h in hs])
+            lc = None if lc_np is None else lc_np[j]
+            if not frames:
+                yield Embedding(path, rel, clips_np[j], None, None, n / sr, lc)
+                continue
+            t = int(lengths[j])
+            if t not in times:
+                times[t] = enc.frame_times(t).numpy()
+            yield Embedding(path, rel, clips_np[j], fr_np[j, :t], times[t], n / sr, lc,
+                            None if hs_np is None else hs_np[:, j, :t])
 
     work = [(key, batch) for key in sorted(plan.groups)
             for batch in batches(plan.groups[key], batch_size, plan.lengths[key], batch_seconds, sr)
