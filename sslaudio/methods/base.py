@@ -167,15 +167,20 @@ def multicrop_embed(encoder: nn.Module, views: list[Tensor]) -> Tensor:
     return torch.cat(out)
 
 
+def masked_column_var(rows: Tensor, select: Tensor) -> tuple[Tensor, Tensor]:
+    """Unbiased per-column variance (D,) of the (N, D) `rows` where `select` (N,) is True, and their
+    count, by weights rather than boolean indexing (whose data-dependent size is a host sync on a
+    GPU). As Tensor.var: nan for a single row."""
+    w = select.reshape(-1, 1).to(rows.dtype)
+    n = w.sum()
+    mean = (rows * w).sum(0) / n.clamp_min(1)
+    return ((rows - mean).pow(2) * w).sum(0) / (n - 1), n
+
+
 def embedding_std(z: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean per-dimension std of L2-normalised embeddings (N, D): ~1/sqrt(D) when healthy, 0 if
-    collapsed. `valid` (N,) bool: only those rows, by weights rather than boolean indexing (whose
-    data-dependent size is a host sync on a GPU)."""
+    collapsed. `valid` (N,) bool: only those rows (masked_column_var)."""
     z = nn.functional.normalize(z.detach().float(), dim=-1)
     if valid is None:
         return z.std(dim=0).mean()
-    w = valid.to(z.dtype).unsqueeze(-1)
-    n = w.sum()
-    mean = (z * w).sum(0) / n.clamp_min(1)
-    var = ((z - mean).pow(2) * w).sum(0) / (n - 1)  # unbiased, as Tensor.std (nan for one row)
-    return var.sqrt().mean()
+    return masked_column_var(z, valid)[0].sqrt().mean()

@@ -63,7 +63,7 @@ from sslaudio.encoders.base import EncoderOut, masked_mean
 from sslaudio.encoders.layers import gather_tokens, zero_padded
 from sslaudio.encoders.vit import ViT
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Method, Needs, embedding_std, masked_column_var
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.registry import METHODS
 
@@ -78,10 +78,7 @@ def token_std(y: Tensor, select: Tensor | None = None) -> Tensor:
         if y.shape[0] < 2:
             return torch.zeros((), device=y.device)
         return torch.sqrt(y.var(dim=0) + 1e-6).mean()
-    w = select.reshape(-1, 1).to(y.dtype)
-    n = w.sum()
-    mean = (y * w).sum(0) / n.clamp_min(1)
-    var = ((y - mean).pow(2) * w).sum(0) / (n - 1).clamp_min(1)
+    var, n = masked_column_var(y, select)
     return torch.where(n < 2, 0.0, torch.sqrt(var + 1e-6).mean())
 
 
