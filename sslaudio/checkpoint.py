@@ -146,11 +146,10 @@ def _verify(step_dir: Path) -> str | None:
     return None
 
 
-def load_rank_state(step_dir: Path, rank: int) -> dict[str, Tensor] | None:
+def load_rank_state(step_dir: Path, state: dict, rank: int) -> dict[str, Tensor] | None:
     """This process's per-process buffers from a step written by several processes ({} for rank
     0, whose copies are the model's), or None when the step has none (one process wrote it, or an
-    interrupt saved it without gathering them)."""
-    state = json.loads((Path(step_dir) / "state.json").read_text())
+    interrupt saved it without gathering them). `state`: the step's state.json (load_step's)."""
     if RANKS_FILE not in (state.get(HASH_KEY) or {}):
         return None
     tensors, meta = read_tensors(Path(step_dir) / RANKS_FILE)

@@ -317,7 +317,7 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         method.load_state_dict(model_t)
         checkpoint.load_optimizer(optimizer, optim_t, optim_meta)
         start = saved["step"]
-        own = checkpoint.load_rank_state(last, world.rank)
+        own = checkpoint.load_rank_state(last, saved, world.rank)
         if own is not None and saved.get("world_size") != world.size and world.main:
             warn(f"{last.name} holds the per-process buffers of {saved.get('world_size')} processes; with "
                  f"{world.size} every process resumes from rank 0's (mixup memories, queues), so the run "
