@@ -141,11 +141,10 @@ class M2D(Method):
         # official ema_decay_sched interpolates with step / (total_steps - 1)
         return momentum(self.cfg.ema, step, max(max_steps - 1, 1))
 
-    def targets(self, x: Tensor, lengths: Tensor, mask: Mask) -> Tensor:
+    def targets(self, x: Tensor, lengths: Tensor | None, hidden: Mask) -> Tensor:
         """Target network on the masked patches only -> (B, N_masked, D) final-normed tokens in
-        grid order (the complementary keep mask lists the hidden positions ascending)."""
+        grid order; `hidden` is the complementary keep mask (it lists the hidden positions ascending)."""
         with torch.no_grad():
-            hidden = Mask.from_masked(~mask.masked, "keep", n_hidden=mask.keep_idx.shape[1])
             return self.target_encoder(x, lengths, mask=hidden).tokens
 
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
@@ -157,9 +156,9 @@ class M2D(Method):
 
         out = self.encoder(x, lengths, mask=mask)  # (B, N_vis, D): visible patches only
         pred = self.predictor(out.tokens, mask.keep_idx, grid, out.cls)  # (B, N, D)
-        hidden_idx = Mask.from_masked(~mask.masked, "keep", mask.keep_idx.shape[1]).keep_idx  # (B, N_masked) ascending
-        pred = gather_tokens(pred, hidden_idx)  # (B, N_masked, D)
-        target = self.targets(x, lengths, mask)  # (B, N_masked, D)
+        hidden = Mask.from_masked(~mask.masked, "keep", n_hidden=mask.keep_idx.shape[1])  # the masked patches
+        pred = gather_tokens(pred, hidden.keep_idx)  # (B, N_masked, D), ascending
+        target = self.targets(x, lengths, hidden)  # (B, N_masked, D)
 
         t = target.reshape(-1, target.shape[-1]).float()
         p = pred.reshape(-1, pred.shape[-1])
