@@ -113,8 +113,9 @@ _VERIFIED: dict[tuple, str | None] = {}  # (step folder, its files' stat) -> ver
 def verify_step(step_dir: Path) -> str | None:
     """Why the step folder cannot be trusted (a one-line reason), or None when it verifies: state.json
     readable, both tensor files readable, matching their sha256 and state.json's, every tensor
-    finite. A step saved before the hashes existed needs only be readable and finite. The answer
-    is cached for as long as the files are unchanged."""
+    finite; the per-process buffers too when state.json lists them. A step saved before the hashes
+    existed needs only be readable and finite. The answer is cached for as long as the files are
+    unchanged."""
     step_dir = Path(step_dir)
     try:
         key = (str(step_dir.resolve()),) + tuple(
@@ -122,6 +123,11 @@ def verify_step(step_dir: Path) -> str | None:
             (os.stat(step_dir / n) for n in ("state.json",) + STEP_FILES))
     except OSError as e:
         return f"{step_dir}: {e.strerror or e} ({Path(e.filename or '').name})"
+    try:  # optional (several processes), but a change to it must not reuse the cached answer
+        st = os.stat(step_dir / RANKS_FILE)
+        key += ((st.st_ino, st.st_size, st.st_mtime_ns),)
+    except OSError:
+        key += (None,)
     if key not in _VERIFIED:
         if len(_VERIFIED) > 256:
             _VERIFIED.clear()

@@ -464,3 +464,22 @@ def test_export_refuses_a_model_with_nonfinite_output(tmp_path):
     with pytest.raises(ExportError, match="not finite"):
         export(bundle, "torchscript", tmp_path / "m.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_per_process_buffers_are_verified_with_the_step(tmp_path):
+    """ranks.safetensors (several processes' own buffers) is checked like the model and optimizer
+    files: a corrupt or missing one makes the step fail verification, even after a cached pass."""
+    from sslaudio import optim
+
+    p = load_preset("tiny/apc", ["data.norm_samples=8"])
+    m = build_method(p)
+    step = checkpoint.save(tmp_path, 2, m, optim.adamw(m.param_groups(0.0), p.optim), p, {"world_size": 2}, 3,
+                           {"1/bank": torch.ones(3)})
+    state = json.loads((step / "state.json").read_text())
+    assert checkpoint.verify_step(step) is None  # and the answer is now cached
+    assert torch.equal(checkpoint.load_rank_state(step, state, 1)["bank"], torch.ones(3))
+    assert checkpoint.load_rank_state(step, state, 0) == {}
+    (step / "ranks.safetensors").write_bytes(b"garbage")
+    assert "ranks.safetensors" in checkpoint.verify_step(step)
+    (step / "ranks.safetensors").unlink()
+    assert "ranks.safetensors" in checkpoint.verify_step(step)
