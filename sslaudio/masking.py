@@ -2,8 +2,11 @@
 
 A masker draws, for a token grid (T,) or (F, T) flattened row-major, which tokens are hidden:
 `masker(grid, batch, padding, generator) -> Mask`. Every draw comes from the passed
-`torch.Generator` (on CPU or CUDA; masks are made on `generator.device`), so a resumed run draws
-the same masks.
+`torch.Generator` (on CPU or CUDA; masks end up on `generator.device`), so a resumed run draws
+the same masks. The span masker draws on the host, as fairseq's numpy `compute_mask_indices`
+does: its per-row hidden counts are random, and knowing them on the host (`Mask.host`) lets the
+methods select the hidden tokens without reading a count back from the GPU (see
+`host_generator`).
 
 `Mask.masked` (B, N) is True where a token is hidden. In keep mode (MAE / M2D / data2vec 2.0)
 the encoder drops hidden tokens; this needs the same number of visible tokens per row, and
@@ -42,6 +45,36 @@ class Mask:
     mode: Literal["keep", "replace"] = "replace"
     keep_idx: Tensor | None = None  # (B, N_keep) long, keep mode only
     restore_idx: Tensor | None = None  # (B, N) long, keep mode only
+    host: Tensor | None = None  # (B, N) bool on the CPU: `masked` as drawn on the host, if it was
+
+    def _selected(self, padding: Tensor | None) -> Tensor:
+        """(B, N) bool on the CPU: hidden and not padding. From the host copy when there is one;
+        otherwise read back from the device (a host sync on a GPU)."""
+        masked = self.masked.cpu() if self.host is None else self.host
+        return masked if padding is None else masked & ~padding.cpu()
+
+    def hidden_index(self, padding: Tensor | None = None) -> Tensor:
+        """(M,) long on `masked`'s device: the flat (row-major) positions of the hidden tokens that
+        are not padding, the rows `x.flatten(0, 1)[(masked & ~padding).flatten()]` selects, so
+        gathering with it equals boolean indexing; built on the host, so with a host copy (span
+        masks) nothing is read from the device."""
+        return to_device(self._selected(padding).flatten().nonzero().flatten(), self.masked.device)
+
+    def hidden_counts(self, padding: Tensor | None = None) -> Tensor:
+        """(B,) long on the CPU: hidden tokens per row that are not padding."""
+        return self._selected(padding).sum(1)
+
+    @staticmethod
+    def from_host(masked: Tensor, mode: Literal["keep", "replace"], device: torch.device) -> "Mask":
+        """A Mask from a boolean matrix drawn on the host: its counts are read there (keep mode
+        needs no device read) and it is copied to `device` without waiting for the device."""
+        counts = masked.sum(1)
+        if mode == "keep" and masked.shape[0] and not bool((counts == counts[0]).all()):
+            raise ValueError("keep-mode masks need the same number of visible tokens in every row")
+        n_hidden = int(counts[0]) if masked.shape[0] else 0
+        mask = Mask.from_masked(to_device(masked, device), mode, n_hidden)
+        mask.host = masked
+        return mask
 
     @staticmethod
     def from_masked(masked: Tensor, mode: Literal["keep", "replace"], n_hidden: int | None = None) -> "Mask":
@@ -78,6 +111,34 @@ class Masker:
 # helpers (all vectorised over the batch)
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a host tensor to `device` without making the host wait for the device: through
+    pinned memory on CUDA (a copy from pageable memory can block until the stream drains)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def host_generator(generator: torch.Generator) -> torch.Generator:
+    """A CPU generator for draws whose results the host needs (random counts), made from a device
+    generator without reading the device: a CUDA generator's seed and Philox offset live on the
+    host. The offset is advanced, so every call in a step gets its own stream, and a resumed run
+    (which re-seeds the step's generator) draws the same. A CPU generator is returned as is, so
+    CPU runs draw exactly what they drew before the span masker moved to the host."""
+    if generator.device.type == "cpu":
+        return generator
+    try:
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)  # Philox offsets advance in multiples of 4
+    except (RuntimeError, NotImplementedError, AttributeError):  # a generator without an offset
+        offset = 0
+    seed = (generator.initial_seed() * 0x9E3779B97F4A7C15 + offset + 1) % (2 ** 63)
+    return torch.Generator().manual_seed(seed)
+
+
 def _prepare(grid: tuple[int, ...], batch: int, padding: Tensor | None,
              generator: torch.Generator) -> tuple[int, torch.device, Tensor]:
     """-> (N tokens, device, padding (B, N) bool on the generator's device, all False if None)."""
@@ -98,7 +159,7 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
 def _first_k(key: Tensor, k: Tensor | int) -> Tensor:
     """(B, N) bool: True at the k (per row, (B,) or int) positions with the smallest `key`."""
     order = key.argsort(dim=1)
-    k = torch.as_tensor(k, device=key.device).reshape(-1, 1)
+    k = k if isinstance(k, int) else k.reshape(-1, 1)  # a host int stays one (no copy to the device)
     rank_ok = (torch.arange(key.shape[1], device=key.device)[None, :] < k).expand_as(key)
     return torch.zeros_like(key, dtype=torch.bool).scatter(1, order, rank_ok)
 
@@ -217,7 +278,11 @@ class SpanMasker(Masker):
 
     def __call__(self, grid, batch, padding, generator) -> Mask:
         cfg = self.cfg
-        n, device, pad = _prepare(grid, batch, padding, generator)
+        target = generator.device
+        # drawn on the host (fairseq draws these masks with numpy): the counts are random and the
+        # methods need them; padding is read back only for padded batches (training crops have none)
+        generator = host_generator(generator)
+        n, device, pad = _prepare(grid, batch, None if padding is None else padding.cpu(), generator)
         valid_len = (~pad).sum(1)
         u = _rand((batch,), generator)
         n_spans = (cfg.p * valid_len.double() / cfg.length + u.double()).floor().long()
@@ -234,7 +299,7 @@ class SpanMasker(Masker):
         masked = (_spans(starts, cfg.length) & (pos < valid_len[:, None]))[:, :n]
         if cfg.require_same_masks:
             masked = _equalise(masked, ~pad, generator, grow=cfg.add_masks)
-        return Mask.from_masked(masked, cfg.mode)
+        return Mask.from_host(masked, cfg.mode, target)
 
 
 @MASKERS.register("block")

@@ -155,6 +155,17 @@ def _json_or_none(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def _read_logged(logged: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The method's logged scalars (loss aside) as floats: the device ones in one read (one host
+    sync at a log step, not one per value)."""
+    keys = [k for k in logged if k != "loss"]
+    on_device = [k for k in keys if logged[k].device.type != "cpu"]
+    values = {}
+    if on_device:
+        values = dict(zip(on_device, torch.stack([logged[k].float().reshape(()) for k in on_device]).tolist()))
+    return {k: values[k] if k in values else float(logged[k]) for k in keys}
+
+
 def _state_max_abs(module: nn.Module, sharded: distributed.World | None = None) -> torch.Tensor:
     """max |x| over every floating-point parameter and buffer, as a device scalar (NaN if any is
     NaN), in one foreach kernel per dtype; no host sync. `sharded` (FSDP): over every process's
@@ -476,8 +487,7 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             if n_sum and log is not None and (done % tc.log_every == 0 or done == tc.steps):
                 now = time.time()
                 sps = n_sum / max(now - t_last, 1e-9)
-                row = {"step": done, "loss": loss_sum / n_sum, "lr": lr,
-                       **{k: float(v) for k, v in logged.items() if k != "loss"},
+                row = {"step": done, "loss": loss_sum / n_sum, "lr": lr, **_read_logged(logged),
                        "steps_per_s": sps, "audio_h_per_s": sps * crop_h,
                        "data_wait": min(waited / max(now - t_last, 1e-9), 1.0), "time": now - t0}
                 notes = method.log_warnings(row)

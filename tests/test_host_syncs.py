@@ -2,31 +2,32 @@
 trainer's own loss / health read).
 
 A GPU sync happens when the host reads a device value: `.item()`, `int()` / `bool()` of a tensor,
-boolean-mask indexing (its output size is data-dependent), `.tolist()`. The check runs on the CPU:
+boolean-mask indexing (its output size is data-dependent), `.tolist()`; a blocking host-to-device
+copy (`cpu_tensor.to("cuda")`, `torch.tensor(value, device="cuda")`) waits for the stream too. The
+check runs on the CPU:
 after one real warm-up step, the method and its batch move to the meta device and the step runs
 again with a generator that reports the meta device, so every tensor the step makes on the
 training device is a meta tensor, whose values cannot be read: any such read raises. Tensors the
 code builds on the host (Python-side counts, CPU generators) are real and stay readable, as they
-would on a GPU machine.
+would on a GPU machine. A second step also refuses blocking host-to-device copies (the first
+fills per-device caches, which a GPU run copies once).
 """
+
+import contextlib
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslaudio.hostint import host_int, set_host_int
+from sslaudio.masking import host_generator
 from tests.conftest import gen
 from tests.test_methods import audio_batch, small
 
-# Every tiny preset whose step is sync-free. Still syncing (issue 14, what is left): the span
-# masks' data-dependent counts in keep mode (tiny/data2vec2-wave), wav2vec 2.0's distractor
-# sampling among each row's masked frames (tiny/wav2vec2[-wave]; fairseq and transformers sync
-# there too), ATST-Frame's boolean selection of masked frames before its BatchNorm heads
-# (tiny/atst-frame) and the s3prl alteration's span counts (tiny/mockingjay, tiny/tera).
-SYNC_FREE = ["tiny/apc", "tiny/atst-c2f", "tiny/atst-clip", "tiny/barlow-twins", "tiny/byol", "tiny/byol-a",
-             "tiny/byol-a-v2", "tiny/cpc", "tiny/data2vec", "tiny/data2vec-wave", "tiny/data2vec2",
-             "tiny/deepcluster", "tiny/dino", "tiny/hubert", "tiny/hubert-wave", "tiny/m2d", "tiny/moco-v2", "tiny/moco-v3", "tiny/npc",
-             "tiny/simclr", "tiny/simsiam", "tiny/swav", "tiny/vicreg"]
+# Every tiny preset: each step is sync-free.
+TINY = sorted(f"tiny/{p.stem}" for p in (Path(__file__).resolve().parents[1] / "presets" / "tiny").glob("*.yaml"))
 
 
 class MetaGenerator(torch.Generator):
@@ -36,6 +37,53 @@ class MetaGenerator(torch.Generator):
     @property
     def device(self):
         return torch.device("meta")
+
+    # a CUDA generator's Philox state (seed, offset) lives on the host; host_generator reads it
+    def get_offset(self) -> int:
+        return self.__dict__.get("offset", 0)
+
+    def set_offset(self, offset: int) -> None:
+        self.__dict__["offset"] = offset
+
+
+class NoBlockingCopies(TorchDispatchMode):
+    """A blocking host-to-device copy (`tensor.to(device)` of a CPU tensor without non_blocking)
+    also waits for the device on CUDA (the copy synchronises the stream): refuse it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" \
+                and torch.device(kwargs.get("device") or "cpu").type == "meta" and not kwargs.get("non_blocking"):
+            raise RuntimeError(f"a blocking host-to-device copy of a {tuple(args[0].shape)} tensor")
+        if func is torch.ops.aten.copy_.default and args[0].device.type == "meta" and args[1].device.type == "cpu" \
+                and args[1].dim() and not (args[2] if len(args) > 2 else kwargs.get("non_blocking")):
+            raise RuntimeError(f"a blocking host-to-device copy of a {tuple(args[1].shape)} tensor")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def no_blocking_copies():
+    """Refuse blocking host-to-device copies: through the dispatcher (NoBlockingCopies) and
+    torch.tensor / as_tensor / new_tensor of host values onto the device, which copy without it."""
+    patched = []
+    for owner, name in ((torch, "tensor"), (torch, "as_tensor"), (torch.Tensor, "new_tensor")):
+        original = getattr(owner, name)
+
+        def guarded(*args, _original=original, _name=name, **kwargs):
+            out = _original(*args, **kwargs)
+            source = args[1] if _name == "new_tensor" else args[0]
+            if out.device.type == "meta" and not isinstance(source, torch.Tensor):
+                raise RuntimeError(f"torch.{_name} copies a host value to the device (a blocking copy)")
+            return out
+
+        patched.append((owner, name, original))
+        setattr(owner, name, guarded)
+    try:
+        with NoBlockingCopies():
+            yield
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
 
 
 @pytest.fixture
@@ -50,16 +98,21 @@ def meta_autocast(monkeypatch):
 
 
 def meta_step(m: nn.Module, audio: torch.Tensor) -> None:
-    """One training step (forward, backward, after_step) with every device tensor on meta."""
+    """Two training steps (forward, backward, after_step) with every device tensor on meta; the
+    second also refuses blocking host-to-device copies (the first fills per-device caches, such
+    as positional tables, which a GPU run copies once)."""
     m.to("meta")
-    g = MetaGenerator()
-    g.manual_seed(0)
-    out = m({"audio": audio.to("meta")}, 1, g, 10)
-    out["loss"].backward()
-    m.after_step(1, 10)
+    audio = audio.to("meta")
+    for step in (1, 2):
+        g = MetaGenerator()
+        g.manual_seed(step)
+        with no_blocking_copies() if step == 2 else contextlib.nullcontext():
+            out = m({"audio": audio}, step, g, 10)
+            out["loss"].backward()
+            m.after_step(step, 10)
 
 
-@pytest.mark.parametrize("name", SYNC_FREE)
+@pytest.mark.parametrize("name", TINY)
 def test_training_step_reads_nothing_from_the_device(name, meta_autocast):
     p, m = small(name)
     audio = audio_batch(p, m)
@@ -106,3 +159,39 @@ def test_host_int_mirrors_the_buffer_and_follows_a_load():
     host_int(parent[0], "ptr")
     parent.load_state_dict({"0.ptr": torch.tensor(7)})  # loaded through a parent module too
     assert host_int(parent[0], "ptr") == 7
+
+
+def test_the_check_catches_a_blocking_copy(meta_autocast):
+    class Copies(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, batch, step, g, max_steps):
+            scale = torch.tensor(float(step), device=g.device)  # a host value copied with a stream sync
+            return {"loss": batch["audio"].sum() * self.w * scale}
+
+        def after_step(self, step, max_steps):
+            pass
+
+    with pytest.raises(RuntimeError, match="blocking"):
+        meta_step(Copies(), torch.randn(2, 1, 8))
+
+
+def test_host_generator_streams():
+    """A CPU generator draws on itself (CPU runs unchanged); an accelerator's gives a CPU generator
+    from its seed and offset, a new stream per call, the same after re-seeding (resume)."""
+    cpu = gen(3)
+    assert host_generator(cpu) is cpu
+
+    def draws(seed):
+        g = MetaGenerator()
+        g.manual_seed(seed)
+        a, b = (torch.rand(4, generator=host_generator(g)) for _ in range(2))
+        return a, b, g.get_offset()
+
+    a, b, offset = draws(5)
+    assert not torch.equal(a, b) and offset == 8
+    a2, b2, _ = draws(5)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert not torch.equal(a, draws(6)[0])

@@ -137,3 +137,28 @@ def test_mask_from_masked_rejects_unequal_keep_rows():
 def test_bad_configs_raise_config_error(section):
     with pytest.raises(ConfigError):
         build_component(MASKERS, section, "masker")
+
+
+@pytest.mark.parametrize("name", MASKERS.names())
+def test_hidden_index_selects_what_boolean_indexing_selects(name):
+    """The gather index of the hidden, unpadded tokens (built on the host) picks the rows that
+    `x[masked & ~padding]` picks, in the same order; span masks carry their host copy."""
+    grid = GRIDS[name]
+    n = grid[0] * grid[1] if len(grid) == 2 else grid[0]
+    pad = suffix_padding([grid[-1], grid[-1] - 7, grid[-1] // 2], grid)
+    mask = build(name)(grid, 3, pad, gen(4))
+    assert (mask.host is not None) == (name == "span")
+    if mask.host is not None:
+        assert mask.host.device.type == "cpu" and torch.equal(mask.host, mask.masked)
+    x = torch.randn(3, n, 2, generator=gen(5))
+    sel = mask.masked & ~pad
+    assert torch.equal(x.flatten(0, 1)[mask.hidden_index(pad)], x[sel])
+    assert mask.hidden_counts(pad).tolist() == sel.sum(1).tolist()
+
+
+def test_from_host_keep_mode_checks_counts_on_the_host():
+    rows = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    mask = Mask.from_host(rows, "keep", torch.device("cpu"))
+    assert mask.keep_idx.tolist() == [[1, 3], [0, 3]] and mask.host is rows
+    with pytest.raises(ValueError, match="same number of visible tokens"):
+        Mask.from_host(torch.tensor([[True, False], [False, False]]), "keep", torch.device("cpu"))

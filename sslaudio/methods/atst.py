@@ -170,7 +170,7 @@ class ATSTClip(_TeacherStudent):
             t = self.target_projector(self.target_encoder(x).cls)
         loss = self.symmetric_loss(p[:B], p[B:], t[:B], t[B:])
         return {"loss": loss, "std_student": embedding_std(p), "std_teacher": embedding_std(t),
-                "ema_tau": torch.tensor(self.tau(step, max_steps), device=loss.device)}
+                "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device)}
 
 
 @METHODS.register("atst-frame")
@@ -206,23 +206,26 @@ class ATSTFrame(_TeacherStudent):
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         B = batch["audio"].shape[0]
         x = torch.cat(self.make_views(batch["audio"], generator))  # (2B, F, T): view 1, then view 2
-        lengths = torch.full((2 * B,), x.shape[-1], dtype=torch.long, device=x.device)
-        padding = self.encoder.token_padding(lengths, x.shape)[:B]  # (B, N)
-        drawn = self.masker(self.encoder.token_grid(x.shape), B, padding, generator)
+        # whole crops: no lengths for the encoders to check, no padding for the masker
+        drawn = self.masker(self.encoder.token_grid(x.shape), B, None, generator)
         hidden = drawn.masked.to(x.device).repeat(2, 1)  # one mask per clip, shared by its two views
-        out = self.encoder(x, lengths, mask=Mask.from_masked(hidden, "replace"))
+        out = self.encoder(x, None, mask=Mask.from_masked(hidden, "replace"))
         with torch.no_grad():
-            t_tokens = self.target_encoder(x, lengths).tokens  # the unmasked views
-        sel = hidden & ~padding.repeat(2, 1)  # (2B, N): masked frames, view 1's rows first
-        m = int(sel[:B].sum())
-        p = self.predictor(self.projector(out.tokens[sel]))  # (2M, P)
+            t_tokens = self.target_encoder(x, None).tokens  # the unmasked views
+        # the masked frames, view 1's rows first (the order of tokens[hidden]), gathered with
+        # indices the span masker built on the host: the BatchNorm heads see exactly those rows
+        # and no count is read from the device
+        rows = drawn.hidden_index()
+        m, n_tokens = rows.shape[0], hidden.shape[1]
+        rows = torch.cat([rows, rows + B * n_tokens])
+        p = self.predictor(self.projector(out.tokens.flatten(0, 1)[rows]))  # (2M, P)
         with torch.no_grad():
-            t = self.target_projector(t_tokens[sel])
+            t = self.target_projector(t_tokens.flatten(0, 1)[rows])
         loss = self.symmetric_loss(p[:m], p[m:], t[:m], t[m:])
         return {"loss": loss, "std_student": embedding_std(p), "std_teacher": embedding_std(t),
                 "frame_std": frame_std(out.tokens.detach(), out.padding),
-                "masked_pct": sel[:B].float().mean().detach(),
-                "ema_tau": torch.tensor(self.tau(step, max_steps), device=loss.device)}
+                "masked_pct": torch.full((), m / max(B * n_tokens, 1), device=loss.device),
+                "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device)}
 
 
 TEACHERS = {"clip_teacher": ("atst-clip", "ATST-Clip"), "frame_teacher": ("atst-frame", "ATST-Frame")}

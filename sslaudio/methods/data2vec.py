@@ -192,7 +192,8 @@ class Data2Vec(_TeacherStudent):
 
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         x, lengths, padding = self._inputs(batch)
-        mask = self.masker(self.encoder.token_grid(x.shape), x.shape[0], padding, generator)
+        mask = self.masker(self.encoder.token_grid(x.shape), x.shape[0], None if lengths is None else padding,
+                           generator)
         out = self.encoder(x, lengths, mask=mask)  # masked tokens replaced by the mask embedding
         y = self.targets(x, lengths, out)  # (B, N, D), teacher on the unmasked input
         sel = mask.masked.to(x.device) & ~padding
@@ -203,7 +204,7 @@ class Data2Vec(_TeacherStudent):
                 "emb_std": embedding_std(self.encoder.pool(out)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
-                "ema_tau": torch.tensor(self.tau(step, max_steps), device=loss.device)}
+                "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device)}
 
 
 class ConvDecoder(nn.Module):
@@ -298,7 +299,7 @@ class Data2Vec2(_TeacherStudent):
         K = self.cfg.clone_batch
         padding_k = padding.repeat_interleave(K, 0)  # (B*K, N), rows b*K + k
         grid = self.encoder.token_grid(x.shape)
-        mask = self.masker(grid, x.shape[0] * K, padding_k, generator)
+        mask = self.masker(grid, x.shape[0] * K, None if lengths is None else padding_k, generator)
         out = self.encoder(x, lengths, mask=mask)  # (B*K, visible, D); local features computed once
         y = self.targets(x, lengths, out)  # teacher once per clip: (B, N, D)
         y_k = y.repeat_interleave(K, 0)
@@ -319,4 +320,4 @@ class Data2Vec2(_TeacherStudent):
                 "emb_std": embedding_std(masked_mean(out.tokens, out.padding)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
-                "ema_tau": torch.tensor(self.tau(step, max_steps), device=loss.device), **logs}
+                "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device), **logs}

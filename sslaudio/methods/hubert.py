@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from sslaudio import kmeans
 from sslaudio.config import ConfigError
 from sslaudio.frontends import KaldiMFCC
+from sslaudio.masking import to_device
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs, embedding_std
 from sslaudio.methods.data2vec import frame_std
@@ -174,7 +175,7 @@ class HuBERT(Method):
         t_frame = self.encoder.frame_times(n_frames)
         step = float(t_label[1] - t_label[0]) if len(t_label) > 1 else 1.0
         idx = torch.round((t_frame - float(t_label[0])) / step).long().clamp(0, f.shape[1] - 1)
-        return ids[:, idx.to(ids.device)]
+        return ids[:, to_device(idx, ids.device)]  # host-built index: a non-blocking copy
 
     def prepare(self, audio: Tensor, sample=None) -> None:
         super().prepare(audio)
@@ -219,7 +220,7 @@ class HuBERT(Method):
         B = x.shape[0]
         # whole crops: no lengths for the encoder to check, all-False padding made on the device
         padding = torch.zeros(B, math.prod(self.encoder.token_grid(x.shape)), dtype=torch.bool, device=x.device)
-        mask = self.masker(self.encoder.token_grid(x.shape), B, padding, generator)
+        mask = self.masker(self.encoder.token_grid(x.shape), B, None, generator)
         out = self.encoder(x, None, mask=mask)
         labels = self.frame_labels(audio, out.tokens.shape[1])
         pred = self.final_proj(out.tokens)

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.encoders.layers import init_bert_
+from sslaudio.masking import to_device
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs, embedding_std
 from sslaudio.registry import METHODS
@@ -77,11 +78,12 @@ class Alteration:
 def draw_starts(n_spans: Tensor, n_choices: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """Per row, the first k of a random permutation of [0, n_choices) (s3prl's
     `torch.randperm(n_choices)[:k]`), by sorting uniform keys -> (B, k) long. The caller uses the
-    first n_spans <= n_choices of each row; positions past n_choices only fill the rest."""
+    first n_spans <= n_choices of each row; positions past n_choices only fill the rest.
+    `n_choices` is read on the host (pass it on the CPU: no device read)."""
     B = n_spans.shape[0]
     w = max(int(n_choices.max()) if B else 1, k, 1)
     key = torch.rand((B, w), generator=generator, device=generator.device)
-    outside = torch.arange(w, device=key.device)[None, :] >= n_choices.to(key.device)[:, None]
+    outside = torch.arange(w, device=key.device)[None, :] >= to_device(n_choices, key.device)[:, None]
     return key.masked_fill(outside, 2.0).argsort(dim=1)[:, :k]
 
 
@@ -93,18 +95,22 @@ def alter(x: Tensor, lengths: Tensor, n_freq: int, generator: torch.Generator, *
     C = n_freq * frames per token. See the module docstring. Every draw from `generator`."""
     B, N, C = x.shape
     dev, gdev = x.device, generator.device
-    lengths = lengths.to(gdev)
+    # the span counts come from the lengths alone: worked out on the host (training passes CPU
+    # lengths), so the draw widths need no device read
+    host_len = lengths.cpu()
     c = mask_consecutive
     pos = torch.arange(N, device=gdev)
+    lengths = to_device(host_len, gdev)
     valid = pos[None, :] < lengths[:, None]  # (B, N)
 
     # time masking: starts in [0, valid_start_max], valid_start_max = max(len - c - 1, 0)
-    n_choices = (lengths - c).clamp_min(1)
-    n_spans = torch.round(lengths.double() * mask_proportion / c).long()  # half to even, as round()
+    n_choices = (host_len - c).clamp_min(1)
+    n_spans = torch.round(host_len.double() * mask_proportion / c).long()  # half to even, as round()
     n_spans = torch.minimum(n_spans, n_choices)  # randperm(n_choices)[:n_spans]
     k = max(int(n_spans.max()) if B else 0, 1)  # one unused column when nothing is drawn
     starts = draw_starts(n_spans, n_choices, k, generator)  # (B, k)
     sources = draw_starts(n_spans, n_choices, k, generator)  # (B, k) random-frame spans
+    n_spans = to_device(n_spans, gdev)
     dice = torch.rand((B,), generator=generator, device=gdev)
     used = torch.arange(k, device=gdev)[None, :] < n_spans[:, None]  # (B, k)
     offset = pos[None, None, :] - starts[:, :, None]  # (B, k, N) frame - span start
@@ -208,9 +214,9 @@ class Mockingjay(Method):
         x = self.features(batch["audio"][:, 0])  # (B, F, T)
         target = enc.stack_frames(x)  # (B, N, F * r)
         B, N, _ = target.shape
-        lengths = torch.full((B,), N, dtype=torch.long, device=x.device)  # tokens
+        lengths = torch.full((B,), N, dtype=torch.long)  # tokens, on the host: whole crops
         alt = self.alter(target, lengths, generator)
-        out = enc(enc.unstack_frames(alt.x), lengths * enc.stack)
+        out = enc(enc.unstack_frames(alt.x), None)  # no padding for the encoder to check
         pred = self.head(out.tokens)  # (B, N, F * r)
         loss = losses.masked_reconstruction_loss(pred, target, alt.label, self.cfg.loss)
         return {

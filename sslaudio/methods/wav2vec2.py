@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, check_range
+from sslaudio.masking import to_device
 from sslaudio.methods import losses
 from sslaudio.methods.base import Method, Needs
 from sslaudio.methods.quantizer import GumbelQuantizer, gumbel_temperature
@@ -62,13 +63,15 @@ def sample_negatives(counts: Tensor, n: int, generator: torch.Generator) -> Tens
     c - 1 other masked frames of the same utterance: a draw in [0, c - 2] is shifted by one at or
     above j (fairseq `neg_idxs[neg_idxs >= tszs] += 1`), so a frame never draws itself. A lone
     masked frame (c = 1) has no other frame: its draws point at itself, which the loss masks out as
-    equal to the target. Every draw comes from `generator` (on its device)."""
+    equal to the target. The bookkeeping is built on the host from host `counts` (the mask's host
+    copy), so nothing is read from the device; the draws come from `generator` (on its device)."""
     device = generator.device
-    counts = counts.to(device=device, dtype=torch.long)
+    counts = counts.cpu().long()
     first = torch.cumsum(counts, 0) - counts  # (B,) row of each utterance's first frame
-    utt = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts)  # (M,)
+    utt = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)  # (M,)
     start, size = first[utt], counts[utt]  # (M,)
-    local = torch.arange(utt.shape[0], device=device) - start  # position among its utterance's frames
+    local = torch.arange(utt.shape[0]) - start  # position among its utterance's frames
+    start, size, local = (to_device(t, device) for t in (start, size, local))
     others = (size - 1).clamp_min(1)[:, None]  # (M, 1)
     u = torch.rand((utt.shape[0], n), generator=generator, device=device, dtype=torch.float64)
     idx = torch.minimum((u * others).long(), others - 1)  # uniform over [0, c - 2]
@@ -163,15 +166,20 @@ class Wav2Vec2(Method):
         audio = batch["audio"][:, 0]  # (B, S); one crop per file
         with torch.no_grad():
             x, lengths = self.frontend(audio, batch.get("lengths"))  # waveform (B, S) or log-mel (B, F, T)
-        padding = self.encoder.token_padding(lengths, x.shape)  # (B, T)
+        if "lengths" not in batch:  # whole crops: no padding, nothing for the encoder to check
+            lengths, padding = None, None
+        else:
+            padding = self.encoder.token_padding(lengths, x.shape)  # (B, T)
         mask = self.masker(self.encoder.token_grid(x.shape), x.shape[0], padding, generator)
         out = self.encoder(x, lengths, mask=mask)  # masked frames replaced by the mask embedding
-        sel = mask.masked.to(x.device) & ~padding.to(x.device)  # (B, T) masked valid frames
-        # targets: quantized local features of the masked frames, in x[sel] order (utterance by utterance)
-        q = self.quantizer(self.dropout_features(out.features[sel]), self.temperature(step), generator)
+        # the masked valid frames, utterance by utterance (the order of x[sel]); gathered with
+        # indices the span masker built on the host, so no count is read from the device
+        rows = mask.hidden_index(padding)
+        feats, tokens = out.features.flatten(0, 1)[rows], out.tokens.flatten(0, 1)[rows]
+        q = self.quantizer(self.dropout_features(feats), self.temperature(step), generator)
         y = self.project_q(q.codes)  # (M, final_dim)
-        pred = self.final_proj(out.tokens[sel])  # (M, final_dim)
-        neg_idx = sample_negatives(sel.sum(1), self.cfg.num_negatives, generator).to(pred.device)
+        pred = self.final_proj(tokens)  # (M, final_dim)
+        neg_idx = sample_negatives(mask.hidden_counts(padding), self.cfg.num_negatives, generator).to(pred.device)
         contrastive, terms = losses.wav2vec2_contrastive(pred, y, neg_idx, self.cfg.logit_temp)
         pen = out.features_pen if out.features_pen is not None else contrastive.new_zeros(())
         loss = contrastive + self.cfg.diversity_weight * q.diversity + self.cfg.feature_pen_weight * pen
@@ -182,5 +190,6 @@ class Wav2Vec2(Method):
         return {"loss": loss, "contrastive": contrastive.detach(), "diversity": q.diversity.detach(),
                 "feature_pen": pen.detach().float(), "acc": terms["acc"],
                 "code_ppl": q.code_perplexity.detach(), "prob_ppl": q.prob_perplexity.detach(),
-                "temp": torch.tensor(self.temperature(step), device=loss.device),
-                "masked_pct": sel.float().mean().detach(), "codebook_collapse": self.collapse_steps.clone()}
+                "temp": torch.full((), self.temperature(step), device=loss.device),
+                "masked_pct": torch.full((), rows.shape[0] / max(mask.masked.numel(), 1), device=loss.device),
+                "codebook_collapse": self.collapse_steps.clone()}

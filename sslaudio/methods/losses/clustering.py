@@ -149,7 +149,7 @@ def cluster_prediction_loss(pred: Tensor, codewords: Tensor, labels: Tensor, tem
     logits = F.normalize(pred.float(), dim=-1) @ F.normalize(codewords.float(), dim=-1).t() / temperature
     if select is None:
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        rows = torch.tensor(float(labels.numel()), device=loss.device)
+        rows = torch.full((), float(labels.numel()), device=loss.device)
     else:
         w = select.reshape(-1).to(logits.dtype)
         loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum()
