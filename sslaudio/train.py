@@ -333,6 +333,11 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             warn(f"{last.name} holds the per-process buffers of {saved.get('world_size')} processes; with "
                  f"{world.size} every process resumes from rank 0's (mixup memories, queues), so the run "
                  f"continues but not as it would have uninterrupted")
+        elif saved.get("rank_buffers") == "not gathered" and world.main:
+            warn(f"{last.name} was saved on an interrupt by {saved.get('world_size')} processes, without the "
+                 f"other processes' own buffers (mixup memories, queues, where the method has them): every "
+                 f"process resumes from rank 0's copies, so the run continues but not exactly as it would have "
+                 f"uninterrupted")
     else:
         for name, spec in method.sources(method.cfg).items():  # e.g. HuBERT's iteration-1 model
             getattr(method, name).load_state_dict(load_encoder(spec).state_dict())
@@ -394,12 +399,13 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         # FSDP: whole tensors gathered by every process (rank 0 keeps them): the same checkpoint
         whole, whole_optimizer = distributed.full_state(method, optimizer, world) if fsdp else (method, optimizer)
         # every process's own buffers (mixup memories, ...), so that a resume continues each of them
-        ranks = distributed.rank_buffers(method, world) if check and not fsdp else {}
+        ranks = distributed.rank_buffers(method, world) if check else {}  # FSDP2: buffers stay whole
         if world.main:
             with stops.protect():
                 try:
+                    extra = {"rank_buffers": "not gathered"} if not check and world.size > 1 else {}
                     checkpoint.save(run, at, whole, whole_optimizer, preset, {**state, "nonfinite": nonfinite,
-                                    "log_loss_sum": loss_sum, "log_steps": n_sum}, tc.keep_last, ranks)
+                                    "log_loss_sum": loss_sum, "log_steps": n_sum, **extra}, tc.keep_last, ranks)
                 except checkpoint.NonFiniteWeights as e:  # the optimizer state, which the health check skips
                     raise TrainingDiverged(f"{e}; try a lower optim.lr") from None
                 checkpoint.export_encoder(run / "export" / "encoder.safetensors", whole, preset, step=at)

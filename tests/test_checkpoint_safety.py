@@ -483,3 +483,15 @@ def test_per_process_buffers_are_verified_with_the_step(tmp_path):
     assert "ranks.safetensors" in checkpoint.verify_step(step)
     (step / "ranks.safetensors").unlink()
     assert "ranks.safetensors" in checkpoint.verify_step(step)
+
+
+def test_resuming_an_interrupt_step_of_several_processes_warns(run, audio_dir):
+    """A step saved on an interrupt under torchrun holds rank 0's buffers only (the other processes
+    may be gone, so nothing is gathered): the resume says so instead of continuing silently."""
+    shutil.rmtree(step(run, 4))
+    state = json.loads((step(run, 2) / "state.json").read_text())
+    (step(run, 2) / "state.json").write_text(json.dumps({**state, "world_size": 2, "rank_buffers": "not gathered"}))
+    notes = []
+    fit(small(), [str(audio_dir)], run, warn=notes.append)
+    assert any("saved on an interrupt by 2 processes" in n for n in notes)
+    assert "rank_buffers" not in json.loads((step(run, 4) / "state.json").read_text())  # a periodic step
