@@ -47,22 +47,16 @@ class Mask:
     restore_idx: Tensor | None = None  # (B, N) long, keep mode only
     host: Tensor | None = None  # (B, N) bool on the CPU: `masked` as drawn on the host, if it was
 
-    def _selected(self, padding: Tensor | None) -> Tensor:
-        """(B, N) bool on the CPU: hidden and not padding. From the host copy when there is one;
-        otherwise read back from the device (a host sync on a GPU)."""
-        masked = self.masked.cpu() if self.host is None else self.host
-        return masked if padding is None else masked & ~padding.cpu()
-
-    def hidden_index(self, padding: Tensor | None = None) -> Tensor:
-        """(M,) long on `masked`'s device: the flat (row-major) positions of the hidden tokens that
-        are not padding, the rows `x.flatten(0, 1)[(masked & ~padding).flatten()]` selects, so
-        gathering with it equals boolean indexing; built on the host, so with a host copy (span
-        masks) nothing is read from the device."""
-        return to_device(self._selected(padding).flatten().nonzero().flatten(), self.masked.device)
-
-    def hidden_counts(self, padding: Tensor | None = None) -> Tensor:
-        """(B,) long on the CPU: hidden tokens per row that are not padding."""
-        return self._selected(padding).sum(1)
+    def hidden_rows(self, padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The hidden tokens that are not padding, worked out once on the host: (M,) long flat
+        (row-major) positions on `masked`'s device, the rows `x.flatten(0, 1)[(masked &
+        ~padding).flatten()]` selects (so gathering with them equals boolean indexing), and (B,)
+        long counts per row on the CPU. With a host copy (span masks) nothing is read from the
+        device; otherwise the mask is read back once (a host sync on a GPU)."""
+        sel = self.masked.cpu() if self.host is None else self.host
+        if padding is not None:
+            sel = sel & ~padding.cpu()
+        return to_device(sel.flatten().nonzero().flatten(), self.masked.device), sel.sum(1)
 
     @staticmethod
     def from_host(masked: Tensor, mode: Literal["keep", "replace"], device: torch.device) -> "Mask":

@@ -213,36 +213,12 @@ def test_global_batch_must_split_evenly(wav_folder, tmp_path, monkeypatch):
         fit(load_preset("tiny/byol-a", ["train.batch_size=8"]), [str(wav_folder)], tmp_path / "r", device="cpu")
 
 
-@pytest.mark.slow
-def test_fsdp_resume_continues_each_process_memory(wav_folder, tmp_path):
-    """FSDP2 keeps buffers whole, so its checkpoints keep every process's mixup memory too: a
-    2-process FSDP run of tiny/atst-clip (ViT blocks sharded) resumed from step 2 with 2 processes
-    gives the uninterrupted run's losses and weights."""
-    small = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.proj_hidden=32",
-             "method.proj_dim=16", "views[0].memory=8", "data.norm_samples=8", "train.log_every=1",
-             "train.parallel=fsdp"]
+def resumes_each_process_exactly(wav_folder, tmp_path, preset: str, small: list[str]) -> Path:
+    """A 2-process run whose step 2 holds rank 1's own mixup memory (ranks.safetensors, hashed in
+    state.json), resumed from step 2 with 2 processes: the uninterrupted run's losses and weights,
+    bit for bit. Returns the step-2 folder."""
     full = tmp_path / "full"
-    torchrun(wav_folder, full, "tiny/atst-clip", *small)
-    step2 = full / "ckpt" / "step-000000002"
-    from safetensors.torch import load_file
-
-    assert any(k.startswith("1/") and "bank" in k for k in load_file(str(step2 / "ranks.safetensors")))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(step2, resumed / "ckpt" / step2.name)
-    torchrun(wav_folder, resumed, "tiny/atst-clip", *small)
-    assert losses(resumed) == losses(full)[2:]
-    w_full, w_res = weights(full), weights(resumed)
-    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
-
-
-def test_two_process_resume_continues_each_process_memory(wav_folder, tmp_path):
-    """BYOL-A's mixup memory holds each process's own clips: a 2-process checkpoint keeps every
-    process's copy (ranks.safetensors), so resuming it with 2 processes gives the uninterrupted run's
-    weights and losses, bit for bit; with one process it warns and continues from rank 0's."""
-    small = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
-             "views[0].memory=8", "data.norm_samples=8", "train.log_every=1"]
-    full = tmp_path / "full"
-    torchrun(wav_folder, full, "tiny/byol-a", *small)
+    torchrun(wav_folder, full, preset, *small)
     step2 = full / "ckpt" / "step-000000002"
     state = json.loads((step2 / "state.json").read_text())
     assert "ranks.safetensors" in state["sha256"]  # rank 1's mixup memory differs from rank 0's
@@ -251,10 +227,31 @@ def test_two_process_resume_continues_each_process_memory(wav_folder, tmp_path):
     assert any(k.startswith("1/") and "bank" in k for k in load_file(str(step2 / "ranks.safetensors")))
     resumed = tmp_path / "resumed"
     shutil.copytree(step2, resumed / "ckpt" / step2.name)
-    torchrun(wav_folder, resumed, "tiny/byol-a", *small)
+    torchrun(wav_folder, resumed, preset, *small)
     assert losses(resumed) == losses(full)[2:]
     w_full, w_res = weights(full), weights(resumed)
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    return step2
+
+
+@pytest.mark.slow
+def test_fsdp_resume_continues_each_process_memory(wav_folder, tmp_path):
+    """FSDP2 keeps buffers whole, so its checkpoints keep every process's mixup memory too: a
+    2-process FSDP run of tiny/atst-clip (ViT blocks sharded) resumed from step 2 with 2 processes
+    gives the uninterrupted run's losses and weights."""
+    small = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.proj_hidden=32",
+             "method.proj_dim=16", "views[0].memory=8", "data.norm_samples=8", "train.log_every=1",
+             "train.parallel=fsdp"]
+    resumes_each_process_exactly(wav_folder, tmp_path, "tiny/atst-clip", small)
+
+
+def test_two_process_resume_continues_each_process_memory(wav_folder, tmp_path):
+    """BYOL-A's mixup memory holds each process's own clips: a 2-process checkpoint keeps every
+    process's copy (ranks.safetensors), so resuming it with 2 processes gives the uninterrupted run's
+    weights and losses, bit for bit; with one process it warns and continues from rank 0's."""
+    small = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
+             "views[0].memory=8", "data.norm_samples=8", "train.log_every=1"]
+    step2 = resumes_each_process_exactly(wav_folder, tmp_path, "tiny/byol-a", small)
     one = tmp_path / "one"
     shutil.copytree(step2, one / "ckpt" / step2.name)
     from sslaudio.build import load_preset

@@ -140,7 +140,7 @@ def test_bad_configs_raise_config_error(section):
 
 
 @pytest.mark.parametrize("name", MASKERS.names())
-def test_hidden_index_selects_what_boolean_indexing_selects(name):
+def test_hidden_rows_select_what_boolean_indexing_selects(name):
     """The gather index of the hidden, unpadded tokens (built on the host) picks the rows that
     `x[masked & ~padding]` picks, in the same order; span masks carry their host copy."""
     grid = GRIDS[name]
@@ -152,8 +152,9 @@ def test_hidden_index_selects_what_boolean_indexing_selects(name):
         assert mask.host.device.type == "cpu" and torch.equal(mask.host, mask.masked)
     x = torch.randn(3, n, 2, generator=gen(5))
     sel = mask.masked & ~pad
-    assert torch.equal(x.flatten(0, 1)[mask.hidden_index(pad)], x[sel])
-    assert mask.hidden_counts(pad).tolist() == sel.sum(1).tolist()
+    rows, counts = mask.hidden_rows(pad)
+    assert torch.equal(x.flatten(0, 1)[rows], x[sel])
+    assert counts.tolist() == sel.sum(1).tolist()
 
 
 def test_from_host_keep_mode_checks_counts_on_the_host():

@@ -215,7 +215,7 @@ class ATSTFrame(_TeacherStudent):
         # the masked frames, view 1's rows first (the order of tokens[hidden]), gathered with
         # indices the span masker built on the host: the BatchNorm heads see exactly those rows
         # and no count is read from the device
-        rows = drawn.hidden_index()
+        rows = drawn.hidden_rows()[0]
         m, n_tokens = rows.shape[0], hidden.shape[1]
         rows = torch.cat([rows, rows + B * n_tokens])
         p = self.predictor(self.projector(out.tokens.flatten(0, 1)[rows]))  # (2M, P)

@@ -174,12 +174,12 @@ class Wav2Vec2(Method):
         out = self.encoder(x, lengths, mask=mask)  # masked frames replaced by the mask embedding
         # the masked valid frames, utterance by utterance (the order of x[sel]); gathered with
         # indices the span masker built on the host, so no count is read from the device
-        rows = mask.hidden_index(padding)
+        rows, counts = mask.hidden_rows(padding)
         feats, tokens = out.features.flatten(0, 1)[rows], out.tokens.flatten(0, 1)[rows]
         q = self.quantizer(self.dropout_features(feats), self.temperature(step), generator)
         y = self.project_q(q.codes)  # (M, final_dim)
         pred = self.final_proj(tokens)  # (M, final_dim)
-        neg_idx = sample_negatives(mask.hidden_counts(padding), self.cfg.num_negatives, generator).to(pred.device)
+        neg_idx = sample_negatives(counts, self.cfg.num_negatives, generator).to(pred.device)
         contrastive, terms = losses.wav2vec2_contrastive(pred, y, neg_idx, self.cfg.logit_temp)
         pen = out.features_pen if out.features_pen is not None else contrastive.new_zeros(())
         loss = contrastive + self.cfg.diversity_weight * q.diversity + self.cfg.feature_pen_weight * pen
