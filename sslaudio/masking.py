@@ -326,6 +326,13 @@ class BlockMasker(Masker):
 
     def __call__(self, grid, batch, padding, generator) -> Mask:
         cfg = self.cfg
+        target = generator.device
+        if cfg.mode == "keep":
+            # keep mode needs the equalised hidden count, which is random: drawn on the host (as the
+            # span masker) so that no count is read back from the device. A CPU generator is used as
+            # is, so CPU runs draw what they drew before.
+            generator = host_generator(generator)
+            padding = None if padding is None else padding.cpu()
         n, device, pad = _prepare(grid, batch, padding, generator)
         nf, nt = _time_view(grid)
         if cfg.freq_ratio > 0 and len(grid) == 1:
@@ -357,7 +364,7 @@ class BlockMasker(Masker):
             masked = masked | (band[:, :, None] & ~col_pad[:, None, :])
         masked = masked.reshape(batch, n)
         if cfg.mode == "keep":
-            masked = _equalise(masked, ~pad, generator)
+            return Mask.from_host(_equalise(masked, ~pad, generator), cfg.mode, target)
         return Mask.from_masked(masked, cfg.mode)
 
 

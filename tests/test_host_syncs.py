@@ -195,3 +195,17 @@ def test_host_generator_streams():
     a2, b2, _ = draws(5)
     assert torch.equal(a, a2) and torch.equal(b, b2)
     assert not torch.equal(a, draws(6)[0])
+
+
+@pytest.mark.parametrize("name", sorted(__import__("sslaudio.registry", fromlist=["MASKERS"]).MASKERS.names()))
+def test_every_masker_in_keep_mode_reads_nothing_from_the_device(name):
+    """Keep mode needs every row's visible count on the host (to cut keep_idx): each masker knows it
+    there or draws the mask there (span, block), for training crops (no padding)."""
+    from tests.test_masking import GRIDS, build
+
+    grid = GRIDS[name]
+    g = MetaGenerator()
+    g.manual_seed(0)
+    with no_blocking_copies():
+        mask = build(name, mode="keep")(grid, 4, None, g)
+    assert mask.masked.device.type == "meta" and mask.keep_idx.shape[0] == 4
