@@ -271,13 +271,14 @@ def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
             offset += n
 
 
-def mean_scalar(x: Tensor, world: World) -> Tensor:
-    """The mean over processes of a () tensor (the logged loss; also a consistent finiteness test)."""
-    if not world.active:
-        return x
-    x = x.detach().float().clone()
-    dist.all_reduce(x)
-    return x / world.size
+def mean_scalar_and_count(x: Tensor, flag: bool, world: World) -> tuple[Tensor, Tensor]:
+    """The mean over processes of the () tensor x and the number of processes whose flag is set,
+    from one all-reduce: the step's loss and whether any process was asked to stop, so that every
+    process stops after the same step, read in the step's one host sync."""
+    out = torch.stack([x.detach().float(), torch.full((), float(flag), device=x.device)])
+    if world.active:
+        dist.all_reduce(out)
+    return out[0] / world.size, out[1]
 
 
 def max_scalar(x: Tensor, world: World) -> Tensor:

@@ -10,7 +10,9 @@ old run is touched before the new configuration and the data are checked; `--no-
 old run aside (RUN/.replaced-*) and deletes it only once the new run has committed a checkpoint.
 SIGINT / SIGTERM do not interrupt a step: the loop finishes the step, commits it and raises
 `Interrupted` (a second signal, a second or more later, stops at once without that step; during a
-commit it waits for the commit). A step is committed only after the model state is checked to be
+commit it waits for the commit). Under torchrun a signal to any process stops every process
+after the same step (the requests ride on the step's loss all-reduce), so that step's commit is
+collective as a periodic one. A step is committed only after the model state is checked to be
 finite, so a checkpoint never holds a diverged model. What a SIGKILL leaves (a temp step folder,
 temp files) is removed at the next start.
 
@@ -43,6 +45,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -390,22 +393,21 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             raise TrainingDiverged(f"weights became non-finite (or exceeded 1e12) at step {health_at} "
                                    f"({_worst_tensor(method)}); try a lower optim.lr")
 
-    def commit(at: int, check: bool = True) -> None:
+    def commit(at: int) -> None:  # collective under torchrun: every process commits the same step
         nonlocal committed, drop_replaced
         if health is not None:  # nothing non-finite is ever committed
             check_health(float(health))
-        if check and not fsdp:  # not on an interrupt: the other processes may be gone (FSDP: shards differ)
+        if not fsdp:  # (FSDP: the shards differ)
             distributed.check_in_sync(params, world)
         # FSDP: whole tensors gathered by every process (rank 0 keeps them): the same checkpoint
         whole, whole_optimizer = distributed.full_state(method, optimizer, world) if fsdp else (method, optimizer)
         # every process's own buffers (mixup memories, ...), so that a resume continues each of them
-        ranks = distributed.rank_buffers(method, world) if check else {}  # FSDP2: buffers stay whole
+        ranks = distributed.rank_buffers(method, world)  # FSDP2: buffers stay whole
         if world.main:
             with stops.protect():
                 try:
-                    extra = {"rank_buffers": "not gathered"} if not check and world.size > 1 else {}
                     checkpoint.save(run, at, whole, whole_optimizer, preset, {**state, "nonfinite": nonfinite,
-                                    "log_loss_sum": loss_sum, "log_steps": n_sum, **extra}, tc.keep_last, ranks)
+                                    "log_loss_sum": loss_sum, "log_steps": n_sum}, tc.keep_last, ranks)
                 except checkpoint.NonFiniteWeights as e:  # the optimizer state, which the health check skips
                     raise TrainingDiverged(f"{e}; try a lower optim.lr") from None
                 checkpoint.export_encoder(run / "export" / "encoder.safetensors", whole, preset, step=at)
@@ -415,14 +417,12 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                     drop_replaced = False
         committed = at
 
-    def stop(at: int):  # a signal asked to stop; `at` steps are done
-        if at > committed and fsdp:  # gathering the shards needs every process, which may be gone
-            warn(f"train.parallel: fsdp cannot save step {at} on an interrupt; the run resumes from step "
-                 f"{committed}")
-            at = committed
-        elif at > committed:
-            commit(at, check=False)
-        return Interrupted(stops.signum, at if world.main and at > start else None)
+    def stop(at: int):  # a signal asked to stop (under torchrun: every process agreed); `at` steps are done
+        if at > committed:
+            commit(at)
+        # a process that got no signal itself stops because another one did
+        signum = stops.signum if stops.signum is not None else signal.SIGTERM
+        return Interrupted(signum, at if world.main and at > start else None)
 
     method.train()
     if on_log is not None:
@@ -432,8 +432,8 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
         stops.deferring = True  # from here a signal stops the loop at the end of a step
         for step, batch in enumerate(it, start=start):
             waited += time.perf_counter() - t_asked
-            if stops.signum is not None:  # arrived while the batch loaded: stop before the step
-                raise stop(step)
+            if stops.signum is not None and not world.active:  # arrived while the batch loaded: stop
+                raise stop(step)  # before the step (under torchrun the step's reduction says when)
             lr = lr_at(step, preset.optim, tc.steps)
             for group in optimizer.param_groups:
                 group["lr"] = preset.optim.lr if group.get("constant_lr") else lr
@@ -464,14 +464,15 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                         loss.backward()
                 vals = {k: v.detach() if micro == 1 else v.detach() / micro for k, v in out.items()}
                 logged = {k: logged[k] + v if k in logged else v for k, v in vals.items()}
-            # the step's one host sync: the loss (finiteness, the same verdict on every process; the log)
-            # and the state after the previous step (finiteness of the weights)
-            loss_t = distributed.mean_scalar(logged["loss"], world).float()
-            if health is None:
-                loss_value = float(loss_t)
-            else:
-                loss_value, worst = torch.stack([loss_t, health]).tolist()
-                check_health(worst)
+            # the step's one host sync: the loss (finiteness, the same verdict on every process; the log),
+            # how many processes were asked to stop (all stop after the same step, so that the last
+            # commit is collective: FSDP's whole tensors, every process's own buffers) and the state
+            # after the previous step (finiteness of the weights)
+            loss_t, asked = distributed.mean_scalar_and_count(logged["loss"], stops.signum is not None, world)
+            read = torch.stack([loss_t, asked] + ([] if health is None else [health.float()])).tolist()
+            loss_value, agreed_stop = read[0], read[1] > 0
+            if health is not None:
+                check_health(read[2])
             if math.isfinite(loss_value):
                 nonfinite = 0
                 loss.backward()
@@ -507,7 +508,7 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                 loss_sum, n_sum, t_last, waited = 0.0, 0, now, 0.0
             if done % tc.ckpt_every == 0 or done == tc.steps:
                 commit(done)
-            if stops.signum is not None and done < tc.steps:
+            if (agreed_stop if world.active else stops.signum is not None) and done < tc.steps:
                 raise stop(done)
             t_asked = time.perf_counter()
     except Exception as e:

@@ -65,7 +65,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         g, offset = distributed.gather_rows(x)
         weight = (rank + 1) * torch.arange(4.0)[:, None].expand(4, 2)
         (g * weight).sum().backward()
-        mean = distributed.mean_scalar(torch.tensor(float(rank)), world)
+        mean, asked = distributed.mean_scalar_and_count(torch.tensor(float(rank)), rank == 1, world)
         # DDP: rank 0's weights at the start, a step skipped without backward (a non-finite loss),
         # then two micro-batches, the first without the all-reduce
         torch.manual_seed(rank)
@@ -80,7 +80,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
                   "toy_bias_grad": toy.lin.bias.grad.tolist(), "toy_unused": toy.unused.weight.grad is None,
                   "toy_keys": sorted(toy.state_dict()), "a": a.grad.tolist(), "b": b.grad.tolist(),
                   "c": c.grad is None, "g": g.tolist(),
-                  "offset": offset, "xgrad": x.grad.tolist(), "mean": float(mean)}
+                  "offset": offset, "xgrad": x.grad.tolist(), "mean": float(mean), "asked": float(asked)}
         Path(out, f"{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
@@ -95,7 +95,7 @@ def test_average_gradients_gather_mean_and_ddp_across_two_processes(tmp_path):
         assert r[k]["c"] is True  # no process had one: stays None (AdamW skips it, as one process)
         assert r[k]["g"] == [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
         assert r[k]["offset"] == 2 * k
-        assert r[k]["mean"] == 0.5
+        assert r[k]["mean"] == 0.5 and r[k]["asked"] == 1.0  # rank 1's stop request reaches both
         # d(sum_r loss_r)/d(rows of k) = (1 + 2) * row index of those rows in the gathered batch
         assert r[k]["xgrad"] == [[3.0 * (2 * k + i)] * 2 for i in range(2)]
         assert r[k]["toy"] == r[0]["toy"]  # DDP starts from rank 0's weights
@@ -243,6 +243,71 @@ def test_fsdp_resume_continues_each_process_memory(wav_folder, tmp_path):
              "method.proj_dim=16", "views[0].memory=8", "data.norm_samples=8", "train.log_every=1",
              "train.parallel=fsdp"]
     resumes_each_process_exactly(wav_folder, tmp_path, "tiny/atst-clip", small)
+
+
+def _signalled_worker(rank: int, world_size: int, port: int, wav_folder: str, run: str, preset: str,
+                      sets: list[str]) -> None:
+    """One process of a 2-process run (as torchrun starts it) in which rank 1 alone gets SIGTERM,
+    at the end of step 2 (after that step's loss reduction); writes what fit() raised."""
+    import signal
+
+    from sslaudio import train
+    from sslaudio.build import load_preset
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    build = train.build_method
+
+    def build_signalling(p):
+        method = build(p)
+        after = method.after_step
+
+        def after_step(step, max_steps):
+            after(step, max_steps)
+            if rank == 1 and step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        method.after_step = after_step
+        return method
+
+    train.build_method = build_signalling
+    result = {"raised": None}
+    try:
+        train.fit(load_preset(preset, ["train.steps=4", "train.batch_size=8", "train.log_every=2",
+                                       "train.ckpt_every=2", "data.num_workers=0", *sets]),
+                  [wav_folder], run, device="cpu")
+    except train.Interrupted as e:
+        result = {"raised": "Interrupted", "signum": e.signum, "step": e.step}
+    Path(run).parent.joinpath(f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize(("preset", "parallel"), [
+    ("tiny/byol-a", "ddp"), pytest.param("tiny/atst-clip", "fsdp", marks=pytest.mark.slow)])
+def test_a_signal_to_one_process_stops_all_after_the_same_step_and_resumes_exactly(preset, parallel, wav_folder,
+                                                                                    tmp_path):
+    """The processes agree on the step to stop after (the stop requests travel with the step's loss
+    reduction), so the interrupt checkpoint is a collective commit like any other: it holds every
+    process's own buffers (and, under FSDP, the gathered weights), and resuming it with 2 processes
+    gives the uninterrupted run's losses and weights, bit for bit."""
+    small = {"tiny/byol-a": ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16"],
+             "tiny/atst-clip": ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.proj_hidden=32",
+                                "method.proj_dim=16"]}[preset]
+    small += ["views[0].memory=8", "data.norm_samples=8", "train.log_every=1", f"train.parallel={parallel}"]
+    full = tmp_path / "full"
+    torchrun(wav_folder, full, preset, *small)
+    stopped = tmp_path / "stopped" / "run"
+    mp.spawn(_signalled_worker, args=(2, free_port(), str(wav_folder), str(stopped), preset, small), nprocs=2,
+             join=True)
+    raised = [json.loads((stopped.parent / f"rank{r}.json").read_text()) for r in range(2)]
+    # rank 1 was signalled at the end of step 2: the next reduction carries its request to rank 0
+    assert [r["raised"] for r in raised] == ["Interrupted"] * 2 and raised[0]["step"] == 3
+    step3 = stopped / "ckpt" / "step-000000003"
+    state = json.loads((step3 / "state.json").read_text())
+    assert "rank_buffers" not in state and "ranks.safetensors" in state["sha256"]
+    torchrun(wav_folder, stopped, preset, *small)
+    assert losses(stopped) == losses(full)
+    w_full, w_res = weights(full), weights(stopped)
+    assert w_full.keys() == w_res.keys() and all(torch.equal(w_full[k], w_res[k]) for k in w_full)
 
 
 def test_two_process_resume_continues_each_process_memory(wav_folder, tmp_path):
