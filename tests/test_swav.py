@@ -13,8 +13,8 @@ from sslaudio.config import ConfigError
 from sslaudio.methods import losses
 from tests.conftest import build_tiny, first_last, gen, random_views, run_steps, synth_batch, use_views
 
-SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
-         "method.prototypes=24", "views[0].memory=8", "method.crops.local_crops=2",
+SMALL = ["encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=32",  # tiny/swav: AudioNTT2022
+         "method.proj_hidden=32", "method.proj_dim=16", "method.prototypes=24", "views[0].memory=8", "method.crops.local_crops=2",
          "method.crops.local_frames=16", "method.freeze_prototypes_steps=0", "method.queue_length=0"]
 S = 15200  # 0.95 s at 16 kHz: 96 frames
 
