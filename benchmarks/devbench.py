@@ -32,7 +32,11 @@ Everything is cached under RUNS/<pool size>-<budget>[-t<threads>][-set<hash of -
 every later invocation), <preset>_s<seed>/ (the run; an interrupted one resumes from its last
 checkpoint) and <preset>_s<seed>.json (the training summary and every probe result, written as
 each one finishes). Run the same command again to continue an interrupted table: finished runs
-and probes are skipped. `--no-train` only renders (and probes finished runs).
+and probes are skipped. `--no-train` only renders (and probes finished runs). A random-init probe
+is also kept in RUNS/random_probes.json under the sha256 of the random encoder's weights and its
+frontend / encoder configuration (with the probe set, layer, task and seed): presets whose random
+init is the same network (the two-view presets on one CNN, one preset at several budgets) probe it
+once.
 
 Presets that read other runs are chained from the same seed's runs: tiny/atst-c2f distils that
 seed's tiny/atst-clip and tiny/atst-frame (method.clip_teacher / method.frame_teacher), and
@@ -235,6 +239,21 @@ def minutes_to_steps(name: str, a, overrides: list[str]) -> tuple[int, float]:
 
 # the seeds table ---------------------------------------------------------------------------------
 
+def random_init_key(spec: str, ctx: str, task: str, seed: int) -> str:
+    """What a random-init probe depends on: the random network's weights and buffers, the frontend and
+    encoder configuration (forward options that are not weights), the probe set, layer, task and seed."""
+    from sslaudio.inference import load_encoder
+
+    bundle = load_encoder(spec)
+    h = hashlib.sha256()
+    for name, t in sorted(bundle.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    p = bundle.preset
+    h.update(json.dumps([p.frontend, p.encoder, p.data.sample_rate], sort_keys=True, default=str).encode())
+    return f"{h.hexdigest()[:32]}|{ctx}|{task}|seed={seed}"
+
+
 def read_json(path: Path, default=None):
     try:
         return json.loads(path.read_text())
@@ -354,6 +373,7 @@ def table_mode(a) -> None:
     for name, why in skipped.items():
         print(f"skipped {name}: {why}", flush=True)
     steps_file = cache / "steps.json"
+    random_file = a.runs / "random_probes.json"
     failed: dict[str, str] = {}
 
     def run_dir(name: str, seed: int) -> Path:
@@ -405,11 +425,23 @@ def table_mode(a) -> None:
                         key = f"{task}_{kind}"
                         if key in got:
                             continue
+                        shared_key = random_init_key(ckpt, ctx, task, seed) if kind == "random" else None
+                        shared = (read_json(random_file, {}) or {}).get(shared_key) if shared_key else None
+                        if shared is not None:  # the same random network, probed for another preset or budget
+                            got[key] = shared | {"reused": True}
+                            write_json(rec_path, rec)
+                            print(f"{name} seed {seed}: {key} {got[key][MAIN_METRIC[task]]:.3f} (the same random "
+                                  f"network was probed before)", flush=True)
+                            continue
                         t0 = time.time()
                         r = probe_checkpoint(ckpt, probes / task / "labels.csv", device=a.device, seed=seed,
                                              layer=a.layer)
                         got[key] = {k: r[k] for k in KEEP_METRICS if k in r} | {"probe_s": round(time.time() - t0, 1)}
                         write_json(rec_path, rec)
+                        if shared_key:
+                            known = read_json(random_file, {}) or {}
+                            known[shared_key] = got[key]
+                            write_json(random_file, known)
                         print(f"{name} seed {seed}: {key} {got[key][MAIN_METRIC[task]]:.3f}", flush=True)
             # one broken run must not end a long table (Ctrl-C still does: fit's Interrupted is a
             # KeyboardInterrupt; the same command resumes)
