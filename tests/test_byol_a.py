@@ -138,3 +138,21 @@ def test_v2_post_norm_and_encoder():
                    "method.proj_hidden=32", "method.proj_dim=16")
     out = m({"audio": torch.randn(4, 1, 15200) * 0.1}, 0, gen(), 10)
     assert torch.isfinite(out["loss"]) and m.encoder.frame_dim == 160
+
+
+def test_inference_in_channels_last_gives_the_training_layout_values():
+    """AudioNTT encodes in channels-last when not training (faster CPU kernels): the same values as
+    the default layout, for both versions."""
+    for name, over in (("byol-a", ["encoder.d=64", "encoder.base_d=8"]),
+                       ("byol-a-v2", ["encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=16"])):
+        enc = build_tiny(name, *over).encoder.eval()
+        x = torch.randn(3, 64, 101)
+        with torch.no_grad():
+            h = enc.features(x.unsqueeze(1))  # the default layout, by hand
+            want = h.permute(0, 3, 2, 1).flatten(2)
+            if enc.cfg.version == 2022:
+                want = torch.cat([want, enc.fc(want)], dim=-1)
+            else:
+                want = enc.fc(want)
+            got = enc(x).tokens
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -83,7 +83,13 @@ class AudioNTT(Encoder):
             raise ValueError(f"audiontt expects (B, n_mels, T), found shape {tuple(x.shape)}")
         if x.shape[-1] < self.pool_factor:
             raise ValueError(f"audiontt needs at least {self.pool_factor} frames, found {x.shape[-1]}")
-        h = self.features(x.unsqueeze(1))  # (B, C, F', T')
+        # inference in channels-last: the CPU's max-pool and conv kernels are much faster on it (the
+        # conv stack's forward 1.7x (2020) / 3.2x (2022) on 1 thread; the same values up to float
+        # rounding). Training keeps the default layout: its whole step was no faster that way
+        h = x.unsqueeze(1)
+        if not self.training:
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = self.features(h)  # (B, C, F', T')
         h = h.permute(0, 3, 2, 1).flatten(2)  # (B, T', F'*C), mel-major as the official reshape
         y = self.fc(h)
         if self.cfg.version == 2022:
