@@ -239,9 +239,10 @@ def minutes_to_steps(name: str, a, overrides: list[str]) -> tuple[int, float]:
 
 # the seeds table ---------------------------------------------------------------------------------
 
-def random_init_key(spec: str, ctx: str, task: str, seed: int) -> str:
-    """What a random-init probe depends on: the random network's weights and buffers, the frontend and
-    encoder configuration (forward options that are not weights), the probe set, layer, task and seed."""
+def random_network_hash(spec: str) -> str:
+    """What a random-init probe depends on besides the probe set, layer, task and seed: the random
+    network's weights and buffers and the frontend and encoder configuration (forward options that
+    are not weights)."""
     from sslaudio.inference import load_encoder
 
     bundle = load_encoder(spec)
@@ -251,7 +252,7 @@ def random_init_key(spec: str, ctx: str, task: str, seed: int) -> str:
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     p = bundle.preset
     h.update(json.dumps([p.frontend, p.encoder, p.data.sample_rate], sort_keys=True, default=str).encode())
-    return f"{h.hexdigest()[:32]}|{ctx}|{task}|seed={seed}"
+    return h.hexdigest()[:32]
 
 
 def read_json(path: Path, default=None):
@@ -420,12 +421,16 @@ def table_mode(a) -> None:
                                      "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]}}
                     write_json(rec_path, rec)
                 got = rec.setdefault("probes", {}).setdefault(ctx, {})
+                network = None  # the random network's hash, worked out once per run when needed
                 for task in tasks:
                     for kind, ckpt in (("ssl", str(run)), ("random", f"random:{run / 'config.yaml'}")):
                         key = f"{task}_{kind}"
                         if key in got:
                             continue
-                        shared_key = random_init_key(ckpt, ctx, task, seed) if kind == "random" else None
+                        shared_key = None
+                        if kind == "random":
+                            network = network or random_network_hash(ckpt)
+                            shared_key = f"{network}|{ctx}|{task}|seed={seed}"
                         shared = (read_json(random_file, {}) or {}).get(shared_key) if shared_key else None
                         if shared is not None:  # the same random network, probed for another preset or budget
                             got[key] = shared | {"reused": True}

@@ -213,6 +213,13 @@ def test_global_batch_must_split_evenly(wav_folder, tmp_path, monkeypatch):
         fit(load_preset("tiny/byol-a", ["train.batch_size=8"]), [str(wav_folder)], tmp_path / "r", device="cpu")
 
 
+# small versions of two presets with a per-process mixup memory, logging every step
+SMALL = {p: [*sets, "views[0].memory=8", "data.norm_samples=8", "train.log_every=1"] for p, sets in {
+    "tiny/byol-a": ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16"],
+    "tiny/atst-clip": ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.proj_hidden=32",
+                       "method.proj_dim=16"]}.items()}
+
+
 def resumes_each_process_exactly(wav_folder, tmp_path, preset: str, small: list[str]) -> Path:
     """A 2-process run whose step 2 holds rank 1's own mixup memory (ranks.safetensors, hashed in
     state.json), resumed from step 2 with 2 processes: the uninterrupted run's losses and weights,
@@ -239,10 +246,8 @@ def test_fsdp_resume_continues_each_process_memory(wav_folder, tmp_path):
     """FSDP2 keeps buffers whole, so its checkpoints keep every process's mixup memory too: a
     2-process FSDP run of tiny/atst-clip (ViT blocks sharded) resumed from step 2 with 2 processes
     gives the uninterrupted run's losses and weights."""
-    small = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.proj_hidden=32",
-             "method.proj_dim=16", "views[0].memory=8", "data.norm_samples=8", "train.log_every=1",
-             "train.parallel=fsdp"]
-    resumes_each_process_exactly(wav_folder, tmp_path, "tiny/atst-clip", small)
+    resumes_each_process_exactly(wav_folder, tmp_path, "tiny/atst-clip",
+                                 [*SMALL["tiny/atst-clip"], "train.parallel=fsdp"])
 
 
 def _signalled_worker(rank: int, world_size: int, port: int, wav_folder: str, run: str, preset: str,
@@ -252,7 +257,6 @@ def _signalled_worker(rank: int, world_size: int, port: int, wav_folder: str, ru
     import signal
 
     from sslaudio import train
-    from sslaudio.build import load_preset
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
@@ -273,9 +277,7 @@ def _signalled_worker(rank: int, world_size: int, port: int, wav_folder: str, ru
     train.build_method = build_signalling
     result = {"raised": None}
     try:
-        train.fit(load_preset(preset, ["train.steps=4", "train.batch_size=8", "train.log_every=2",
-                                       "train.ckpt_every=2", "data.num_workers=0", *sets]),
-                  [wav_folder], run, device="cpu")
+        one_process(preset, wav_folder, run, *sets)  # fit() as torchrun runs it: the same settings
     except train.Interrupted as e:
         result = {"raised": "Interrupted", "signum": e.signum, "step": e.step}
     Path(run).parent.joinpath(f"rank{rank}.json").write_text(json.dumps(result))
@@ -289,10 +291,7 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_and_resumes_exact
     reduction), so the interrupt checkpoint is a collective commit like any other: it holds every
     process's own buffers (and, under FSDP, the gathered weights), and resuming it with 2 processes
     gives the uninterrupted run's losses and weights, bit for bit."""
-    small = {"tiny/byol-a": ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16"],
-             "tiny/atst-clip": ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.proj_hidden=32",
-                                "method.proj_dim=16"]}[preset]
-    small += ["views[0].memory=8", "data.norm_samples=8", "train.log_every=1", f"train.parallel={parallel}"]
+    small = [*SMALL[preset], f"train.parallel={parallel}"]
     full = tmp_path / "full"
     torchrun(wav_folder, full, preset, *small)
     stopped = tmp_path / "stopped" / "run"
@@ -314,8 +313,7 @@ def test_two_process_resume_continues_each_process_memory(wav_folder, tmp_path):
     """BYOL-A's mixup memory holds each process's own clips: a 2-process checkpoint keeps every
     process's copy (ranks.safetensors), so resuming it with 2 processes gives the uninterrupted run's
     weights and losses, bit for bit; with one process it warns and continues from rank 0's."""
-    small = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
-             "views[0].memory=8", "data.norm_samples=8", "train.log_every=1"]
+    small = SMALL["tiny/byol-a"]
     step2 = resumes_each_process_exactly(wav_folder, tmp_path, "tiny/byol-a", small)
     one = tmp_path / "one"
     shutil.copytree(step2, one / "ckpt" / step2.name)
