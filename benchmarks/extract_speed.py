@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes of each, alternating (the fastest counts)")
     ap.add_argument("--long", action="store_true", help="also peak memory for a 10 s and a 1 h file")
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error(f"--repeats must be at least 1, found {a.repeats}")
     torch.set_num_threads(a.threads)
     bundle = load_encoder(a.ckpt)
     bundle.needs_stats = False  # the same numbers in both passes
@@ -113,7 +115,7 @@ def main() -> None:
     forward_only(bundle, batches)  # untimed warm-up of both passes
     end_to_end(bundle, items, a)
     fwds, e2es = [], []
-    for _ in range(max(1, a.repeats)):
+    for _ in range(a.repeats):
         fwds.append(forward_only(bundle, batches))
         e2e, summary = end_to_end(bundle, items, a)
         e2es.append(e2e)
