@@ -154,3 +154,24 @@ def test_error_messages_keep_square_brackets(tmp_path):
                                  "--set", "views[x].ratio=1"])
     assert r.exit_code == 2
     assert "views[x]" in r.output, r.output  # "[x]" is a rich markup tag unless escaped
+
+
+def test_demo_runs_all_five_stages_on_a_small_toy_set(tmp_path, monkeypatch):
+    """`sslaudio demo` end to end (toy data, pretraining, extraction, both probes, export) on a
+    smaller toy set than the default (2/1/1 clips per class, 8 unlabeled) and 2 steps of tiny/apc."""
+    import sslaudio.synth as synth
+
+    full = synth.make_dataset
+    monkeypatch.setattr(synth, "make_dataset", lambda out: full(out, per_class=(2, 1, 1), unlabeled=8))
+    out = tmp_path / "demo"
+    r = invoke("demo", "--out", out, "--preset", "tiny/apc", "--steps", 2, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "pretrained" in r.stdout and "random init" in r.stdout
+    res = json.loads((out / "demo_results.json").read_text())
+    n_labeled = 4 * len(synth.CLASSES)
+    for name in ("pretrained", "random"):
+        assert 0.0 <= res[name]["accuracy"] <= 1.0 and res[name]["skipped"] == 0
+    assert res["export"]["max_abs_diff"] < 1e-4 and (out / "encoder.torchscript.pt").is_file()
+    rows = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["loss"])
+    assert json.loads((out / "features" / "summary.json").read_text())["written"] == n_labeled
