@@ -159,7 +159,7 @@ def test_error_messages_keep_square_brackets(tmp_path):
 def test_demo_runs_all_five_stages_on_a_small_toy_set(tmp_path, monkeypatch):
     """`sslaudio demo` end to end (toy data, pretraining, extraction, both probes, export) on a
     smaller toy set than the default (2/1/1 clips per class, 8 unlabeled) and 2 steps of tiny/apc."""
-    import sslaudio.synth as synth
+    from sslaudio import synth
 
     full = synth.make_dataset
     monkeypatch.setattr(synth, "make_dataset", lambda out: full(out, per_class=(2, 1, 1), unlabeled=8))
