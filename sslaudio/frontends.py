@@ -28,6 +28,21 @@ class Frontend(nn.Module):
         """Set normalisation buffers from (N, S) training crops."""
 
 
+CMVN_STD_FLOOR = 1e-3
+
+
+def utterance_cmvn(x: Tensor, frame_lengths: Tensor) -> Tensor:
+    """(B, F, T) -> each item's bins shifted and scaled to mean 0 and unbiased std 1 over its first
+    frame_lengths[b] frames (padded frames get the same shift and scale); std floored at
+    CMVN_STD_FLOOR (see LogMel)."""
+    valid = (torch.arange(x.shape[-1], device=x.device)[None] < frame_lengths.to(x.device)[:, None])
+    valid = valid.to(x.dtype).unsqueeze(1)  # (B, 1, T)
+    n = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = (x * valid).sum(-1, keepdim=True) / n
+    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
+    return (x - mean) / var.sqrt().clamp_min(CMVN_STD_FLOOR)
+
+
 @FRONTENDS.register("logmel")
 class LogMel(Frontend):
     """Log-mel filterbank (torchaudio), then (x - mean) / std with dataset-wide scalar statistics.
@@ -42,6 +57,14 @@ class LogMel(Frontend):
     with its defaults htk=False, norm=1, i.e. slaney / slaney; BYOL-A v1's train.py uses torchaudio's
     MelSpectrogram with its defaults (htk, no norm), today's default here. A filter with no FFT bin
     under it (too many bands for the FFT resolution at low frequencies) is a config error.
+
+    `cmvn: true` normalises every item instead, per mel bin over its own valid frames (mean 0,
+    unbiased std 1): the utterance-wise CMVN of s3prl's APC / NPC / Mockingjay / TERA feature
+    extraction (upstream/*/audio.py `CMVN`: (x - mean) / (1e-10 + std) over time). It replaces the
+    dataset statistics, which it would cancel anyway. One deviation: the std is floored at 1e-3, so
+    a bin that is constant over the item (digital silence, audio band-limited below f_max) comes out
+    as zeros instead of float rounding blown up by 1e10; log-mel bins of real audio vary by ~1.
+    Long files embedded in chunks are normalised per chunk.
     """
 
     @dataclass
@@ -53,7 +76,8 @@ class LogMel(Frontend):
         f_min: float = 60.0
         f_max: float = 7800.0
         eps: float = 1.1920929e-07  # torch.finfo(float32).eps, as the BYOL-A code adds before log
-        normalize: bool = True
+        normalize: bool = True  # dataset-wide mean / std (estimate_stats)
+        cmvn: bool = False  # per item and mel bin over its valid frames, instead of the dataset statistics
         mel_scale: Literal["htk", "slaney"] = "htk"
         mel_norm: Literal["none", "slaney"] = "none"
 
@@ -121,12 +145,14 @@ class LogMel(Frontend):
 
     def forward(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = self.log_mel(audio)  # (B, F, T)
-        if self.cfg.normalize:
-            x = (x - self.norm_mean) / self.norm_std
         if lengths is None:
             frame_lengths = torch.full((x.shape[0],), x.shape[-1], dtype=torch.long, device=x.device)
         else:
             frame_lengths = torch.clamp(lengths // self.hop + 1, max=x.shape[-1])
+        if self.cfg.cmvn:
+            x = utterance_cmvn(x, frame_lengths)
+        elif self.cfg.normalize:
+            x = (x - self.norm_mean) / self.norm_std
         return x, frame_lengths
 
     @torch.no_grad()

@@ -127,3 +127,26 @@ def test_presets_use_the_official_filterbank(name, scale, norm):
     p = load_preset(name)
     fe = build_frontend(p.frontend, p.data.sample_rate)
     assert (fe.cfg.mel_scale, fe.cfg.mel_norm) == (scale, norm)
+
+
+def test_cmvn_normalises_each_item_per_bin_over_its_valid_frames():
+    """s3prl's utterance CMVN, (x - mean) / std over time per bin (torch.std: unbiased), against a
+    direct computation on each item's valid frames (the padded item's statistics ignore its padding),
+    the dataset statistics unused, and a silent item comes out as zeros, not rounding x 1e10."""
+    fe = build_frontend({"name": "logmel", "n_mels": 40, "n_fft": 400, "hop": 160, "f_max": 8000, "cmvn": True}, 16000)
+    fe.norm_mean.fill_(123.0)  # ignored with cmvn
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16000, generator=g), torch.randn(9600, generator=g) * torch.linspace(0, 1, 9600)
+    batch = torch.stack([a, torch.nn.functional.pad(b, (0, 6400))])
+    x, fl = fe(batch, torch.tensor([16000, 9600]))
+    assert fl.tolist() == [101, 61]
+    for raw, y, n in zip(fe.log_mel(batch), x, (101, 61)):
+        raw = raw[:, :n]  # (F, T) of the item's valid frames
+        want = (raw - raw.mean(1, keepdim=True)) / raw.std(1, keepdim=True)
+        assert torch.allclose(y[:, :n], want, atol=1e-4)
+        assert torch.allclose(y[:, :n].mean(1), torch.zeros(40), atol=1e-5)
+        assert torch.allclose(y[:, :n].std(1), torch.ones(40), atol=1e-4)
+    silent, _ = fe(torch.zeros(1, 8000))
+    assert torch.isfinite(silent).all() and silent.abs().max() < 1e-2
+    plain = build_frontend({"name": "logmel", "n_mels": 40, "n_fft": 400, "hop": 160, "f_max": 8000}, 16000)
+    assert not torch.allclose(plain(batch)[0], x, atol=1e-2)  # the option changes the output
