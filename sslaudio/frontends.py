@@ -28,6 +28,25 @@ class Frontend(nn.Module):
         """Set normalisation buffers from (N, S) training crops."""
 
 
+@dataclass
+class MelConfig:
+    """The filterbank settings LogMel and MelDB share."""
+    n_mels: int = 64
+    n_fft: int = 1024
+    win_length: int = 0  # 0: n_fft
+    hop: int = 160
+    f_min: float = 60.0
+    f_max: float = 7800.0
+    mel_scale: Literal["htk", "slaney"] = "htk"
+    mel_norm: Literal["none", "slaney"] = "none"
+
+    def __post_init__(self):
+        if self.n_mels < 1 or self.hop < 1 or self.n_fft < 2:
+            raise ConfigError("frontend: n_mels, hop and n_fft must be positive")
+        if self.win_length > self.n_fft:
+            raise ConfigError("frontend.win_length must be <= n_fft")
+
+
 CMVN_STD_FLOOR = 1e-3
 
 
@@ -68,24 +87,10 @@ class LogMel(Frontend):
     """
 
     @dataclass
-    class Config:
-        n_mels: int = 64
-        n_fft: int = 1024
-        win_length: int = 0  # 0: n_fft
-        hop: int = 160
-        f_min: float = 60.0
-        f_max: float = 7800.0
+    class Config(MelConfig):
         eps: float = 1.1920929e-07  # torch.finfo(float32).eps, as the BYOL-A code adds before log
         normalize: bool = True  # dataset-wide mean / std (estimate_stats)
         cmvn: bool = False  # per item and mel bin over its valid frames, instead of the dataset statistics
-        mel_scale: Literal["htk", "slaney"] = "htk"
-        mel_norm: Literal["none", "slaney"] = "none"
-
-        def __post_init__(self):
-            if self.n_mels < 1 or self.hop < 1 or self.n_fft < 2:
-                raise ConfigError("frontend: n_mels, hop and n_fft must be positive")
-            if self.win_length > self.n_fft:
-                raise ConfigError("frontend.win_length must be <= n_fft")
 
     def __init__(self, cfg: Config, sample_rate: int):
         super().__init__()
@@ -177,24 +182,13 @@ class MelDB(LogMel):
     """
 
     @dataclass
-    class Config:
-        n_mels: int = 64
-        n_fft: int = 1024
-        win_length: int = 0  # 0: n_fft
-        hop: int = 160
-        f_min: float = 60.0
-        f_max: float = 7800.0
+    class Config(MelConfig):
         top_db: float = 80.0  # 0: no floor
         db_min: float = -79.6482  # official MinMax bounds (dB), computed on AudioSet
         db_max: float = 50.6842
-        mel_scale: Literal["htk", "slaney"] = "htk"
-        mel_norm: Literal["none", "slaney"] = "none"
 
         def __post_init__(self):
-            if self.n_mels < 1 or self.hop < 1 or self.n_fft < 2:
-                raise ConfigError("frontend: n_mels, hop and n_fft must be positive")
-            if self.win_length > self.n_fft:
-                raise ConfigError("frontend.win_length must be <= n_fft")
+            super().__post_init__()
             if self.top_db < 0:
                 raise ConfigError(f"frontend.top_db must be >= 0 (0: no floor), found {self.top_db}")
             if not self.db_max > self.db_min:
