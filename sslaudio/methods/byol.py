@@ -52,15 +52,7 @@ class BYOL(BYOLA):
         return Needs(frontend=("logmel",))
 
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
-        v1, v2 = self.make_views(batch["audio"], generator)  # (B, F, T) each
-        z1 = self.projector(clip_embedding(self.encoder, v1))  # (B, P)
-        z2 = self.projector(clip_embedding(self.encoder, v2))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        with torch.no_grad():
-            t1 = self.target_projector(clip_embedding(self.target_encoder, v1))
-            t2 = self.target_projector(clip_embedding(self.target_encoder, v2))
-        loss = losses.byol_loss(p1, t2) + losses.byol_loss(p2, t1)
-        return {"loss": loss, "emb_std": embedding_std(z1), "target_std": embedding_std(t1)}
+        return self.symmetric_step(*self.make_views(batch["audio"], generator))  # (B, F, T) each
 
 
 @METHODS.register("simsiam")

@@ -63,8 +63,11 @@ class BYOLA(ViewMethod):
             views = torch.cat(self.make_views(batch["audio"], generator))  # (2B, F, T)
             if self.cfg.post_norm:
                 views = normalize_batch(views)  # one mean / std over both views, as NormalizeBatch
-        v1, v2 = views[:B], views[B:]
-        # each view its own pass through online and target networks (BatchNorm statistics per view)
+        return self.symmetric_step(views[:B], views[B:])
+
+    def symmetric_step(self, v1: Tensor, v2: Tensor) -> dict[str, Tensor]:
+        """The BYOL loss of two views, each predicting the target's projection of the other. Each
+        view has its own pass through online and target networks (BatchNorm statistics per view)."""
         z1 = self.projector(clip_embedding(self.encoder, v1))  # (B, P)
         z2 = self.projector(clip_embedding(self.encoder, v2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
