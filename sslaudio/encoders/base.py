@@ -87,6 +87,20 @@ class ClipPool:
         return out
 
 
+def clone_for_mask(x: Tensor, padding: Tensor, mask, name: str, what: str) -> tuple[Tensor, Tensor, int]:
+    """Tokens x (B, N, D) and padding (B, N) repeated for a mask of K masks per input (mask.masked
+    (B*K, N), each input's K rows together): (x, padding, K). `name` (the encoder) and `what` (its
+    N tokens) word the error."""
+    mb, mn = mask.masked.shape
+    B, N = padding.shape
+    if mn != N or mb % B:
+        raise ValueError(f"{name}: mask shape {tuple(mask.masked.shape)} does not fit {what} (expected ({B}*K, {N}))")
+    clone = mb // B
+    if clone > 1:
+        x, padding = x.repeat_interleave(clone, 0), padding.repeat_interleave(clone, 0)
+    return x, padding, clone
+
+
 def stft_frame_times(n_frames: int, hop: int, stack: int, sample_rate: int) -> Tensor:
     """Centres of encoder frames that each cover `stack` consecutive frames of a centred STFT
     (frame i centred on sample i * hop): (stack * j + (stack - 1) / 2) * hop / sample_rate."""

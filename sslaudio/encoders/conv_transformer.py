@@ -26,7 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.base import (
+    Encoder,
+    EncoderOut,
+    clone_for_mask,
+    lengths_to_padding,
+)
 from sslaudio.encoders.layers import (
     WAV2VEC2_CONV_LAYERS,
     Block,
@@ -197,14 +202,7 @@ class ConvTransformer(Encoder):
         clone, keep_idx, padding = 1, None, frame_padding
         pos_in = h
         if mask is not None:
-            mb, mn = mask.masked.shape
-            if mn != T or mb % B:
-                raise ValueError(f"conv_transformer: mask shape {tuple(mask.masked.shape)} does not fit "
-                                 f"{T} frames (expected ({B}*K, {T}))")
-            clone = mb // B
-            if clone > 1:
-                h = h.repeat_interleave(clone, 0)
-                padding = padding.repeat_interleave(clone, 0)
+            h, padding, clone = clone_for_mask(h, padding, mask, "conv_transformer", f"{T} frames")
             hidden = mask.masked.to(h.device)
             if mask.mode == "replace":
                 h = torch.where(hidden.unsqueeze(-1), self.mask_emb.to(h.dtype), h)

@@ -43,6 +43,7 @@ from sslaudio.config import ConfigError
 from sslaudio.encoders.base import (
     Encoder,
     EncoderOut,
+    clone_for_mask,
     lengths_to_padding,
     stft_frame_times,
 )
@@ -214,9 +215,7 @@ class ViT(Encoder):
             self._check(x, torch.full((x.shape[0],), x.shape[-1], dtype=torch.long))
         else:
             self._check(x, lengths)
-        B = x.shape[0]
         grid = self.token_grid(x.shape)
-        N = grid[0] * grid[1]
         tokens = self.patch_embed(x)  # (B, N, D)
         # without lengths, no padding: built from the tokens so a traced graph stays length-free
         padding = torch.zeros_like(tokens[..., 0], dtype=torch.bool) if lengths is None else \
@@ -225,14 +224,7 @@ class ViT(Encoder):
 
         clone = 1
         if mask is not None:
-            mb, mn = mask.masked.shape
-            if mn != N or mb % B:
-                raise ValueError(f"vit: mask shape {tuple(mask.masked.shape)} does not fit the token "
-                                 f"grid {grid} (expected ({B}*K, {N}))")
-            clone = mb // B
-            if clone > 1:
-                tokens = tokens.repeat_interleave(clone, 0)
-                padding = padding.repeat_interleave(clone, 0)
+            tokens, padding, clone = clone_for_mask(tokens, padding, mask, "vit", f"the token grid {grid}")
             if mask.mode == "replace":
                 hidden = mask.masked.to(tokens.device).unsqueeze(-1)
                 tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
