@@ -24,7 +24,7 @@ from tests.conftest import (
     synth_clips,
 )
 
-SMALL = ["encoder.d=64", "encoder.base_d=8", "method.k=8", "method.memory=64", "method.pca_dim=16"]
+SMALL = ["encoder.d=160", "encoder.base_d=8", "encoder.mlp_hidden=32", "method.k=8", "method.memory=64", "method.pca_dim=16"]
 S = 15200  # 0.95 s at 16 kHz
 
 
@@ -228,4 +228,4 @@ def test_resume_is_exact_across_a_reassignment_and_the_export_is_the_encoder(aud
     bundle = load_encoder(str(tmp_path / "a"))
     with torch.no_grad():
         clip, _, _ = bundle.embed(torch.randn(2, 16000) * 0.1)
-    assert clip.shape == (2, 64) and torch.isfinite(clip).all()
+    assert clip.shape == (2, 160) and torch.isfinite(clip).all()
