@@ -50,15 +50,24 @@ class MelConfig:
 CMVN_STD_FLOOR = 1e-3
 
 
+def valid_moments(x: Tensor, lengths: Tensor, ddof: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics over the last axis of x (B, ..., T), each item's first lengths[b] entries only:
+    the valid mask (B, 1, ..., T) in x's dtype, and the mean and variance (divisor n - ddof, at
+    least 1) with the axis kept."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    valid = torch.arange(x.shape[-1], device=x.device)[None] < lengths.to(x.device)[:, None]
+    valid = valid.to(x.dtype).view(shape)
+    n = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = (x * valid).sum(-1, keepdim=True) / n
+    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / (n - ddof).clamp_min(1)
+    return valid, mean, var
+
+
 def utterance_cmvn(x: Tensor, frame_lengths: Tensor) -> Tensor:
     """(B, F, T) -> each item's bins shifted and scaled to mean 0 and unbiased std 1 over its first
     frame_lengths[b] frames (padded frames get the same shift and scale); std floored at
     CMVN_STD_FLOOR (see LogMel)."""
-    valid = (torch.arange(x.shape[-1], device=x.device)[None] < frame_lengths.to(x.device)[:, None])
-    valid = valid.to(x.dtype).unsqueeze(1)  # (B, 1, T)
-    n = valid.sum(-1, keepdim=True).clamp_min(1)
-    mean = (x * valid).sum(-1, keepdim=True) / n
-    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)
+    _, mean, var = valid_moments(x, frame_lengths, ddof=1)
     return (x - mean) / var.sqrt().clamp_min(CMVN_STD_FLOOR)
 
 
@@ -257,10 +266,7 @@ class Waveform(Frontend):
         if lengths is None:
             lengths = torch.full((audio.shape[0],), audio.shape[-1], dtype=torch.long, device=audio.device)
         if self.cfg.normalize:
-            valid = (torch.arange(audio.shape[-1], device=audio.device)[None] < lengths[:, None]).float()
-            n = valid.sum(-1, keepdim=True).clamp_min(1)
-            mean = (audio * valid).sum(-1, keepdim=True) / n
-            var = (((audio - mean) * valid) ** 2).sum(-1, keepdim=True) / n
+            valid, mean, var = valid_moments(audio, lengths, ddof=0)
             audio = (audio - mean) / torch.sqrt(var + 1e-5) * valid
         return audio, lengths
 
