@@ -420,6 +420,9 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
     def stop(at: int):  # a signal asked to stop (under torchrun: every process agreed); `at` steps are done
         if at > committed:
             commit(at)
+        # as at a normal end: no process tears the group down while another still uses it (rank 0
+        # writing the commit; a gloo rank that left early could abort at exit, seen in CI)
+        distributed.finish(world)
         # a process that got no signal itself stops because another one did
         signum = stops.signum if stops.signum is not None else signal.SIGTERM
         return Interrupted(signum, at if world.main and at > start else None)
@@ -517,6 +520,9 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
                               f"({type(e).__name__}: {_first_line(e)}); set train.compile: false") from None
         raise
     finally:
+        # the DDP wrapper (its reducer holds the process group) goes now, not with the traceback
+        # of an exception in flight, after fit() has destroyed the group
+        ddp = model = None
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:  # now, not when the traceback is freed: workers ignore signals
             shutdown()
