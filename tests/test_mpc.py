@@ -293,7 +293,10 @@ def test_registered_names_and_config_errors():
 
 
 def test_short_run_lowers_loss_without_collapse():
-    m = _method("tiny/tera", ["encoder.dropout=0.0", "encoder.attention_dropout=0.0"]).train()
+    # on the dataset statistics: with the preset's per-utterance CMVN every target bin has unit
+    # variance per clip and 40 steps on this fixed batch lower the L1 by ~10 % only (measured: 0.82 ->
+    # 0.74 at lr 3e-3), too close to the fill-with-the-mean level for a sharp check of the objective
+    m = _method("tiny/tera", ["encoder.dropout=0.0", "encoder.attention_dropout=0.0", "frontend.cmvn=false"]).train()
     audio = _audio(4)
     m.frontend.estimate_stats(audio)
     hist = run_steps(m, audio[:, None], steps=40, lr=3e-3)
