@@ -30,6 +30,9 @@ import torchaudio.functional.functional as _taf
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au"}
 _FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
+# uncompressed containers: libsndfile counts the frames a cut file really holds (its data chunk
+# clamped to the file's size), so every counted sample decodes and the end check is not needed
+_PCM_CONTAINERS = {"WAV", "WAVEX", "AIFF", "W64", "RF64"}
 
 
 class AudioError(Exception):
@@ -192,7 +195,8 @@ def probe(path: str | Path, min_seconds: float = 0.0, check_finite: bool = True)
                 for block in sf.blocks(_sf_path(path), blocksize=1 << 20, dtype="float32", always_2d=True):
                     if not np.isfinite(block).all():
                         raise AudioError("non-finite samples (NaN or Inf)")
-            else:  # its last samples decode: catches truncated compressed files for the cost of a seek
+            elif not (info.format in _PCM_CONTAINERS and info.subtype.startswith("PCM_")):
+                # its last samples decode: catches truncated compressed files for the cost of a seek
                 sf.read(_sf_path(path), start=max(0, frames - 1024), dtype="float32", always_2d=True)
             error = None
         except AudioError:

@@ -309,6 +309,26 @@ def test_corpus_pretrain_counts(corpus):
     assert len(corpus["ok"]) == n_good and len(corpus["skipped"]) == n_bad == len(corpus["warnings"])
 
 
+@pytest.mark.parametrize(("fmt", "subtype"), [("WAV", "PCM_16"), ("WAV", "PCM_24"), ("AIFF", "PCM_16"),
+                                             ("WAV", "FLOAT"), ("FLAC", "PCM_16")])
+def test_a_cut_file_probes_as_the_samples_it_holds(tmp_path, fmt, subtype):
+    """probe() skips the end-of-file decode for uncompressed PCM (libsndfile counts only the frames a
+    cut file holds); whatever it accepts decodes to exactly the frames it reported, and a cut
+    compressed file is refused."""
+    x = (0.1 * np.random.default_rng(0).standard_normal(SR)).astype("float32")
+    path = tmp_path / f"cut.{fmt.lower()}"
+    sf.write(path, x, SR, format=fmt, subtype=subtype)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 1])
+    try:
+        info = probe(path)
+    except AudioError as e:
+        assert fmt == "FLAC" and "truncated or corrupt" in str(e)
+        return
+    assert fmt != "FLAC" and 0 < info.frames < SR
+    assert load(path, SR).shape[-1] == info.frames
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="running as root: chmod 000 denies root nothing (the corpus "
                                               "simulates these errors instead)")
 def test_chmod_000_file_and_folder_are_skipped_with_reasons(tmp_path):
