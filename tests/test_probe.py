@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,39 @@ def test_label_file_errors(tmp_path):
     good.write_text("path\tlabel\nsub/a.wav\tx;y\n")
     (row,) = read_labels(good)
     assert row.path == str(tmp_path / "sub" / "a.wav") and row.labels == ("x", "y") and row.split is None
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_the_grid_fit_trains_each_config_as_it_would_alone(multilabel, monkeypatch):
+    """The linear probe trains its whole (lr, wd) grid at once; each config must follow the plain
+    full-batch Adam trajectory of its own loss (mean CE or mean BCE over items and classes +
+    wd * ||W||^2) from the same initial weights."""
+    import torch.nn.functional as F
+
+    import sslaudio.probe as probe_mod
+
+    monkeypatch.setattr(probe_mod, "EPOCHS", 6)
+    monkeypatch.setattr(probe_mod, "EVAL_EVERY", 3)
+    rng = np.random.default_rng(0)
+    X = torch.from_numpy(rng.normal(size=(40, 5)).astype(np.float32))
+    Y = (torch.from_numpy((rng.random((40, 3)) < 0.4).astype(np.float32)) if multilabel
+         else torch.from_numpy(rng.integers(0, 3, 40)))
+    got = list(probe_mod._fit_linear(X, Y, multilabel, seed=7))
+    assert [e for e, _, _ in got] == [3, 6]
+    _, Ws, bs = got[-1]
+    assert Ws.shape == (len(probe_mod.LRS) * len(probe_mod.WDS), 5, 3) and bs.shape == (Ws.shape[0], 3)
+    g = torch.Generator().manual_seed(7)
+    init = [torch.randn(len(probe_mod.WDS), 5, 3, generator=g) * 0.01 for _ in probe_mod.LRS]
+    for k, (lr, wd) in enumerate(itertools.product(probe_mod.LRS, probe_mod.WDS)):
+        W = init[k // len(probe_mod.WDS)][k % len(probe_mod.WDS)].clone().requires_grad_()
+        b = torch.zeros(3, requires_grad=True)
+        opt = torch.optim.Adam([W, b], lr=lr)
+        for _ in range(6):
+            logits = X @ W + b
+            loss = (F.binary_cross_entropy_with_logits(logits, Y) if multilabel
+                    else F.cross_entropy(logits, Y)) + wd * (W * W).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.testing.assert_close(Ws[k], W.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bs[k], b.detach(), rtol=1e-5, atol=1e-6)
