@@ -31,7 +31,7 @@ SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.pr
          f"train.steps={STEPS}"]
 # one method per family: an EMA teacher with BatchNorm and a mixup memory, a queue of keys (one that wraps
 # every 3 steps), a normalised prototype codebook
-EXTRA = {"tiny/byol-a": [], "tiny/moco-v2": ["method.queue_size=12"],
+EXTRA = {"tiny/byol-a": [], "tiny/moco-v2": ["method.queue_size=12", "encoder.d=160", "encoder.mlp_hidden=32"],
          "tiny/swav": ["method.prototypes=32", "encoder.d=160", "encoder.mlp_hidden=32"]}  # AudioNTT2022
 
 

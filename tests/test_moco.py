@@ -26,8 +26,9 @@ from tests.conftest import build_tiny, first_last, gen, replay_views, run_steps,
 
 SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
          "views[0].memory=8"]
-V2 = SMALL + ["method.queue_size=12"]
-V3 = SMALL + ["method.pred_hidden=32", "encoder.d=160", "encoder.mlp_hidden=32"]  # tiny/moco-v3: AudioNTT2022
+NTT2022 = ["encoder.d=160", "encoder.mlp_hidden=32"]  # tiny/moco-v2 and v3: AudioNTT2022 (d > conv width)
+V2 = SMALL + NTT2022 + ["method.queue_size=12"]
+V3 = SMALL + NTT2022 + ["method.pred_hidden=32"]
 S = 15200  # 0.95 s at 16 kHz
 
 
