@@ -213,7 +213,7 @@ def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
     n, d = Xtr.shape
     n_out = Ytr.shape[1] if multilabel else int(Ytr.max()) + 1
     G = len(LRS) * len(WDS)
-    wd = torch.tensor(WDS, dtype=torch.float32)[None, :, None]  # (1, len(WDS), 1)
+    wd = torch.tensor([w for _, w in itertools.product(LRS, WDS)], dtype=torch.float32)[None, :, None]  # (1, G, 1)
     # one (D, len(WDS), C) block per learning rate (its own Adam group); the same initial values as
     # drawing (len(WDS), D, C) per learning rate
     Ws = [(torch.randn(len(WDS), d, n_out, generator=g) * 0.01).permute(1, 0, 2).contiguous().requires_grad_()
@@ -228,7 +228,7 @@ def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
             loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (n * n_out)
         else:  # per config: the mean over items
             loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="sum") / n
-        loss = loss + sum((wd * W_ * W_).sum() for W_ in Ws)
+        loss = loss + (wd * W * W).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
