@@ -623,7 +623,8 @@ def atst_preset(kind: str, src: dict[str, Tensor], where: Path) -> dict:
     depth = 1 + max(int(m[1]) for k in src if k.startswith(p) and (m := _M2D_BLOCK.match(k[len(p):])))
     enc.update(patch=[n_mels, size // n_mels], dim=dim, depth=depth, heads=dim // 64,
                qkv_bias=f"{p}blocks.0.attn.qkv.bias" in src,
-               pos_len=rows if kind == "atst-frame" else min(int(enc.get("pos_len", rows)), rows))
+               pos_len=rows if kind == "atst-frame" else min(int(enc.get("pos_len", rows)), rows),
+               eval_blocks=min(int(enc.get("eval_blocks", 1)), depth))  # official: the last 12, all of small / base
     fc1 = src.get(f"{p}blocks.0.mlp.fc1.weight")
     if fc1 is not None and fc1.ndim == 2:
         enc["mlp_ratio"] = float(fc1.shape[0]) / dim

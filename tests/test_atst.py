@@ -33,7 +33,7 @@ from tests.conftest import (
 )
 
 SR = 16000
-SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "train.batch_size=4"]
+SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.eval_blocks=2", "train.batch_size=4"]
 HEADS = ["method.proj_hidden=64", "method.proj_dim=16"]
 
 
@@ -97,6 +97,41 @@ def test_vit_learned_positions_are_cut_and_long_inputs_chunked():
         frames, lengths = enc.to_frames(out)  # cls_frames: [CLS, token] per frame
         assert frames.shape == (2, 30, 64) and lengths.tolist() == [30, 22]
         torch.testing.assert_close(enc.pool(out)[0], torch.cat([out.cls[0], out.tokens[0].mean(0)]))
+
+
+def test_embeddings_concatenate_the_last_blocks_as_the_official_evaluation():
+    """encoder.eval_blocks n: what extraction reads is the final norm of each of the last n blocks,
+    CLS included, side by side (audiossl get_intermediate_layers(n)); training sees the last block."""
+    from sslaudio.inference import EncoderBundle
+
+    with pytest.raises(ConfigError, match="eval_blocks"):
+        tiny("frame", "encoder.eval_blocks=3")  # depth 2
+    m = tiny("clip", "encoder.eval_blocks=2")
+    enc = m.target_encoder.eval()
+    x = torch.randn(2, 64, 80, generator=gen(2))  # 20 columns: one chunk
+    with torch.no_grad():
+        trained = enc(x).tokens
+        assert trained.shape == (2, 20, 32) and enc.frame_dim == 64
+        e = enc.patch_embed(x) + enc.pos_embed[0, :20]
+        h = torch.cat([enc.cls.expand(2, -1, -1), e], 1)
+        per_block = []
+        for blk in enc.blocks.blocks:
+            h, _ = blk(h)
+            per_block.append(enc.norm(h))
+        want = torch.cat(per_block, -1)  # (2, 21, 64): block 1 then block 2
+        bundle = EncoderBundle(m.frontend, enc, preset=None).eval()  # the preset only gives the sample rate
+        assert enc.frame_dim == 128
+        out = enc(x)
+        torch.testing.assert_close(out.tokens, want[:, 1:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.cls, want[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.tokens[..., 32:], trained, atol=1e-5, rtol=0)  # the last block's part
+        frames, _ = enc.to_frames(out)
+        assert frames.shape == (2, 20, 128)  # [CLS of both blocks, tokens of both blocks] per frame
+        torch.testing.assert_close(enc.pool(out), torch.cat([want[:, 0], want[:, 1:].mean(1)], -1), atol=1e-5, rtol=0)
+        bundle.set_layer(0)  # one chosen block: its raw output, one block wide
+        assert enc.frame_dim == 64 and bundle(torch.zeros(1, 16000)).tokens.shape[-1] == 32
+        bundle.set_layer(None)
+        assert enc.frame_dim == 128
 
 
 # -- losses against hand computations -----------------------------------------------------------
@@ -282,7 +317,7 @@ def test_resume_is_bit_identical_and_c2f_carries_its_teachers(tmp_path):
 
 # -- export and extraction ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,dim", [("atst-clip", 256), ("atst-frame", 128)])
+@pytest.mark.parametrize("name,dim", [("atst-clip", 4 * 256), ("atst-frame", 4 * 128)])  # all 4 blocks
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_and_extraction_give_40ms_frames(name, dim, fmt, tmp_path):
     from sslaudio.export import export

@@ -216,7 +216,7 @@ def test_global_batch_must_split_evenly(wav_folder, tmp_path, monkeypatch):
 # small versions of two presets with a per-process mixup memory, logging every step
 SMALL = {p: [*sets, "views[0].memory=8", "data.norm_samples=8", "train.log_every=1"] for p, sets in {
     "tiny/byol-a": ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16"],
-    "tiny/atst-clip": ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.proj_hidden=32",
+    "tiny/atst-clip": ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.eval_blocks=2", "method.proj_hidden=32",
                        "method.proj_dim=16"]}.items()}
 
 

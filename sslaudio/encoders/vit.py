@@ -93,6 +93,12 @@ class ViT(Encoder):
         init: Literal["mae", "trunc_normal"] = "mae"
         # every frame of to_frames starts with the CLS output: clip embedding [CLS, mean] (ATST-Clip)
         cls_frames: bool = False
+        # embeddings (extract, probe, export: the encoder inside an EncoderBundle) concatenate the
+        # final-norm'd outputs of the last `eval_blocks` blocks, CLS included: ATST's evaluation
+        # (audiossl get_intermediate_layers(n) with norm_frame on each block, n_last_blocks 12 in
+        # its linear evaluation and embedding.py). 1: the last block's output. Training (methods
+        # call the encoder directly) always sees the last block alone.
+        eval_blocks: int = 1
 
         def __post_init__(self):
             if len(self.patch) != 2 or min(self.patch) < 1:
@@ -117,6 +123,9 @@ class ViT(Encoder):
                 raise ConfigError(f"encoder.init: {self.init!r} is not one of ['mae', 'trunc_normal']")
             if self.cls_frames and not self.cls_token:
                 raise ConfigError("encoder.cls_frames puts the CLS output into every frame; set encoder.cls_token: true")
+            if not 1 <= self.eval_blocks <= self.depth:
+                raise ConfigError(f"encoder.eval_blocks must be between 1 and encoder.depth {self.depth}, "
+                                  f"found {self.eval_blocks}")
 
     def __init__(self, cfg: ViT.Config, frontend):
         super().__init__()
@@ -130,7 +139,7 @@ class ViT(Encoder):
         self.freq_grid = n_freq // fp
         self.tokens_per_time = self.freq_grid  # tokens per patch column (Fg)
         self.dim = cfg.dim
-        self.frame_dim = self.freq_grid * cfg.dim + (cfg.dim if cfg.cls_frames else 0)
+        self.concat_blocks = 1  # blocks concatenated into the output tokens (see embedding_blocks)
         self.hop = int(frontend.hop)
         self.downsample = self.hop * tp
         self.sample_rate = int(frontend.sample_rate)
@@ -169,6 +178,16 @@ class ViT(Encoder):
                 nn.init.normal_(self.cls, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    @property
+    def frame_dim(self) -> int:
+        return (self.freq_grid * self.cfg.dim + (self.cfg.dim if self.cfg.cls_frames else 0)) * self.concat_blocks
+
+    def embedding_blocks(self, on: bool) -> None:
+        """Output tokens (and CLS) of width eval_blocks * dim, the final-norm'd outputs of the last
+        eval_blocks blocks side by side (on), or the last block's (off, what methods train).
+        EncoderBundle turns it on for the encoder it embeds with."""
+        self.concat_blocks = self.cfg.eval_blocks if on else 1
 
     # ---- helpers for methods: grids and padding for maskers, patches for pixel targets ----
 
@@ -260,8 +279,11 @@ class ViT(Encoder):
         traced_chunks = self.pos_embed is not None and torch.jit.is_tracing()
         # no lengths: no padding unless chunking padded the last chunk (known on the host, no sync)
         padded = traced_chunks or (chunks * cols > grid[1] if lengths is None else bool(attn_padding.any()))
-        y, layers, ffns = self.blocks(tokens, attn_padding if padded else None, return_layers=return_layers)
-        y = self.norm(y)
+        n_cat = self.concat_blocks
+        y, layers, ffns = self.blocks(tokens, attn_padding if padded else None, return_layers=return_layers or n_cat > 1)
+        y = self.norm(y) if n_cat == 1 else torch.cat([self.norm(h) for h in layers[-n_cat:]], -1)
+        if not return_layers:
+            layers, ffns = [], []
         cls = y[:, 0] if self.cls is not None else None
         if chunks > 1 or traced_chunks:
             y, layers, ffns = (self._unchunk(y[:, n_cls:], chunks, tg),

@@ -29,7 +29,7 @@ two mixup memories, as the official positive_transform1/2); both crops go throug
 one batch (official MultiCropWrapper); the CLS outputs -> projector -> predictor regress the
 teacher's projected CLS of the other crop. The clip embedding is [CLS, mean of the frame tokens]
 of the last block (official get_intermediate_layers_chunks with avgpool; its linear evaluation
-concatenates that over the last 12 blocks, ours one block): the encoder's `cls_frames`.
+concatenates that over the last 12 blocks: `encoder.eval_blocks`, see below): the encoder's `cls_frames`.
 
 ATST-Frame (`atst-frame`): one 10 s crop and two views of it: view 1 as it is, view 2 through
 mixup + a frequency-only random resize crop (official aug_tea False, aug_stu True, freq_wrap:
@@ -41,7 +41,11 @@ drawn for one clip at a time: the `span` masker with require_same_masks false. T
 encodes both views with the hidden tokens replaced by a mask embedding, the teacher both views
 unmasked; the masked frames of each view (in (clip, frame) order) -> projector -> predictor
 regress the teacher's projected frames of the other view (symmetric, official `symmetric True`).
-The clip embedding is the mean of the frames (official get_scene_embedding, one block).
+The clip embedding is the mean of the frames (official get_scene_embedding).
+Embeddings of both (extract, probe, export) are those of the official evaluation with
+`encoder.eval_blocks` N: each of the last N blocks' outputs through the final LayerNorm, side by
+side (atstframe/embedding.py N_BLOCKS 12, get_intermediate_layers(n) with norm_frame per block);
+training and C2F's teachers use the last block alone.
 
 ATST-C2F (`atst-c2f`): the TASLP paper combines the two by knowledge distillation, "as audiossl
 does it" in module_distill.py: the student is an ATST-Frame encoder initialised from a trained
