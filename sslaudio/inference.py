@@ -29,11 +29,7 @@ class EncoderBundle(nn.Module):
         self.preset = preset
         self.needs_stats = needs_stats  # random-init baselines estimate frontend stats from their inputs
         self.layer: int | None = None  # embed an intermediate block's output instead of the last
-        self._blocks(True)  # an encoder whose embedding spans several blocks (ViT eval_blocks) gives it here
-
-    def _blocks(self, on: bool) -> None:
-        if hasattr(self.encoder, "embedding_blocks"):
-            self.encoder.embedding_blocks(on)
+        encoder.embedding_blocks(True)  # an embedding that spans several blocks (ViT eval_blocks)
 
     @property
     def sample_rate(self) -> int:
@@ -48,7 +44,7 @@ class EncoderBundle(nn.Module):
             if not -depth <= layer < depth:
                 raise CheckpointError(f"--layer {layer}: this encoder has {depth} layer(s) (0..{depth - 1})")
         self.layer = layer
-        self._blocks(layer is None)  # one block's output when a layer is chosen
+        self.encoder.embedding_blocks(layer is None)  # one block's output when a layer is chosen
         return self
 
     def _probe_input(self) -> tuple[Tensor, Tensor]:

@@ -128,6 +128,11 @@ class Encoder(nn.Module):
         """(n_frames,) float64: centre in seconds of each output frame's receptive field."""
         raise NotImplementedError
 
+    def embedding_blocks(self, on: bool) -> None:
+        """Embed with the output the encoder's evaluation uses (on; EncoderBundle turns it on) or
+        with what its methods train (off). The same for most encoders; the ViT's `eval_blocks`
+        concatenates several blocks."""
+
     def token_grid(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Input shape -> the token grid of one input, (T,) for a sequence of frames."""
         return (int(self.output_lengths(torch.tensor([int(x_shape[-1])]))[0]),)
