@@ -517,6 +517,11 @@ def m2d_preset(src: dict[str, Tensor], where: Path) -> dict:
                qkv_bias=f"{p}blocks.0.attn.qkv.bias" in src, cls_token=True, pos_order="time_first")
     if fc1 is not None and fc1.ndim == 2:
         enc["mlp_ratio"] = float(fc1.shape[0]) / dim
+    # runtime_audio encodes in chunks of the training grid, the length of the fixed position table
+    pos = src.get(f"{p}pos_embed")  # (1, 1 + Fg * Tg, dim)
+    fg = int(data["frontend"]["n_mels"]) // int(w.shape[2])
+    if pos is not None and pos.shape[-2] > 1 and (int(pos.shape[-2]) - 1) % fg == 0:
+        enc["chunk"] = (int(pos.shape[-2]) - 1) // fg
     return data
 
 

@@ -249,6 +249,14 @@ def test_m2d_parity(tmp_path):
         assert out.tokens.shape == ref[:, 1:].shape
         worst = max(worst, (out.tokens - ref[:, 1:]).abs().max().item(),
                     (out.cls - ref[:, 0]).abs().max().item())
+    # a longer input: runtime_audio's encode_lms, chunks of the training grid (8 columns) one by one
+    assert enc["chunk"] == 8
+    x = official_input(bundle, -7.1, 4.2, 16000 * 3)[..., : 18 * 16]  # 18 columns: 8 + 8 + 2
+    with torch.no_grad():
+        out = bundle.encoder(x)
+        ref = torch.cat([official.forward_encoder(x[:, None, :, i:i + 128])[:, 1:].reshape(x.shape[0], 5, -1, 128)
+                         for i in (0, 128, 256)], 2).reshape(x.shape[0], 90, 128)
+    worst = max(worst, (out.tokens - ref).abs().max().item())
     print(f"m2d max abs diff {worst:.3g}")
     assert worst <= TOL
 

@@ -143,6 +143,10 @@ def test_config_checks():
         _method(["masker.mode=replace"])
     with pytest.raises(ConfigError, match="pred_dim"):
         _method(["method.pred_dim=18"])
+    with pytest.raises(ConfigError, match="chunk"):
+        _method(["encoder.chunk=-1"])
+    with pytest.raises(ConfigError, match="chunk"):
+        _method(["encoder.chunk=8", "encoder.pos=learned"])
 
 
 def test_short_run_lowers_loss_without_collapse():
@@ -177,3 +181,27 @@ def test_extraction_on_longer_audio():
     assert lengths.tolist() == [t_cols, t_cols]
     assert torch.allclose(clip_emb, frames.mean(1), atol=1e-5)
     assert torch.isfinite(frames).all()
+
+
+def test_long_inputs_are_encoded_in_chunks_of_the_training_grid():
+    """encoder.chunk (the tiny preset: 8 columns, its 1.27 s crop): a longer input is encoded as
+    runtime_audio's encode_lms does, each chunk of 8 patch columns alone with positions from 0;
+    the last, shorter chunk's padding is left out of attention; without chunks one pass differs."""
+    m = _method()
+    enc = m.encoder.eval()
+    assert enc.cfg.chunk == 8
+    x = torch.randn(1, 80, 16 * 19, generator=gen(3))  # 19 columns: chunks of 8, 8 and 3
+
+    def alone(xc):  # by hand: one chunk, positions of its own grid, CLS first, final norm
+        e = enc.patch_embed(xc) + sincos_pos_embed_2d(enc.dim, (5, xc.shape[-1] // 16))
+        h = torch.cat([enc.cls.expand(1, -1, -1), e], 1)
+        return enc.norm(_blocks(h, enc.blocks.blocks))[0, 1:].reshape(5, -1, enc.dim)
+
+    with torch.no_grad():
+        out = enc(x)
+        ref = torch.cat([alone(x[..., :128]), alone(x[..., 128:256]), alone(x[..., 256:])], 1)
+        torch.testing.assert_close(out.tokens[0], ref.reshape(-1, enc.dim), atol=1e-5, rtol=0)
+        enc._chunk_cols = 0  # one pass over all 19 columns: not what the model was trained on
+        assert (enc(x).tokens - out.tokens).abs().max() > 1e-2
+    with pytest.raises(ConfigError, match="encoder.chunk"):  # a training crop longer than a chunk
+        _method(["data.clip_seconds=2.0"])

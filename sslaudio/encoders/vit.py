@@ -10,7 +10,8 @@ learned (`pos: learned`, ATST's `pos_type cut`): one vector per patch of the fir
 columns, the first Tg of them added to an input of Tg columns. A learned-position ViT encodes an
 input of more than pos_len columns in chunks of pos_len columns, each chunk a batch row of its own
 (the official ATST extraction, `get_intermediate_layers_chunks` / embedding.py: chunks of the
-training length), so it accepts any length; the CLS output is then the mean of the chunks' CLS
+training length), so it accepts any length; a sincos ViT does the same with `chunk` columns when
+that is set (M2D's runtime encodes in chunks of its training input, the length of its fixed table); the CLS output is then the mean of the chunks' CLS
 outputs weighted by their valid columns. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens
 after positions are added; a replace mask swaps hidden patch embeddings for a learned token before
 positions.
@@ -85,6 +86,10 @@ class ViT(Encoder):
         # columns (ATST-Frame 250 = 10 s of 40 ms patches), longer inputs encoded in chunks of pos_len
         pos: Literal["sincos", "learned"] = "sincos"
         pos_len: int = 250
+        # sincos only: encode an input of more than `chunk` patch columns in chunks of `chunk`
+        # columns, each with positions from 0, as M2D's runtime (encode_lms: chunks of the training
+        # input length, whose fixed table is all it has); 0: one pass over any length
+        chunk: int = 0
         # channel order of the sin-cos table: "freq_first" (sslaudio's default), or "time_first",
         # MAE / M2D's get_2d_sincos_pos_embed order (time half first), which imported M2D weights use
         pos_order: Literal["freq_first", "time_first"] = "freq_first"
@@ -119,6 +124,10 @@ class ViT(Encoder):
                 raise ConfigError(f"encoder.pos_order: {self.pos_order!r} is not one of ['freq_first', 'time_first']")
             if self.pos_len < 1:
                 raise ConfigError(f"encoder.pos_len must be >= 1, found {self.pos_len}")
+            if self.chunk < 0:
+                raise ConfigError(f"encoder.chunk must be >= 0 (0: no chunks), found {self.chunk}")
+            if self.chunk and self.pos == "learned":
+                raise ConfigError("encoder.chunk is for sincos positions; learned positions chunk at encoder.pos_len")
             if self.init not in ("mae", "trunc_normal"):
                 raise ConfigError(f"encoder.init: {self.init!r} is not one of ['mae', 'trunc_normal']")
             if self.cls_frames and not self.cls_token:
@@ -144,6 +153,8 @@ class ViT(Encoder):
         self.downsample = self.hop * tp
         self.sample_rate = int(frontend.sample_rate)
         self._time_first = cfg.pos_order == "time_first"
+        # patch columns per chunk: pos_len (learned positions), chunk (sincos), 0 for one pass
+        self._chunk_cols = cfg.pos_len if cfg.pos == "learned" else cfg.chunk
 
         self.patch_embed = PatchEmbed(cfg.patch, cfg.dim)
         self.mask_token = nn.Parameter(torch.zeros(cfg.dim))
@@ -190,6 +201,17 @@ class ViT(Encoder):
         self.concat_blocks = self.cfg.eval_blocks if on else 1
 
     # ---- helpers for methods: grids and padding for maskers, patches for pixel targets ----
+
+    def check_crop(self, frames: int, seconds: float, method: str) -> None:
+        """Training crops must fit one chunk (the official crop is the position table's length, and
+        a keep mask cannot span chunks): refuse a crop of more than pos_len (learned) or chunk
+        (sincos, when set) patch columns."""
+        cols, limit = frames // self.cfg.patch[1], self._chunk_cols
+        if limit and cols > limit:
+            key = "encoder.pos_len" if self.pos_embed is not None else "encoder.chunk"
+            raise ConfigError(f"data.clip_seconds: a {seconds:g} s crop is {cols} patch columns, more than the "
+                              f"{limit} of {key}; {method} trains on whole crops, so raise {key} or shorten the crop")
+
 
     def token_grid(self, x_shape: tuple[int, ...]) -> tuple[int, int]:
         """(B, F, T) input shape -> (Fg, Tg) token grid."""
@@ -250,18 +272,20 @@ class ViT(Encoder):
 
         chunks, tg, cols = 1, grid[1], grid[1]
         chunk_padding = padding
-        if self.pos_embed is not None:  # learned positions, cut to the input (chunks beyond pos_len)
+        if self._chunk_cols:  # inputs longer than a chunk: chunks as batch rows, positions from 0 in each
             tokens, chunk_padding, chunks, cols, tg = self._chunk(tokens, padding)
+        if self.pos_embed is not None:  # learned positions, cut to the input (chunks beyond pos_len)
             tokens = tokens + self.pos_embed[:, :cols].reshape(-1, self.dim).to(tokens.dtype)
-        elif torch.jit.is_tracing():  # export: positions must follow the input length
+        elif torch.jit.is_tracing():  # export: positions must follow the (chunk) length
             tokens = tokens + sincos_pos_embed_2d_traced(self.dim, grid[0], tokens, self._time_first)
         else:
-            tokens = tokens + sincos_pos_embed_2d(self.dim, grid, tokens.device, tokens.dtype, self._time_first)
+            tokens = tokens + sincos_pos_embed_2d(self.dim, (grid[0], cols), tokens.device, tokens.dtype,
+                                                  self._time_first)
         keep = mask is not None and mask.mode == "keep"
         if keep:
             if chunks > 1:
-                raise ValueError(f"vit: a keep mask needs an input of at most encoder.pos_len = "
-                                 f"{self.cfg.pos_len} patch columns, found {grid[1]}")
+                raise ValueError(f"vit: a keep mask needs an input of at most {self._chunk_cols} patch "
+                                 f"columns (encoder.pos_len / encoder.chunk), found {grid[1]}")
             idx = mask.keep_idx.to(tokens.device)
             tokens = gather_tokens(tokens, idx)
             padding = chunk_padding = torch.gather(padding, 1, idx)
@@ -276,7 +300,7 @@ class ViT(Encoder):
             tokens = self.input_norm(tokens)
 
         # a traced graph with chunks keeps the mask: its last chunk is padded at other lengths
-        traced_chunks = self.pos_embed is not None and torch.jit.is_tracing()
+        traced_chunks = bool(self._chunk_cols) and torch.jit.is_tracing()
         # no lengths: no padding unless chunking padded the last chunk (known on the host, no sync)
         padded = traced_chunks or (chunks * cols > grid[1] if lengths is None else bool(attn_padding.any()))
         n_cat = self.concat_blocks
@@ -299,12 +323,12 @@ class ViT(Encoder):
                           cls=cls, grid=grid, keep=keep, clone=clone, frame_padding=frame_padding)
 
     def _chunk(self, tokens: Tensor, padding: Tensor) -> tuple[Tensor, Tensor, int, int, int]:
-        """(B, Fg*Tg, D) tokens and (B, Fg*Tg) padding -> chunks of c = min(Tg, pos_len) time
-        columns as batch rows (B*n, Fg*c, D) and (B*n, Fg*c), the last chunk padded; and n, c, Tg
-        (from the token count, so a traced graph follows the input length). A traced (exported)
-        graph always uses c = pos_len, so it holds for every input length."""
+        """(B, Fg*Tg, D) tokens and (B, Fg*Tg) padding -> chunks of c = min(Tg, L) time columns
+        (L: pos_len or chunk) as batch rows (B*n, Fg*c, D) and (B*n, Fg*c), the last chunk padded;
+        and n, c, Tg (from the token count, so a traced graph follows the input length). A traced
+        (exported) graph always uses c = L, so it holds for every input length."""
         B, N, D = tokens.shape
-        fg, L = self.freq_grid, self.cfg.pos_len
+        fg, L = self.freq_grid, self._chunk_cols
         tg = N // fg
         c = L if torch.jit.is_tracing() else min(tg, L)
         n = (tg + c - 1) // c

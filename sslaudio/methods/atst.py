@@ -90,19 +90,6 @@ from sslaudio.registry import ENCODERS, FRONTENDS, METHODS
 FRONTENDS_OK = ("mel_db", "logmel")
 
 
-def check_crop(encoder: nn.Module, frames: int, seconds: float, method: str) -> None:
-    """A learned-position ViT must see whole training crops within its positions (the official
-    crop is the position table's length): refuse a crop of more than encoder.pos_len columns."""
-    cfg = encoder.cfg
-    if cfg.pos != "learned":
-        return
-    cols = frames // cfg.patch[1]
-    if cols > cfg.pos_len:
-        raise ConfigError(f"data.clip_seconds: a {seconds:g} s crop is {cols} patch columns, more than the "
-                          f"{cfg.pos_len} learned positions of encoder.pos_len; {method} trains on whole crops, "
-                          f"so raise encoder.pos_len or shorten the crop")
-
-
 def _crop_seconds(inputs) -> float:
     return inputs.clip_samples / inputs.sample_rate
 
@@ -116,7 +103,7 @@ class _TeacherStudent(ViewMethod):
 
     def __init__(self, cfg, inputs, frontend, encoder, masker=None, crops: MultiCrop | None = None):
         super().__init__(cfg, inputs, frontend, encoder, masker, crops=crops)
-        check_crop(encoder, self.spec_shape()[1], _crop_seconds(inputs), self.name)
+        encoder.check_crop(self.spec_shape()[1], _crop_seconds(inputs), self.name)
         self.projector = mlp([encoder.dim, cfg.proj_hidden, cfg.proj_dim], bias_last=False)
         self.predictor = mlp([cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim], bias_last=False)
         self.target_encoder = make_teacher(encoder)
@@ -284,7 +271,7 @@ class ATSTC2F(Method):
 
     def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None, sources=None):
         super().__init__(cfg, inputs, frontend, encoder, masker)
-        check_crop(encoder, self.spec_shape()[1], _crop_seconds(inputs), "ATST-C2F")
+        encoder.check_crop(self.spec_shape()[1], _crop_seconds(inputs), "ATST-C2F")
         sources = sources or {}
         for key, (name, kind) in TEACHERS.items():
             spec = getattr(cfg, key)
