@@ -347,3 +347,29 @@ def test_resume_is_bit_identical_and_export_has_no_quantizer(audio_dir, tmp_path
     with torch.no_grad():
         clip, frames, _ = bundle.eval().embed(torch.randn(1, 16000) * 0.1)
     assert clip.shape == (1, bundle.encoder.frame_dim) and torch.isfinite(frames).all()
+
+
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert"])
+def test_feature_norm_normalises_each_stacked_frame_as_fairseq(name):
+    """encoder.feature_norm on log-mel frames: fairseq's `layer_norm` on the conv features before
+    post_extract_proj (and, in wav2vec 2.0, the quantizer): each stacked frame standardised over its
+    F * r values (eps 1e-5), so a frame's level and scale no longer reach the model; off, they do."""
+    m = method(name, "encoder.feature_norm=true").eval()
+    enc = m.encoder
+    assert enc.feature_norm is not None and enc.feature_norm.eps == 1e-5
+    audio = synth_batch(1, 0.5)[:2, 0]
+    with torch.no_grad():
+        x, _ = m.frontend(audio)
+        out = enc(x)
+        frames = enc.stack_frames(x)
+        mu, var = frames.mean(-1, keepdim=True), frames.var(-1, unbiased=False, keepdim=True)
+        torch.testing.assert_close(out.features, (frames - mu) / torch.sqrt(var + 1e-5), atol=1e-5, rtol=0)
+        # per-frame gain and offset: x -> a_t x + b_t on every bin of frame t (stacked pairs share them)
+        t = x.shape[-1] // enc.stack * enc.stack
+        a = torch.rand(1, 1, t // enc.stack, generator=gen(2)).repeat_interleave(enc.stack, -1) + 0.5
+        b = torch.randn(1, 1, t // enc.stack, generator=gen(3)).repeat_interleave(enc.stack, -1)
+        y = x[..., :t] * a + b
+        torch.testing.assert_close(enc(y).tokens, enc(x[..., :t]).tokens, atol=1e-4, rtol=0)
+        plain = method(name).eval().encoder
+        assert plain.feature_norm is None
+        assert (plain(y).tokens - plain(x[..., :t]).tokens).abs().max() > 1e-2

@@ -20,7 +20,8 @@ frequency band, noise), so the method corrupts the spectrogram and calls the enc
 `Mask`. With `mask_token: true` the encoder also takes a replace-mode `Mask` (the log-mel tiny
 versions of wav2vec 2.0 and HuBERT): hidden tokens are swapped, after the input projection and
 before the positions, for a learned vector (uniform init, as fairseq's mask_emb); `features` is
-then the stacked input frames (the log-mel stand-in for wav2vec 2.0's conv features) and `local`
+then the stacked input frames (the log-mel stand-in for wav2vec 2.0's conv features; with
+`feature_norm` layer-normed per frame first, as fairseq normalises the conv features) and `local`
 the projected tokens before the swap. With `return_layers`, `layers` holds the output of every block
 (s3prl's `output_all_encoded_layers` also lists the input representation before the first block).
 """
@@ -69,6 +70,11 @@ class FrameTransformer(Encoder):
         attention_dropout: float = 0.1  # attention_probs_dropout_prob
         norm_eps: float = 1e-12  # layer_norm_eps
         mask_token: bool = False  # a learned vector for replace-mode masks (wav2vec 2.0 / HuBERT on log-mel)
+        # LayerNorm (eps 1e-5, affine) over each stacked input frame before the input projection, and
+        # `features` the normed frames: fairseq's `layer_norm` on the conv features, which wav2vec 2.0
+        # and HuBERT apply before post_extract_proj and (wav2vec 2.0) the quantizer. s3prl's
+        # Mockingjay / TERA have none.
+        feature_norm: bool = False
 
         def __post_init__(self):
             if self.depth < 1 or self.heads < 1 or self.ffn_dim < 1:
@@ -99,6 +105,7 @@ class FrameTransformer(Encoder):
         self.downsample = int(frontend.hop) * self.stack
         self.sample_rate = int(frontend.sample_rate)
 
+        self.feature_norm = nn.LayerNorm(self.input_dim) if cfg.feature_norm else None
         self.input_proj = nn.Linear(self.input_dim, cfg.dim)  # s3prl spec_transform
         self.input_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.input_dropout = nn.Dropout(cfg.dropout)
@@ -169,6 +176,8 @@ class FrameTransformer(Encoder):
         else:
             self._check(x, lengths)
         frames = self.stack_frames(x)  # (B, N, F * r)
+        if self.feature_norm is not None:
+            frames = self.feature_norm(frames)
         n = frames.shape[1]
         local = self.input_proj(frames)  # (B, N, D)
         h = local
