@@ -408,10 +408,15 @@ def table_mode(a) -> None:
                 if steps:
                     overrides.append(f"train.steps={steps}")
                 overrides.append(f"seed={seed}")
+                preset = load_preset(base, overrides)
+                if "train" in rec and (run / "config.yaml").is_file() \
+                        and load_preset(str(run / "config.yaml")).identity() != preset.identity():
+                    # the preset (or --set) changed since this run was trained: its probes are of another model
+                    raise StaleRun(f"{run.name} in {cache} was trained with another configuration of {base}; "
+                                   f"delete it and {rec_path.name} to train it again")
                 if "train" not in rec:
                     if a.no_train:
                         continue
-                    preset = load_preset(base, overrides)
                     print(f"{name} seed {seed}: training {preset.train.steps} steps into {run}", flush=True)
                     t0 = time.time()
                     fit(preset, [str(pool)], run, resume=True, device=a.device)
@@ -451,7 +456,8 @@ def table_mode(a) -> None:
             # one broken run must not end a long table (Ctrl-C still does: fit's Interrupted is a
             # KeyboardInterrupt; the same command resumes)
             except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
+                if not isinstance(e, StaleRun):
+                    traceback.print_exc()
                 failed[f"{name} seed {seed}"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
                 print(f"{name} seed {seed}: failed ({failed[f'{name} seed {seed}']}); run again to retry",
                       flush=True)
@@ -461,6 +467,10 @@ def table_mode(a) -> None:
     if a.results is not None:
         write_section(a.results, text)
         print(f"wrote the devbench-table section of {a.results}")
+
+
+class StaleRun(RuntimeError):
+    """A cached run whose configuration is not the one asked for (the preset changed since)."""
 
 
 def spread(values: list[float]) -> tuple[float, float] | None:
