@@ -29,8 +29,10 @@ Our encoder averages the feature penalty over valid frames (fairseq: over every 
 included); the two agree on unpadded batches, which is what training sees.
 
 On log-mel frames (encoder `frame_transformer` with `mask_token: true`, the tiny preset) the
-same objective reads `EncoderOut.features` = the stacked log-mel frames as the quantizer input:
-there is no learned feature extractor, so no feature penalty and no feature_grad_mult.
+same objective reads `EncoderOut.features` = the stacked log-mel frames as the quantizer input
+(layer-normed per frame first with `encoder.feature_norm`, fairseq's layer_norm; tiny/wav2vec2 leaves
+it off, see its comment): there is no learned feature extractor, so no feature penalty and no
+feature_grad_mult.
 
 Logged (losses in nats; fairseq logs bits): contrastive, diversity and feature_pen (the unweighted
 parts), acc (fairseq's correct / count), code_ppl / prob_ppl (sum over groups of the perplexity of
