@@ -25,6 +25,9 @@ def _preset_for(encoder: str) -> str:
 ENCODER_PRESETS = {name: _preset_for(name) for name in ENCODERS.names()}
 ENCODER_PRESETS["vit"] = "tiny/m2d"  # sin-cos positions; learned, cut positions and 64 x 4 patches below
 ENCODER_PRESETS["vit/atst"] = "tiny/atst-frame"
+# Mockingjay's frame transformer: tiny/hubert's per-frame feature LayerNorm normalises a broadband
+# click away in its own frame (the spectrum it adds is flat), so the click test would not see it there
+ENCODER_PRESETS["frame_transformer"] = "tiny/mockingjay"
 CAUSAL = {"rnn", "cpc"}  # context frames integrate the past: a click changes every later frame
 HOLED = {"npc"}  # the output at t never sees the input frames centred on t (NPC's masked convolutions)
 
