@@ -366,3 +366,10 @@ def test_c2f_refuses_missing_or_wrong_teachers_in_one_line(tmp_path):
     cls, cfg = component_config(METHODS, load_preset("atst-c2f", ["method.clip_teacher=runs/clip"]).method, "method")
     with pytest.raises(ConfigError, match=r"^method\.frame_teacher: ATST-C2F distils a trained ATST-Frame model"):
         cls.sources(cfg)
+
+
+def test_a_training_crop_longer_than_the_position_table_is_refused():
+    """Learned positions (tiny ATST-Frame: 50 columns = 2 s) cover the whole training crop, as the
+    official crop is the table's length: a longer crop is one config error naming the key."""
+    with pytest.raises(ConfigError, match=r"3 s crop is 75 patch columns, more than the 50 of encoder.pos_len"):
+        tiny("frame", "data.clip_seconds=3.0")

@@ -128,6 +128,10 @@ class Encoder(nn.Module):
         """(n_frames,) float64: centre in seconds of each output frame's receptive field."""
         raise NotImplementedError
 
+    def check_crop(self, samples: int, method: str) -> None:
+        """Raise ConfigError if a training crop of `samples` cannot be encoded whole (the ViT's
+        position table or chunk is shorter); any crop by default. Called once by every method."""
+
     def embedding_blocks(self, on: bool) -> None:
         """Embed with the output the encoder's evaluation uses (on; EncoderBundle turns it on) or
         with what its methods train (off). The same for most encoders; the ViT's `eval_blocks`

@@ -11,8 +11,8 @@ columns, the first Tg of them added to an input of Tg columns. A learned-positio
 input of more than pos_len columns in chunks of pos_len columns, each chunk a batch row of its own
 (the official ATST extraction, `get_intermediate_layers_chunks` / embedding.py: chunks of the
 training length), so it accepts any length; a sincos ViT does the same with `chunk` columns when
-that is set (M2D's runtime encodes in chunks of its training input, the length of its fixed table); the CLS output is then the mean of the chunks' CLS
-outputs weighted by their valid columns. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens
+that is set (M2D's runtime encodes in chunks of its training input, the length of its fixed
+table). The CLS output is then the mean of the chunks' CLS outputs weighted by their valid columns. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens
 after positions are added; a replace mask swaps hidden patch embeddings for a learned token before
 positions.
 
@@ -202,16 +202,16 @@ class ViT(Encoder):
 
     # ---- helpers for methods: grids and padding for maskers, patches for pixel targets ----
 
-    def check_crop(self, frames: int, seconds: float, method: str) -> None:
+    def check_crop(self, samples: int, method: str) -> None:
         """Training crops must fit one chunk (the official crop is the position table's length, and
         a keep mask cannot span chunks): refuse a crop of more than pos_len (learned) or chunk
         (sincos, when set) patch columns."""
-        cols, limit = frames // self.cfg.patch[1], self._chunk_cols
+        cols, limit = (samples // self.hop + 1) // self.cfg.patch[1], self._chunk_cols  # centred STFT frames
         if limit and cols > limit:
             key = "encoder.pos_len" if self.pos_embed is not None else "encoder.chunk"
-            raise ConfigError(f"data.clip_seconds: a {seconds:g} s crop is {cols} patch columns, more than the "
-                              f"{limit} of {key}; {method} trains on whole crops, so raise {key} or shorten the crop")
-
+            raise ConfigError(f"data.clip_seconds: a {samples / self.sample_rate:g} s crop is {cols} patch columns, "
+                              f"more than the {limit} of {key}; {method} trains on whole crops, so raise {key} "
+                              f"or shorten the crop")
 
     def token_grid(self, x_shape: tuple[int, ...]) -> tuple[int, int]:
         """(B, F, T) input shape -> (Fg, Tg) token grid."""

@@ -90,20 +90,13 @@ from sslaudio.registry import ENCODERS, FRONTENDS, METHODS
 FRONTENDS_OK = ("mel_db", "logmel")
 
 
-def _crop_seconds(inputs) -> float:
-    return inputs.clip_samples / inputs.sample_rate
-
-
 class _TeacherStudent(ViewMethod):
     """ATST-Clip and ATST-Frame: two views from the view sampler, the official BYOL heads, an EMA
     teacher of encoder + projector (what extraction uses, unless eval_teacher is false), the
     averaged symmetric 2 - 2 cos."""
 
-    name = ""  # for messages
-
     def __init__(self, cfg, inputs, frontend, encoder, masker=None, crops: MultiCrop | None = None):
         super().__init__(cfg, inputs, frontend, encoder, masker, crops=crops)
-        encoder.check_crop(self.spec_shape()[1], _crop_seconds(inputs), self.name)
         self.projector = mlp([encoder.dim, cfg.proj_hidden, cfg.proj_dim], bias_last=False)
         self.predictor = mlp([cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim], bias_last=False)
         self.target_encoder = make_teacher(encoder)
@@ -129,8 +122,6 @@ class _TeacherStudent(ViewMethod):
 
 @METHODS.register("atst-clip")
 class ATSTClip(_TeacherStudent):
-    name = "ATST-Clip"
-
     @dataclass
     class Config:
         proj_hidden: int = 4096
@@ -166,8 +157,6 @@ class ATSTClip(_TeacherStudent):
 
 @METHODS.register("atst-frame")
 class ATSTFrame(_TeacherStudent):
-    name = "ATST-Frame"
-
     @dataclass
     class Config:
         proj_hidden: int = 4096
@@ -271,7 +260,6 @@ class ATSTC2F(Method):
 
     def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None, sources=None):
         super().__init__(cfg, inputs, frontend, encoder, masker)
-        encoder.check_crop(self.spec_shape()[1], _crop_seconds(inputs), "ATST-C2F")
         sources = sources or {}
         for key, (name, kind) in TEACHERS.items():
             spec = getattr(cfg, key)

@@ -73,6 +73,7 @@ class Method(nn.Module):
         self.frontend = frontend
         self.encoder = encoder
         self.masker = masker
+        encoder.check_crop(inputs.clip_samples, getattr(type(self), "registry_name", type(self).__name__))
 
     # -- helpers shared by methods ------------------------------------------------------------
     def spec_shape(self) -> tuple[int, int]:

@@ -125,7 +125,6 @@ class M2D(Method):
 
     def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
         super().__init__(cfg, inputs, frontend, encoder, masker)
-        encoder.check_crop(self.spec_shape()[1], inputs.clip_samples / inputs.sample_rate, "M2D")
         self.predictor = Predictor(encoder.dim, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads,
                                    cfg.pred_mlp_ratio, encoder.cfg.norm_eps)
         self.target_encoder = make_teacher(encoder)
