@@ -105,14 +105,31 @@ def test_average_gradients_gather_mean_and_ddp_across_two_processes(tmp_path):
         assert r[k]["toy_keys"] == ["lin.bias", "lin.weight", "unused.bias", "unused.weight"]
 
 
-@pytest.fixture
-def wav_folder(tmp_path):
+@pytest.fixture(scope="module")
+def wav_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wavs")
     rng = np.random.default_rng(0)
     t = np.arange(24000) / 16000
     for i in range(6):
         x = 0.05 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t)
-        sf.write(str(tmp_path / f"{i}.wav"), x.astype(np.float32), 16000)
-    return tmp_path
+        sf.write(str(folder / f"{i}.wav"), x.astype(np.float32), 16000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(wav_folder, tmp_path_factory):
+    """get(preset, sets): the uninterrupted 2-process run of those settings, made once per module
+    (a torchrun costs seconds of process start-up; the tests only read it)."""
+    runs: dict[tuple, Path] = {}
+
+    def get(preset: str, sets: list[str]) -> Path:
+        key = (preset, *sets)
+        if key not in runs:
+            runs[key] = tmp_path_factory.mktemp("full") / "run"
+            torchrun(wav_folder, runs[key], preset, *sets)
+        return runs[key]
+
+    return get
 
 
 def torchrun(wav_folder, run, preset: str, *sets: str) -> subprocess.CompletedProcess:
@@ -148,7 +165,10 @@ def one_process(preset: str, wav_folder, run, *sets: str) -> None:
 
 
 # gathered negatives; EMA + keep masks (a mask token unused in the step), with DDP and FSDP2
-@pytest.mark.parametrize(("preset", "parallel"), [("tiny/simclr", "ddp"), ("tiny/m2d", "ddp"), ("tiny/m2d", "fsdp")])
+# (m2d under FSDP2 is `slow`: test_two_processes_match_one_with_the_same_global_batch[fsdp] keeps FSDP2 in the
+# quick suite)
+@pytest.mark.parametrize(("preset", "parallel"), [("tiny/simclr", "ddp"), ("tiny/m2d", "ddp"),
+                                                  pytest.param("tiny/m2d", "fsdp", marks=pytest.mark.slow)])
 def test_torchrun_two_processes_on_cpu(preset, parallel, wav_folder, tmp_path):
     run = tmp_path / "run"
     p = torchrun(wav_folder, run, preset, f"train.parallel={parallel}")
@@ -220,12 +240,11 @@ SMALL = {p: [*sets, "views[0].memory=8", "data.norm_samples=8", "train.log_every
                        "method.proj_dim=16"]}.items()}
 
 
-def resumes_each_process_exactly(wav_folder, tmp_path, preset: str, small: list[str]) -> Path:
+def resumes_each_process_exactly(wav_folder, uninterrupted, tmp_path, preset: str, small: list[str]) -> Path:
     """A 2-process run whose step 2 holds rank 1's own mixup memory (ranks.safetensors, hashed in
     state.json), resumed from step 2 with 2 processes: the uninterrupted run's losses and weights,
     bit for bit. Returns the step-2 folder."""
-    full = tmp_path / "full"
-    torchrun(wav_folder, full, preset, *small)
+    full = uninterrupted(preset, small)
     step2 = full / "ckpt" / "step-000000002"
     state = json.loads((step2 / "state.json").read_text())
     assert "ranks.safetensors" in state["sha256"]  # rank 1's mixup memory differs from rank 0's
@@ -242,11 +261,11 @@ def resumes_each_process_exactly(wav_folder, tmp_path, preset: str, small: list[
 
 
 @pytest.mark.slow
-def test_fsdp_resume_continues_each_process_memory(wav_folder, tmp_path):
+def test_fsdp_resume_continues_each_process_memory(wav_folder, uninterrupted, tmp_path):
     """FSDP2 keeps buffers whole, so its checkpoints keep every process's mixup memory too: a
     2-process FSDP run of tiny/atst-clip (ViT blocks sharded) resumed from step 2 with 2 processes
     gives the uninterrupted run's losses and weights."""
-    resumes_each_process_exactly(wav_folder, tmp_path, "tiny/atst-clip",
+    resumes_each_process_exactly(wav_folder, uninterrupted, tmp_path, "tiny/atst-clip",
                                  [*SMALL["tiny/atst-clip"], "train.parallel=fsdp"])
 
 
@@ -286,14 +305,13 @@ def _signalled_worker(rank: int, world_size: int, port: int, wav_folder: str, ru
 @pytest.mark.parametrize(("preset", "parallel"), [
     ("tiny/byol-a", "ddp"), pytest.param("tiny/atst-clip", "fsdp", marks=pytest.mark.slow)])
 def test_a_signal_to_one_process_stops_all_after_the_same_step_and_resumes_exactly(preset, parallel, wav_folder,
-                                                                                    tmp_path):
+                                                                                    uninterrupted, tmp_path):
     """The processes agree on the step to stop after (the stop requests travel with the step's loss
     reduction), so the interrupt checkpoint is a collective commit like any other: it holds every
     process's own buffers (and, under FSDP, the gathered weights), and resuming it with 2 processes
     gives the uninterrupted run's losses and weights, bit for bit."""
     small = [*SMALL[preset], f"train.parallel={parallel}"]
-    full = tmp_path / "full"
-    torchrun(wav_folder, full, preset, *small)
+    full = uninterrupted(preset, small)
     stopped = tmp_path / "stopped" / "run"
     mp.spawn(_signalled_worker, args=(2, free_port(), str(wav_folder), str(stopped), preset, small), nprocs=2,
              join=True)
@@ -309,12 +327,12 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_and_resumes_exact
     assert w_full.keys() == w_res.keys() and all(torch.equal(w_full[k], w_res[k]) for k in w_full)
 
 
-def test_two_process_resume_continues_each_process_memory(wav_folder, tmp_path):
+def test_two_process_resume_continues_each_process_memory(wav_folder, uninterrupted, tmp_path):
     """BYOL-A's mixup memory holds each process's own clips: a 2-process checkpoint keeps every
     process's copy (ranks.safetensors), so resuming it with 2 processes gives the uninterrupted run's
     weights and losses, bit for bit; with one process it warns and continues from rank 0's."""
-    small = SMALL["tiny/byol-a"]
-    step2 = resumes_each_process_exactly(wav_folder, tmp_path, "tiny/byol-a", small)
+    small = [*SMALL["tiny/byol-a"], "train.parallel=ddp"]  # the signal test's run (ddp is the default)
+    step2 = resumes_each_process_exactly(wav_folder, uninterrupted, tmp_path, "tiny/byol-a", small)
     one = tmp_path / "one"
     shutil.copytree(step2, one / "ckpt" / step2.name)
     from sslaudio.build import load_preset
