@@ -99,6 +99,16 @@ MAIN_METRIC = {t: "f1" if t == "sound_events" else "accuracy" for t in TASKS}
 KEEP_METRICS = ("accuracy", "knn_accuracy", "f1", "map", "segment_f1", "event_f1")
 
 
+def _layer(value: str) -> int | str:
+    """--layer: a block index (0-based, negative from the end) or 'all'."""
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a block index or 'all', not '{value}'") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("devbench", type=Path)
@@ -111,7 +121,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--layer", type=int, default=None, help="probe this encoder block (default: the output)")
+    ap.add_argument("--layer", type=_layer, default=None,
+                    help="probe this encoder block, or 'all' blocks side by side (default: the output)")
     ap.add_argument("--no-train", action="store_true", help="probe the existing runs in RUNS only")
     ap.add_argument("--finetune", action="store_true", help="also fine-tune on sound_events (frozen vs fine-tuned)")
     ap.add_argument("--ft-epochs", type=int, default=None)
@@ -495,7 +506,8 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
                  f"clips; probes: {probes}, devbench {devbench_size(probes)}, test sets of "
                  + ", ".join(f"{n} {'clips' if t == 'sound_events' else 'files'} ({t})"
                              for t, n in test_sizes(probes, tasks).items())
-                 + (f"; encoder block {a.layer}" if a.layer else ""))
+                 + ("" if a.layer is None else "; every encoder block side by side (--layer all)" if a.layer == "all"
+                    else f"; encoder block {a.layer}"))
     lines.append("- cells: linear-probe test accuracy (sound_events: frame micro-F1 at 100 ms), SSL / random init "
                  "of the same preset and seed, mean ± half the range over the seeds; **bold**: SSL above random by "
                  "more than the two half-ranges together; ↑: SSL mean above the hand-crafted baseline. \"beats "

@@ -354,7 +354,9 @@ def probe(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds (and of fine-tuning)."),
-    layer: Optional[int] = typer.Option(None, help="Probe this block's output (0-based; -1 the last)."),
+    layer: Optional[str] = typer.Option(None, help="Probe this block's output (0-based; -1 the last), or 'all': "
+                                        "every block's output side by side (a linear probe then weights the "
+                                        "blocks, as SUPERB's weighted sum)."),
     files: Optional[Path] = typer.Option(None, "--files", help="Sound event detection: CSV path[,split] of "
                                          "every clip (default: files.csv beside LABELS if there)."),
     frame_hop: float = typer.Option(0.1, "--frame-hop", min=0.01, help="Sound event detection: seconds per "
@@ -397,6 +399,7 @@ def probe(
     from sslaudio.probe import ProbeError
 
     with guard():
+        layer = _parse_layer(layer)
         if json_out is not None and json_out.is_dir():  # refused before the probe, not after it
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(json_out))
         if plots is not None:  # matplotlib missing or DIR a file: refused before the probe too
@@ -453,7 +456,7 @@ def probe(
 
 
 def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out: Optional[Path], batch_size: int,
-                 device: str, seed: int, layer: Optional[int], mlp: bool, plots: Path | None = None) -> None:
+                 device: str, seed: int, layer: int | str | None, mlp: bool, plots: Path | None = None) -> None:
     """`probe --suite`: one table (tasks x checkpoints, each task's main metric) and one JSON."""
     from rich.markup import escape
 

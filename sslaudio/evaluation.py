@@ -47,7 +47,7 @@ FINETUNE_NEEDS_SPLITS = "--finetune needs train/valid/test splits: add a split c
 
 
 def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device: str = "auto", seed: int = 0,
-                     layer: int | None = None, files: str | Path | None = None, frame_hop: float = 0.1,
+                     layer: int | str | None = None, files: str | Path | None = None, frame_hop: float = 0.1,
                      on_skip: Callable[[str, str], None] | None = None, median: int | None = None,
                      finetune_cfg: FinetuneConfig | None = None, save: str | Path | None = None,
                      on_epoch: Callable[[int, int, float, float], None] | None = None,
@@ -231,7 +231,7 @@ class FeatureCache:
     """embed(bundle, items, frames, on_skip) for probe_checkpoint, backed by safetensors files in
     `root`; `misses` counts the embeddings computed (the rest came from the cache)."""
 
-    def __init__(self, root: str | Path, device, batch_size: int = 16, layer: int | None = None):
+    def __init__(self, root: str | Path, device, batch_size: int = 16, layer: int | str | None = None):
         self.root, self.device, self.batch_size, self.layer = Path(root), device, batch_size, layer
         self.misses = self.hits = 0
 
@@ -313,7 +313,7 @@ def main_metric(res: dict, mlp: bool = False) -> str:
 
 
 def probe_suite(ckpts: list[str], suite: str | Path, cache: str | Path | None = None, batch_size: int = 16,
-                device: str = "auto", seed: int = 0, layer: int | None = None, mlp: bool = False,
+                device: str = "auto", seed: int = 0, layer: int | str | None = None, mlp: bool = False,
                 on_skip: Callable[[str, str], None] | None = None, on_warn: Callable[[str], None] | None = None,
                 on_result: Callable[[str, str, dict], None] | None = None) -> dict:
     """Probe every checkpoint on every task of `suite`; -> {suite, cache, tasks, checkpoints,

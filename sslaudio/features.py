@@ -181,7 +181,7 @@ def encode(bundle: EncoderBundle, audio: torch.Tensor, all_layers: bool = False,
     stats = pool or bundle.encoder.clip_pool
     enc = bundle.encoder
     if not all_layers:
-        fr, flen = enc.to_frames(bundle(audio))
+        fr, flen = bundle.frames(audio)
         return pool_frames(fr, lengths_to_padding(flen, fr.shape[1]), stats), fr, flen, None, None
     if bundle.layer is not None:
         raise ValueError("all_layers embeds every block: the bundle must not have a layer set")

@@ -17,6 +17,7 @@ from sslaudio.build import build_encoder, build_method, load_preset, preset_from
 from sslaudio.checkpoint import (ENCODER_FORMAT, HASH_KEY, CheckpointError, check_tensors, latest, read_tensors,
                                  step_dirs)
 from sslaudio.config import Preset
+from sslaudio.encoders.base import lengths_to_padding, pool_frames
 
 
 class EncoderBundle(nn.Module):
@@ -28,17 +29,26 @@ class EncoderBundle(nn.Module):
         self.encoder = encoder
         self.preset = preset
         self.needs_stats = needs_stats  # random-init baselines estimate frontend stats from their inputs
-        self.layer: int | None = None  # embed an intermediate block's output instead of the last
+        self.layer: int | str | None = None  # an intermediate block's output, or 'all' blocks side by side
         encoder.embedding_blocks(True)  # an embedding that spans several blocks (ViT eval_blocks)
 
     @property
     def sample_rate(self) -> int:
         return self.preset.data.sample_rate
 
-    def set_layer(self, layer: int | None) -> "EncoderBundle":
+    def set_layer(self, layer: int | str | None) -> "EncoderBundle":
         """Use block `layer` (0-based, negative from the end; None: the encoder's output) for
-        embeddings, as SUPERB-style probes of speech models do."""
-        if layer is not None:
+        embeddings, as SUPERB-style probes of speech models do; 'all': every block's output (as
+        `layer` i gives it) side by side, first block first, in every frame. A linear probe on that
+        can weight the blocks as SUPERB's learned weighted sum does, or mix them more freely (the
+        frame and clip widths are the blocks' widths summed; clip pooling is per dimension, so the
+        clip embedding is the blocks' clip embeddings side by side)."""
+        if layer == "all":
+            with torch.no_grad():
+                depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
+            if depth < 1:
+                raise CheckpointError(f"--layer all: {type(self.encoder).__name__} gives no per-block outputs")
+        elif layer is not None:
             with torch.no_grad():
                 depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
             if not -depth <= layer < depth:
@@ -57,15 +67,27 @@ class EncoderBundle(nn.Module):
         x, frame_lengths = self.frontend(audio, lengths)
         if self.layer is None:
             return self.encoder(x, frame_lengths)
+        if self.layer == "all":  # several outputs: frames() and embed() put them side by side
+            raise ValueError("a bundle with layer 'all' gives frames() and embed(), not one EncoderOut")
         out = self.encoder(x, frame_lengths, return_layers=True)
         return dataclasses.replace(out, tokens=out.layers[self.layer])
 
+    def frames(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, S) -> time-major frames (B, T, D) and valid frames (B,) of the chosen output; with
+        layer 'all', every block's frames (as layer i gives them) side by side, first block first."""
+        if self.layer != "all":
+            return self.encoder.to_frames(self(audio, lengths))
+        x, frame_lengths = self.frontend(audio, lengths)
+        out = self.encoder(x, frame_lengths, return_layers=True)
+        per = [self.encoder.to_frames(dataclasses.replace(out, tokens=h)) for h in out.layers]
+        return torch.cat([f for f, _ in per], -1), per[0][1]
+
     def embed(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,); the frames' centre times
-        are `self.encoder.frame_times(T)`."""
-        out = self(audio, lengths)
-        frames, frame_lengths = self.encoder.to_frames(out)
-        return self.encoder.pool(out), frames, frame_lengths
+        are `self.encoder.frame_times(T)`. The clip embedding pools the frames (`Encoder.pool`)."""
+        frames, frame_lengths = self.frames(audio, lengths)
+        return pool_frames(frames, lengths_to_padding(frame_lengths, frames.shape[1]), self.encoder.clip_pool), \
+            frames, frame_lengths
 
 
 def _bundle(preset: Preset) -> EncoderBundle:

@@ -63,6 +63,22 @@ def test_layer_all_equals_each_layer(clips, preset):
     bundle.set_layer(None)
 
 
+@pytest.mark.parametrize("preset", ["tiny/m2d", "tiny/hubert", "tiny/apc", "tiny/cpc"])
+def test_bundle_layer_all_is_every_block_side_by_side(clips, preset):
+    """set_layer('all') (probe --layer all): each frame and the clip embedding are the blocks'
+    (as set_layer(i) gives them) concatenated, first block first."""
+    torch.manual_seed(0)
+    bundle = load_encoder(f"random:{preset}")
+    every = embed(bundle, clips, all_layers=True)
+    side = embed(bundle.set_layer("all"), clips)
+    for rel, e in every.items():
+        assert np.allclose(side[rel].frames, np.concatenate(list(e.layers), -1), atol=1e-5)
+        assert np.allclose(side[rel].clip, e.layer_clips.reshape(-1), atol=1e-5)
+        assert side[rel].clip.shape[0] == e.layer_clips.size > e.clip.shape[0]
+    bundle.set_layer(None)
+    assert all(np.allclose(e.clip, every[rel].clip, atol=1e-5) for rel, e in embed(bundle, clips).items())
+
+
 def test_pool_variants_against_the_frames(clips):
     bundle = load_encoder("random:tiny/byol-a")  # clip_pool: mean + max (summed)
     direct = {"mean": lambda f: f.mean(0), "max": lambda f: f.max(0), "mean+max": lambda f: f.mean(0) + f.max(0)}
