@@ -55,6 +55,34 @@ def test_padded_batch_equals_each_item_alone(stack):
     assert enc.downsample == 160 * stack
 
 
+def test_eval_blocks_put_the_last_blocks_side_by_side_in_embeddings_only():
+    """encoder.eval_blocks N: inside an EncoderBundle (extract, probe, export) the tokens are the
+    last N blocks' outputs side by side (Mockingjay-WS features); the encoder alone (what methods
+    train) and a chosen --layer give one block."""
+    from sslaudio.inference import EncoderBundle
+
+    enc = _encoder(["encoder.eval_blocks=2"])
+    x = torch.randn(2, 80, 30)
+    with torch.no_grad():
+        plain = enc(x, return_layers=True)
+        assert plain.tokens.shape == (2, 30, 32) and enc.frame_dim == 32
+        bundle = EncoderBundle(build_frontend(load_preset("tiny/mockingjay").frontend, 16000), enc,
+                               preset=load_preset("tiny/mockingjay")).eval()
+        assert enc.frame_dim == 64
+        both = enc(x)
+        torch.testing.assert_close(both.tokens, torch.cat(plain.layers, -1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(both.tokens[..., 32:], plain.tokens, atol=1e-6, rtol=0)
+        clip, frames, _ = bundle.embed(torch.randn(1, 8000))
+        assert clip.shape == (1, 64) and frames.shape[-1] == 64
+        bundle.set_layer(0)
+        assert enc.frame_dim == 32 and bundle.embed(torch.randn(1, 8000))[0].shape == (1, 32)
+        bundle.set_layer(None)
+        assert enc.frame_dim == 64
+    for bad in ("encoder.eval_blocks=0", "encoder.eval_blocks=3"):
+        with pytest.raises(ConfigError, match="eval_blocks"):
+            _encoder([bad])
+
+
 def test_positions_are_s3prl_table_for_any_length():
     D = 6
     table = sinusoid_positions(5, D)

@@ -75,6 +75,12 @@ class FrameTransformer(Encoder):
         # and HuBERT apply before post_extract_proj and (wav2vec 2.0) the quantizer. s3prl's
         # Mockingjay / TERA have none.
         feature_norm: bool = False
+        # embeddings (extract, probe, export, HEAR, random baselines: the encoder inside an
+        # EncoderBundle) put the outputs of the last `eval_blocks` blocks side by side: the features
+        # the Mockingjay paper reports best (Mockingjay-WS, a learned weighted sum of the layers; a
+        # linear probe on the concatenation can learn any such sum). 1: the last block's output.
+        # Training (methods call the encoder directly) always sees the last block alone.
+        eval_blocks: int = 1
 
         def __post_init__(self):
             if self.depth < 1 or self.heads < 1 or self.ffn_dim < 1:
@@ -90,6 +96,9 @@ class FrameTransformer(Encoder):
                     raise ConfigError(f"encoder.{key} must be in [0, 1), found {getattr(self, key)}")
             if self.norm_eps <= 0:
                 raise ConfigError(f"encoder.norm_eps must be positive, found {self.norm_eps}")
+            if not 1 <= self.eval_blocks <= self.depth:
+                raise ConfigError(f"encoder.eval_blocks must be between 1 and encoder.depth {self.depth}, "
+                                  f"found {self.eval_blocks}")
 
     def __init__(self, cfg: "FrameTransformer.Config", frontend):
         super().__init__()
@@ -101,7 +110,7 @@ class FrameTransformer(Encoder):
         self.stack = cfg.downsample
         self.input_dim = self.n_freq * self.stack
         self.dim = cfg.dim
-        self.frame_dim = cfg.dim
+        self.concat_blocks = 1  # blocks side by side in the output tokens (see embedding_blocks)
         self.downsample = int(frontend.hop) * self.stack
         self.sample_rate = int(frontend.sample_rate)
 
@@ -116,6 +125,15 @@ class FrameTransformer(Encoder):
         init_bert_(self)  # s3prl init_Transformer_weights: Linear N(0, 0.02), zero bias, unit LayerNorm
         if cfg.mask_token:
             self.mask_emb = nn.Parameter(torch.empty(cfg.dim).uniform_())
+
+    @property
+    def frame_dim(self) -> int:
+        return self.cfg.dim * self.concat_blocks
+
+    def embedding_blocks(self, on: bool) -> None:
+        """Output tokens of width eval_blocks * dim, the last eval_blocks blocks' outputs side by
+        side (on; EncoderBundle turns it on), or the last block's (off, what methods train)."""
+        self.concat_blocks = self.cfg.eval_blocks if on else 1
 
     # ---- helpers for methods ----
 
@@ -193,7 +211,10 @@ class FrameTransformer(Encoder):
             token_lengths = self.output_lengths(lengths.to(h.device))
             padding = lengths_to_padding(token_lengths, n)  # (B, N)
         attn_padding = padding if padding is not None and bool(padding.any()) else None
-        h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers)
+        n_cat = self.concat_blocks
+        h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers or n_cat > 1)
+        if n_cat > 1:
+            h = torch.cat(layers[-n_cat:], -1)
         return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None,
                           ffn=ffns if return_layers else None, lengths=token_lengths, grid=(n,),
                           local=local, features=frames,
