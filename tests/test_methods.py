@@ -72,7 +72,7 @@ EXPORTS = [
     ("tiny/m2d", (), 640, 2560),  # vit: 5 patch rows of 128
     ("tiny/data2vec-wave", (), 64, 320),  # conv_transformer
     ("tiny/apc", (), 128, 160),  # rnn
-    ("tiny/mockingjay", (), 128, 160),  # frame_transformer
+    ("tiny/mockingjay", (), 384, 160),  # frame_transformer: its 3 blocks of 128 side by side (eval_blocks)
     ("tiny/cpc", (), 128, 160),  # cpc
     ("tiny/npc", (), 64, 160),  # npc
     ("tiny/data2vec2-wave", (), 64, 320),  # conv_transformer + ALiBi

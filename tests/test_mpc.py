@@ -18,7 +18,8 @@ from sslaudio.methods.mpc import TERA, Mockingjay, alter
 from sslaudio.registry import ENCODERS, METHODS
 from tests.conftest import build_tiny, first_last, gen, run_steps, synth_clips, true_runs
 
-SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.ffn_dim=64", "train.batch_size=4"]
+SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.ffn_dim=64", "encoder.eval_blocks=1",
+         "train.batch_size=4"]
 
 
 def _method(name="tiny/mockingjay", extra=()):

@@ -76,9 +76,10 @@ class FrameTransformer(Encoder):
         # Mockingjay / TERA have none.
         feature_norm: bool = False
         # embeddings (extract, probe, export, HEAR, random baselines: the encoder inside an
-        # EncoderBundle) put the outputs of the last `eval_blocks` blocks side by side: the features
-        # the Mockingjay paper reports best (Mockingjay-WS, a learned weighted sum of the layers; a
-        # linear probe on the concatenation can learn any such sum). 1: the last block's output.
+        # EncoderBundle) put the outputs of the last `eval_blocks` blocks side by side, for models
+        # evaluated on a learned weighted sum of their layers (the Mockingjay paper's LARGE-WS
+        # features; SUPERB, s3prl's Featurizer): a linear probe on the concatenation can learn any
+        # such sum. 1: the last block's output.
         # Training (methods call the encoder directly) always sees the last block alone.
         eval_blocks: int = 1
 
