@@ -175,9 +175,6 @@ def encode(bundle: EncoderBundle, audio: torch.Tensor, all_layers: bool = False,
     block's frames [(B, T, D_l)] as `--layer i` gives them and their clips (B, L, D_l). `pool`
     (statistics summed, as `pool_frames`) replaces the encoder's `clip_pool`; without options this
     is `bundle.embed`."""
-    if not all_layers and pool is None:
-        clip, fr, flen = bundle.embed(audio)
-        return clip, fr, flen, None, None
     stats = pool or bundle.encoder.clip_pool
     enc = bundle.encoder
     if not all_layers:

@@ -43,15 +43,13 @@ class EncoderBundle(nn.Module):
         can weight the blocks as SUPERB's learned weighted sum does, or mix them more freely (the
         frame and clip widths are the blocks' widths summed; clip pooling is per dimension, so the
         clip embedding is the blocks' clip embeddings side by side)."""
-        if layer == "all":
+        if layer is not None:
             with torch.no_grad():
                 depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
-            if depth < 1:
-                raise CheckpointError(f"--layer all: {type(self.encoder).__name__} gives no per-block outputs")
-        elif layer is not None:
-            with torch.no_grad():
-                depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
-            if not -depth <= layer < depth:
+            if layer == "all":
+                if depth < 1:
+                    raise CheckpointError(f"--layer all: {type(self.encoder).__name__} gives no per-block outputs")
+            elif not -depth <= layer < depth:
                 raise CheckpointError(f"--layer {layer}: this encoder has {depth} layer(s) (0..{depth - 1})")
         self.layer = layer
         self.encoder.embedding_blocks(layer is None)  # one block's output when a layer is chosen
@@ -84,7 +82,8 @@ class EncoderBundle(nn.Module):
 
     def embed(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,); the frames' centre times
-        are `self.encoder.frame_times(T)`. The clip embedding pools the frames (`Encoder.pool`)."""
+        are `self.encoder.frame_times(T)`. The clip embedding pools the frames with the encoder's
+        `clip_pool` statistics, as `Encoder.pool` does."""
         frames, frame_lengths = self.frames(audio, lengths)
         return pool_frames(frames, lengths_to_padding(frame_lengths, frames.shape[1]), self.encoder.clip_pool), \
             frames, frame_lengths

@@ -12,9 +12,9 @@ input of more than pos_len columns in chunks of pos_len columns, each chunk a ba
 (the official ATST extraction, `get_intermediate_layers_chunks` / embedding.py: chunks of the
 training length), so it accepts any length; a sincos ViT does the same with `chunk` columns when
 that is set (M2D's runtime encodes in chunks of its training input, the length of its fixed
-table). The CLS output is then the mean of the chunks' CLS outputs weighted by their valid columns. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens
-after positions are added; a replace mask swaps hidden patch embeddings for a learned token before
-positions.
+table). The CLS output is then the mean of the chunks' CLS outputs weighted by their valid
+columns. A keep mask (MAE/M2D, data2vec 2.0) drops hidden tokens after positions are added; a
+replace mask swaps hidden patch embeddings for a learned token before positions.
 
 Clip embedding: the mean of the frames (`Encoder.pool`). With `cls_frames` every frame of
 `to_frames` starts with the CLS output, so that mean is [CLS, mean of the patch frames]: ATST-Clip's
