@@ -50,6 +50,12 @@ class MelConfig:
 CMVN_STD_FLOOR = 1e-3
 
 
+def stft_frames(samples, hop: int):
+    """Frames of a centred STFT (frame i centred on sample i * hop) over `samples` samples: an int or
+    a tensor of lengths. The one place this count is written (frontends, crop checks, spec shapes)."""
+    return samples // hop + 1
+
+
 def valid_moments(x: Tensor, lengths: Tensor, ddof: int) -> tuple[Tensor, Tensor, Tensor]:
     """Statistics over the last axis of x (B, ..., T), each item's first lengths[b] entries only:
     the valid mask (B, 1, ..., T) in x's dtype, and the mean and variance (divisor n - ddof, at
@@ -162,7 +168,7 @@ class LogMel(Frontend):
         if lengths is None:
             frame_lengths = torch.full((x.shape[0],), x.shape[-1], dtype=torch.long, device=x.device)
         else:
-            frame_lengths = torch.clamp(lengths // self.hop + 1, max=x.shape[-1])
+            frame_lengths = torch.clamp(stft_frames(lengths, self.hop), max=x.shape[-1])
         if self.cfg.cmvn:
             x = utterance_cmvn(x, frame_lengths)
         elif self.cfg.normalize:
@@ -234,8 +240,8 @@ class MelDB(LogMel):
     def forward(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         frame_lengths = None
         if lengths is not None:
-            n_frames = max(audio.shape[-1], self.cfg.n_fft // 2 + 1) // self.hop + 1
-            frame_lengths = torch.clamp(lengths // self.hop + 1, max=n_frames)
+            n_frames = stft_frames(max(audio.shape[-1], self.cfg.n_fft // 2 + 1), self.hop)
+            frame_lengths = torch.clamp(stft_frames(lengths, self.hop), max=n_frames)
         db = self.log_mel(audio, frame_lengths)  # (B, F, T)
         if frame_lengths is None:
             frame_lengths = torch.full((db.shape[0],), db.shape[-1], dtype=torch.long, device=db.device)

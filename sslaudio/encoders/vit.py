@@ -57,6 +57,7 @@ from sslaudio.encoders.layers import (
     sincos_pos_embed_2d,
     sincos_pos_embed_2d_traced,
 )
+from sslaudio.frontends import stft_frames
 from sslaudio.registry import ENCODERS
 
 
@@ -206,7 +207,7 @@ class ViT(Encoder):
         """Training crops must fit one chunk (the official crop is the position table's length, and
         a keep mask cannot span chunks): refuse a crop of more than pos_len (learned) or chunk
         (sincos, when set) patch columns."""
-        cols, limit = (samples // self.hop + 1) // self.cfg.patch[1], self._chunk_cols  # centred STFT frames
+        cols, limit = stft_frames(samples, self.hop) // self.cfg.patch[1], self._chunk_cols
         if limit and cols > limit:
             key = "encoder.pos_len" if self.pos_embed is not None else "encoder.chunk"
             raise ConfigError(f"data.clip_seconds: a {samples / self.sample_rate:g} s crop is {cols} patch columns, "

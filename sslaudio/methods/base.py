@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from sslaudio.augment import MultiCrop, ViewSampler
+from sslaudio.frontends import stft_frames
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Method(nn.Module):
     # -- helpers shared by methods ------------------------------------------------------------
     def spec_shape(self) -> tuple[int, int]:
         """(F, T) of one training crop after the frontend."""
-        return self.frontend.out_channels, self.inputs.clip_samples // self.frontend.hop + 1
+        return self.frontend.out_channels, stft_frames(self.inputs.clip_samples, self.frontend.hop)
 
     def features(self, audio: Tensor) -> Tensor:
         """(N, S) waveform -> frontend output, without gradients (frontends have no weights)."""
