@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""What the first updates of a run do to one probe task, layer group by layer group.
+
+    python benchmarks/early_steps.py RUN random:PRESET LABELS.csv
+    python benchmarks/early_steps.py /work/runs/cpc-fine random:tiny/cpc /work/devbench-full/pitch_class/labels.csv \\
+        --swap-step 20
+
+RUN is a run folder whose checkpoints (`ckpt/step-N`) started from the network that random:PRESET
+builds (the same preset and seed, unmodified by --set); keep several early checkpoints with
+`--set train.ckpt_every=5 --set train.keep_last=20`. Every network is embedded with the run's own
+frontend (its training statistics), so only the encoder's weights differ between rows.
+
+Table 1, one row per checkpoint (and the initial network): the accuracy of a ridge classifier
+(closed form, standardised clip embeddings, one penalty) trained on up to --train clips of the
+task's train split and scored on up to --test of its test split, next to each layer group's weight
+change relative to its initial weights (Frobenius norms). Table 2 (--swap-step N): the initial
+network with one group's weights taken from step N, the same classifier: which group's updates
+remove what the probe finds. Groups are parameter-name prefixes up to the first index
+(`convs.1`, `blocks.0`, `gru`). Clips are cut to the shortest one so they batch; the ridge
+classifier is a quick stand-in for `sslaudio probe`, not the devbench protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from pathlib import Path
+
+import torch
+
+from sslaudio.audio import AudioError, load
+from sslaudio.checkpoint import step_dirs
+from sslaudio.inference import load_encoder
+
+
+def group_of(name: str) -> str:
+    m = re.match(r"^(.*?\.\d+)\.", name)
+    return m.group(1) if m else name.split(".")[0]
+
+
+def read_split(labels: Path, split: str, limit: int, sr: int) -> tuple[list[torch.Tensor], list[str]]:
+    with open(labels, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("split") == split][:limit]
+    if not rows:
+        raise SystemExit(f"error: {labels} has no '{split}' rows (a path,label,split CSV is needed)")
+    try:
+        return [load(labels.parent / r["path"], sr) for r in rows], [r["label"] for r in rows]
+    except AudioError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+@torch.no_grad()
+def embed(bundle, clips: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    return torch.cat([bundle.embed(x)[0] for x in clips.split(batch)]).float()
+
+
+def ridge_accuracy(ftr, ytr, fte, yte, n_classes: int, lam: float) -> float:
+    mean, std = ftr.mean(0), ftr.std(0) + 1e-6
+    a, b = (ftr - mean) / std, (fte - mean) / std
+    a = torch.cat([a, torch.ones(len(a), 1)], 1)
+    b = torch.cat([b, torch.ones(len(b), 1)], 1)
+    target = torch.nn.functional.one_hot(ytr, n_classes).float()
+    w = torch.linalg.solve(a.T @ a + lam * len(a) * torch.eye(a.shape[1]), a.T @ target)
+    return ((b @ w).argmax(1) == yte).float().mean().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("init", help="random:PRESET: the network the run started from")
+    ap.add_argument("labels", type=Path, help="path,label,split CSV of a single-label task")
+    ap.add_argument("--train", type=int, default=800)
+    ap.add_argument("--test", type=int, default=400)
+    ap.add_argument("--ridge", type=float, default=1.0, help="penalty, times the number of clips")
+    ap.add_argument("--swap-step", type=int, help="also table 2 with this checkpoint's groups")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    steps = dict(step_dirs(args.run))
+    if not steps:
+        raise SystemExit(f"error: {args.run} has no checkpoints")
+    last = load_encoder(str(steps[max(steps)]))
+    init_sd = {k: v.clone() for k, v in load_encoder(args.init).encoder.state_dict().items()}
+    if init_sd.keys() != last.encoder.state_dict().keys():
+        raise SystemExit(f"error: {args.init} and {args.run} are different networks")
+    sr = last.preset.data.sample_rate
+    xtr, ltr = read_split(args.labels, "train", args.train, sr)
+    xte, lte = read_split(args.labels, "test", args.test, sr)
+    n = min(len(x) for x in xtr + xte)
+    xtr, xte = torch.stack([x[:n] for x in xtr]), torch.stack([x[:n] for x in xte])
+    classes = sorted(set(ltr) | set(lte))
+    ytr, yte = torch.tensor([classes.index(v) for v in ltr]), torch.tensor([classes.index(v) for v in lte])
+    groups = sorted({group_of(k) for k, v in init_sd.items() if v.is_floating_point()})
+    last.eval()
+
+    def score(sd: dict) -> float:
+        last.encoder.load_state_dict(sd)
+        return ridge_accuracy(embed(last, xtr), ytr, embed(last, xte), yte, len(classes), args.ridge)
+
+    def change(sd: dict, g: str) -> float:
+        keys = [k for k in sd if group_of(k) == g and sd[k].is_floating_point()]
+        num = sum(float((sd[k] - init_sd[k]).pow(2).sum()) for k in keys)
+        den = sum(float(init_sd[k].pow(2).sum()) for k in keys)
+        return (num / den) ** 0.5 if den > 0 else float("nan")
+
+    print(f"{args.labels.parent.name}: {len(ytr)} train / {len(yte)} test clips of {n / sr:.2f} s, "
+          f"{len(classes)} classes, ridge {args.ridge}\n")
+    print("| step | accuracy | " + " | ".join(groups) + " |")
+    print("|---|---|" + "---|" * len(groups))
+    print(f"| init | {score(init_sd):.3f} | " + " | ".join("0" for _ in groups) + " |", flush=True)
+    for s in sorted(steps):
+        sd = load_encoder(str(steps[s])).encoder.state_dict()
+        print(f"| {s} | {score(sd):.3f} | " + " | ".join(f"{change(sd, g):.3f}" for g in groups) + " |", flush=True)
+    if args.swap_step is not None:
+        if args.swap_step not in steps:
+            raise SystemExit(f"error: no checkpoint at step {args.swap_step} (have {sorted(steps)})")
+        swap = load_encoder(str(steps[args.swap_step])).encoder.state_dict()
+        print(f"\n| initial network with step {args.swap_step}'s | accuracy |\n|---|---|")
+        for g in groups + ["(all)"]:
+            sd = {k: (swap[k] if g in ("(all)", group_of(k)) else init_sd[k]) for k in init_sd}
+            print(f"| {g} | {score(sd):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
