@@ -16,22 +16,25 @@ task's train split and scored on up to --test of its test split, next to each la
 change relative to its initial weights (Frobenius norms). Table 2 (--swap-step N): the initial
 network with one group's weights taken from step N, the same classifier: which group's updates
 remove what the probe finds. Groups are parameter-name prefixes up to the first index
-(`convs.1`, `blocks.0`, `gru`). Clips are cut to the shortest one so they batch; the ridge
+(`convs.1`, `blocks.0`, `gru`). Empty or undecodable files are skipped (a warning each, a count in the
+header); clips are cut to the shortest one so they batch; the ridge
 classifier is a quick stand-in for `sslaudio probe`, not the devbench protocol.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from sslaudio.audio import AudioError, load
-from sslaudio.checkpoint import step_dirs
+from sslaudio.checkpoint import CheckpointError, step_dirs
+from sslaudio.config import ConfigError
 from sslaudio.inference import load_encoder
+from sslaudio.probe import ProbeError, is_event_csv, read_labels
 
 
 def group_of(name: str) -> str:
@@ -39,15 +42,33 @@ def group_of(name: str) -> str:
     return m.group(1) if m else name.split(".")[0]
 
 
-def read_split(labels: Path, split: str, limit: int, sr: int) -> tuple[list[torch.Tensor], list[str]]:
-    with open(labels, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("split") == split][:limit]
+def read_split(labels: Path, split: str, limit: int, sr: int) -> tuple[list[torch.Tensor], list[str], int]:
+    """The first `limit` decodable, non-empty files of `split` (probe.read_labels checks the CSV), their
+    labels, and how many were skipped."""
+    if is_event_csv(labels):
+        raise SystemExit(f"error: {labels} is a sound event (onset,offset) task; a single-label clip task is needed")
+    rows = [r for r in read_labels(labels) if r.split == split]
     if not rows:
         raise SystemExit(f"error: {labels} has no '{split}' rows (a path,label,split CSV is needed)")
-    try:
-        return [load(labels.parent / r["path"], sr) for r in rows], [r["label"] for r in rows]
-    except AudioError as e:
-        raise SystemExit(f"error: {e}") from None
+    if any(len(r.labels) != 1 for r in rows):
+        raise SystemExit(f"error: {labels}: one label per file is needed (a single-label task)")
+    clips, names, skipped = [], [], 0
+    for r in rows:
+        if len(clips) == limit:
+            break
+        try:
+            x = load(r.path, sr)
+        except AudioError as e:
+            print(f"warning: skipped {r.rel}: {e}", file=sys.stderr)
+            x = None
+        if x is None or x.numel() == 0:
+            skipped += 1
+            continue
+        clips.append(x)
+        names.append(r.labels[0])
+    if not clips:
+        raise SystemExit(f"error: {labels}: no decodable '{split}' file")
+    return clips, names, skipped
 
 
 @torch.no_grad()
@@ -66,6 +87,13 @@ def ridge_accuracy(ftr, ytr, fte, yte, n_classes: int, lam: float) -> float:
 
 
 def main() -> None:
+    try:
+        run(parse_args())
+    except (CheckpointError, ConfigError, ProbeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("init", help="random:PRESET: the network the run started from")
@@ -75,19 +103,23 @@ def main() -> None:
     ap.add_argument("--ridge", type=float, default=1.0, help="penalty, times the number of clips")
     ap.add_argument("--swap-step", type=int, help="also table 2 with this checkpoint's groups")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    return ap.parse_args()
 
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
     steps = dict(step_dirs(args.run))
     if not steps:
         raise SystemExit(f"error: {args.run} has no checkpoints")
+    if args.swap_step is not None and args.swap_step not in steps:
+        raise SystemExit(f"error: no checkpoint at step {args.swap_step} (have {sorted(steps)})")
     last = load_encoder(str(steps[max(steps)]))
     init_sd = {k: v.clone() for k, v in load_encoder(args.init).encoder.state_dict().items()}
     if init_sd.keys() != last.encoder.state_dict().keys():
         raise SystemExit(f"error: {args.init} and {args.run} are different networks")
     sr = last.preset.data.sample_rate
-    xtr, ltr = read_split(args.labels, "train", args.train, sr)
-    xte, lte = read_split(args.labels, "test", args.test, sr)
+    xtr, ltr, skip_tr = read_split(args.labels, "train", args.train, sr)
+    xte, lte, skip_te = read_split(args.labels, "test", args.test, sr)
     n = min(len(x) for x in xtr + xte)
     xtr, xte = torch.stack([x[:n] for x in xtr]), torch.stack([x[:n] for x in xte])
     classes = sorted(set(ltr) | set(lte))
@@ -106,16 +138,18 @@ def main() -> None:
         return (num / den) ** 0.5 if den > 0 else float("nan")
 
     print(f"{args.labels.parent.name}: {len(ytr)} train / {len(yte)} test clips of {n / sr:.2f} s, "
-          f"{len(classes)} classes, ridge {args.ridge}\n")
+          f"{len(classes)} classes, ridge {args.ridge}; skipped {skip_tr + skip_te} empty or undecodable\n")
+    try:
+        first = score(init_sd)
+    except ValueError as e:  # the shortest clip is below what the encoder can take
+        raise SystemExit(f"error: clips cut to the shortest one ({n / sr:.3f} s): {e}") from None
     print("| step | accuracy | " + " | ".join(groups) + " |")
     print("|---|---|" + "---|" * len(groups))
-    print(f"| init | {score(init_sd):.3f} | " + " | ".join("0" for _ in groups) + " |", flush=True)
+    print(f"| init | {first:.3f} | " + " | ".join("0" for _ in groups) + " |", flush=True)
     for s in sorted(steps):
         sd = load_encoder(str(steps[s])).encoder.state_dict()
         print(f"| {s} | {score(sd):.3f} | " + " | ".join(f"{change(sd, g):.3f}" for g in groups) + " |", flush=True)
     if args.swap_step is not None:
-        if args.swap_step not in steps:
-            raise SystemExit(f"error: no checkpoint at step {args.swap_step} (have {sorted(steps)})")
         swap = load_encoder(str(steps[args.swap_step])).encoder.state_dict()
         print(f"\n| initial network with step {args.swap_step}'s | accuracy |\n|---|---|")
         for g in groups + ["(all)"]:
