@@ -167,7 +167,10 @@ def one_process(preset: str, wav_folder, run, *sets: str) -> None:
 # gathered negatives; EMA + keep masks (a mask token unused in the step), with DDP and FSDP2
 # (m2d under FSDP2 is `slow`: test_two_processes_match_one_with_the_same_global_batch[fsdp] keeps FSDP2 in the
 # quick suite)
-@pytest.mark.parametrize(("preset", "parallel"), [("tiny/simclr", "ddp"), ("tiny/m2d", "ddp"),
+# (simclr is `slow` too: the launch, the one writer and the summary are the m2d case's; the gathered
+# negatives' gradients are test_average_gradients_gather_mean_and_ddp_across_two_processes's)
+@pytest.mark.parametrize(("preset", "parallel"), [pytest.param("tiny/simclr", "ddp", marks=pytest.mark.slow),
+                                                  ("tiny/m2d", "ddp"),
                                                   pytest.param("tiny/m2d", "fsdp", marks=pytest.mark.slow)])
 def test_torchrun_two_processes_on_cpu(preset, parallel, wav_folder, tmp_path):
     run = tmp_path / "run"
@@ -240,17 +243,23 @@ SMALL = {p: [*sets, "views[0].memory=8", "data.norm_samples=8", "train.log_every
                        "method.proj_dim=16"]}.items()}
 
 
-def resumes_each_process_exactly(wav_folder, uninterrupted, tmp_path, preset: str, small: list[str]) -> Path:
-    """A 2-process run whose step 2 holds rank 1's own mixup memory (ranks.safetensors, hashed in
-    state.json), resumed from step 2 with 2 processes: the uninterrupted run's losses and weights,
-    bit for bit. Returns the step-2 folder."""
-    full = uninterrupted(preset, small)
+def step_with_rank_buffers(full: Path) -> Path:
+    """Step 2 of a 2-process run holds rank 1's own mixup memory (ranks.safetensors, hashed in
+    state.json). Returns the step-2 folder."""
     step2 = full / "ckpt" / "step-000000002"
     state = json.loads((step2 / "state.json").read_text())
     assert "ranks.safetensors" in state["sha256"]  # rank 1's mixup memory differs from rank 0's
     from safetensors.torch import load_file
 
     assert any(k.startswith("1/") and "bank" in k for k in load_file(str(step2 / "ranks.safetensors")))
+    return step2
+
+
+def resumes_each_process_exactly(wav_folder, uninterrupted, tmp_path, preset: str, small: list[str]) -> Path:
+    """A 2-process run's step 2 (with rank buffers) resumed with 2 processes: the uninterrupted
+    run's losses and weights, bit for bit. Returns the step-2 folder."""
+    full = uninterrupted(preset, small)
+    step2 = step_with_rank_buffers(full)
     resumed = tmp_path / "resumed"
     shutil.copytree(step2, resumed / "ckpt" / step2.name)
     torchrun(wav_folder, resumed, preset, *small)
@@ -329,10 +338,11 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_and_resumes_exact
 
 def test_two_process_resume_continues_each_process_memory(wav_folder, uninterrupted, tmp_path):
     """BYOL-A's mixup memory holds each process's own clips: a 2-process checkpoint keeps every
-    process's copy (ranks.safetensors), so resuming it with 2 processes gives the uninterrupted run's
-    weights and losses, bit for bit; with one process it warns and continues from rank 0's."""
+    process's copy (ranks.safetensors); with one process a resume warns and continues from rank 0's.
+    (Resuming such a checkpoint with 2 processes, bit for bit: the signal test above, whose interrupt
+    checkpoint goes through the same collective commit as this periodic one.)"""
     small = [*SMALL["tiny/byol-a"], "train.parallel=ddp"]  # the signal test's run (ddp is the default)
-    step2 = resumes_each_process_exactly(wav_folder, uninterrupted, tmp_path, "tiny/byol-a", small)
+    step2 = step_with_rank_buffers(uninterrupted("tiny/byol-a", small))
     one = tmp_path / "one"
     shutil.copytree(step2, one / "ckpt" / step2.name)
     from sslaudio.build import load_preset
