@@ -57,14 +57,11 @@ def read_split(labels: Path, split: str, limit: int, sr: int) -> tuple[list[torc
         if len(clips) == limit:
             break
         try:
-            x = load(r.path, sr)
+            clips.append(load(r.path, sr))  # AudioError for empty files too
         except AudioError as e:
             print(f"warning: skipped {r.rel}: {e}", file=sys.stderr)
-            x = None
-        if x is None or x.numel() == 0:
             skipped += 1
             continue
-        clips.append(x)
         names.append(r.labels[0])
     if not clips:
         raise SystemExit(f"error: {labels}: no decodable '{split}' file")

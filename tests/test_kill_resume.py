@@ -139,7 +139,7 @@ def interrupt_and_resume(reference, audio_dir, tmp_path, preset: str, sig: int, 
     assert_same_step(step_dir(run, STEPS), step_dir(ref, STEPS))
 
 
-# each family once and each signal twice (SIGTERM with tiny/byol-a: the slow test below, with workers)
+# each family once, each signal at least once (SIGTERM with tiny/byol-a: the slow test below, with workers)
 @pytest.mark.parametrize("preset,sig", [("tiny/byol-a", signal.SIGINT), ("tiny/moco-v2", signal.SIGINT),
                                         ("tiny/swav", signal.SIGTERM)],
                          ids=["byol-a-int", "moco-int", "swav-term"])
