@@ -71,7 +71,7 @@ from sslaudio.build import load_preset
 from sslaudio.config import list_presets, load_preset_dict
 from sslaudio.evaluation import probe_checkpoint
 from sslaudio.finetune import FinetuneConfig
-from sslaudio.train import fit
+from sslaudio.train import fit, resolve_sources
 
 TASKS = ("words", "instrument_family", "speaker_id", "pitch_class", "sound_events")
 SED_KEYS = ("f1", "segment_f1", "event_f1")
@@ -420,8 +420,10 @@ def table_mode(a) -> None:
                     overrides.append(f"train.steps={steps}")
                 overrides.append(f"seed={seed}")
                 preset = load_preset(base, overrides)
-                if "train" in rec and (run / "config.yaml").is_file() \
-                        and load_preset(str(run / "config.yaml")).identity() != preset.identity():
+                # the run's config.yaml also records the presets of the checkpoints it read (HuBERT's
+                # iteration 2, ATST-C2F's teachers): compare with those filled in the same way
+                if "train" in rec and (run / "config.yaml").is_file() and load_preset(
+                        str(run / "config.yaml")).identity() != resolve_sources(preset, run, resume=True).identity():
                     # the preset (or --set) changed since this run was trained: its probes are of another model
                     raise StaleRun(f"{run.name} in {cache} was trained with another configuration of {base}; "
                                    f"delete it and {rec_path.name} to train it again")
