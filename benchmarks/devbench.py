@@ -420,11 +420,12 @@ def table_mode(a) -> None:
                     overrides.append(f"train.steps={steps}")
                 overrides.append(f"seed={seed}")
                 preset = load_preset(base, overrides)
-                # the run's config.yaml also records the presets of the checkpoints it read (HuBERT's
+                # the preset (or --set) changed since this run was trained: its probes are of another model.
+                # The run's config.yaml also records the presets of the checkpoints it read (HuBERT's
                 # iteration 2, ATST-C2F's teachers): compare with those filled in the same way
-                if "train" in rec and (run / "config.yaml").is_file() and load_preset(
-                        str(run / "config.yaml")).identity() != resolve_sources(preset, run, resume=True).identity():
-                    # the preset (or --set) changed since this run was trained: its probes are of another model
+                trained = run / "config.yaml"
+                if "train" in rec and trained.is_file() and load_preset(str(trained)).identity() \
+                        != resolve_sources(preset, run, resume=True).identity():
                     raise StaleRun(f"{run.name} in {cache} was trained with another configuration of {base}; "
                                    f"delete it and {rec_path.name} to train it again")
                 if "train" not in rec:
