@@ -425,7 +425,7 @@ def table_mode(a) -> None:
                 # iteration 2, ATST-C2F's teachers): compare with those filled in the same way
                 trained = run / "config.yaml"
                 if "train" in rec and trained.is_file() and load_preset(str(trained)).identity() \
-                        != resolve_sources(preset, run, resume=True).identity():
+                        != resolve_sources(preset, resume_from=run).identity():
                     raise StaleRun(f"{run.name} in {cache} was trained with another configuration of {base}; "
                                    f"delete it and {rec_path.name} to train it again")
                 if "train" not in rec:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from flops import (  # benchmarks/flops.py
@@ -42,7 +41,7 @@ from sslaudio.train import resolve_sources
 def measure(name: str, device: str, steps: int, warmup: int, overrides: list[str], flops: bool = False) -> dict:
     # a method that reads other checkpoints (HuBERT's iteration 2, ATST-C2F's teachers) needs their
     # presets recorded, as the trainer does before a run
-    p = resolve_sources(load_preset(name, overrides), Path("."), resume=False)
+    p = resolve_sources(load_preset(name, overrides))
     dev = torch.device(device)
     torch.manual_seed(0)
     m = build_method(p).to(dev).train()

@@ -200,10 +200,11 @@ def _first_line(e: BaseException) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:300]
 
 
-def resolve_sources(preset: Preset, run: Path, resume: bool) -> Preset:
+def resolve_sources(preset: Preset, resume_from: Path | None = None) -> Preset:
     """Record, in the method section, the preset of every checkpoint the method reads
-    (`Method.sources`) as `<name>_preset`: from the run's own config.yaml when resuming a run that
-    read the same source (so the source may be gone by then), else from the source itself."""
+    (`Method.sources`) as `<name>_preset`: from the config.yaml of `resume_from` (the run being
+    resumed) when that run read the same source (so the source may be gone by then), else from the
+    source itself."""
     from sslaudio.build import load_components
     from sslaudio.config import component_config, load_preset_dict
     from sslaudio.registry import METHODS
@@ -214,9 +215,9 @@ def resolve_sources(preset: Preset, run: Path, resume: bool) -> Preset:
     if not names:
         return preset
     saved = {}
-    if resume and (run / "config.yaml").is_file():
+    if resume_from is not None and (resume_from / "config.yaml").is_file():
         try:
-            saved = load_preset_dict(str(run / "config.yaml")).get("method") or {}
+            saved = load_preset_dict(str(resume_from / "config.yaml")).get("method") or {}
         except Exception:  # an unreadable config.yaml is reported by the resume checks
             saved = {}
     method = dict(preset.method)
@@ -260,7 +261,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     with StopSignals(announce=world.main) as stops:
         try:
             dev = distributed.setup(world, device) if world.active else pick_device(device)
-            preset = resolve_sources(preset, run, resume)
+            preset = resolve_sources(preset, run if resume else None)
             torch.manual_seed(preset.seed)
             method = build_method(preset).to(dev)
             if lock is not None:
