@@ -311,7 +311,9 @@ def _signalled_worker(rank: int, world_size: int, port: int, wav_folder: str, ru
         one_process(preset, wav_folder, run, *sets)  # fit() as torchrun runs it: the same settings
     except train.Interrupted as e:
         result = {"raised": "Interrupted", "signum": e.signum, "step": e.step}
-    Path(run).parent.joinpath(f"rank{rank}.json").write_text(json.dumps(result))
+    report = Path(run).parent / f"rank{rank}.json"
+    report.with_suffix(".tmp").write_text(json.dumps(result))
+    report.with_suffix(".tmp").replace(report)  # whole or absent, whatever stops this process next
 
 
 @pytest.mark.parametrize(("preset", "parallel"), [
@@ -331,7 +333,7 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_and_resumes_exact
                  join=True)
     except mp.ProcessExitedException as e:
         # CI saw rank 1 abort twice (gloo: 'terminate called without an active exception'; 95686ba,
-        # then again on 25b8e24), never reproduced here in 61 runs, loaded or not. If it comes after
+        # then again on 25b8e24), never reproduced here in 65 runs, loaded or not. If it comes after
         # both processes wrote their report, fit() had returned on both (the group torn down, the
         # commit complete): past what this test checks (the agreed step, the commit, the exact
         # resume). An abort before a report still fails the test; faulthandler says where it was.
