@@ -345,7 +345,7 @@ def probe(
     suite: Optional[Path] = typer.Option(None, "--suite", help="A suite YAML (tasks: name, labels, files?, "
                                          "frame_hop?): every CKPT on every task, one table."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="With --suite: the feature cache folder "
-                                         "[default: .sslaudio-cache beside the suite, or $SSLAUDIO_CACHE]."),
+                                         "(default: .sslaudio-cache beside the suite, or $SSLAUDIO_CACHE)."),
     mlp: bool = typer.Option(False, "--mlp", help="Also run the MLP probe (clip tasks): mlp_* metrics."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON."),
     plots: Path | None = typer.Option(None, "--plots", help="Write PNG plots to this folder: the test "
@@ -363,21 +363,21 @@ def probe(
                                     "scored frame."),
     median_filter: Optional[int] = typer.Option(None, "--median-filter", help="Sound event detection: median "
                                                 "filter window (odd, in frames) for every class before events "
-                                                "are decoded; 1 = none [default: per class, picked on valid]."),
+                                                "are decoded; 1 = none (default: per class, picked on valid)."),
     finetune_: bool = typer.Option(False, "--finetune", help="Also fine-tune the encoder with the probe head "
                                    "(needs a split column) and report its metrics beside the frozen probe's."),
     ft_epochs: Optional[int] = typer.Option(None, "--ft-epochs", help="Fine-tuning: at most this many epochs "
-                                            "[default: 10]."),
+                                            "(default: 10)."),
     ft_lr: Optional[float] = typer.Option(None, "--ft-lr", help="Fine-tuning: the head's learning rate "
-                                          "[default: 1e-3]."),
+                                          "(default: 1e-3)."),
     ft_encoder_lr_ratio: Optional[float] = typer.Option(None, "--ft-encoder-lr-ratio", help="Fine-tuning: the "
-                                                        "encoder's learning rate over the head's [default: 0.1]."),
+                                                        "encoder's learning rate over the head's (default: 0.1)."),
     ft_layer_decay: Optional[float] = typer.Option(None, "--ft-layer-decay", help="Fine-tuning: each encoder "
-                                                   "layer below the top learns this much slower [default: 1, none]."),
+                                                   "layer below the top learns this much slower (default: 1, none)."),
     ft_patience: Optional[int] = typer.Option(None, "--ft-patience", help="Fine-tuning: stop after this many "
-                                              "epochs without a better valid score [default: 3]."),
+                                              "epochs without a better valid score (default: 3)."),
     ft_batch_size: Optional[int] = typer.Option(None, "--ft-batch-size", help="Fine-tuning: files per step "
-                                                "[default: 8]."),
+                                                "(default: 8)."),
     rnn_head: bool = typer.Option(False, "--rnn-head", help="Fine-tuning, sound event detection: add a "
                                   "bidirectional GRU over the frame embeddings to the linear head."),
     save: Optional[Path] = typer.Option(None, "--save", help="Fine-tuning: write the fine-tuned encoder "

@@ -162,6 +162,28 @@ def test_error_messages_keep_square_brackets(tmp_path):
     assert "views[x]" in r.output, r.output  # "[x]" is a rich markup tag unless escaped
 
 
+
+def test_option_help_texts_survive_rich_markup():
+    """The CLI renders help with rich markup, where "[default: 10]" is a style tag and disappears:
+    every argument's and option's help must print as written."""
+    import typer.main
+    from rich.text import Text
+
+    group = typer.main.get_command(app)
+    seen = 0
+    for name, command in group.commands.items():
+        for param in [*command.params, command]:  # each option and argument, and the command's own text
+            for text in (getattr(param, "help", None), getattr(param, "epilog", None)):
+                if text and Text.from_markup(text).plain != text:
+                    raise AssertionError(f"{name} {param.name}: rich eats part of {text!r}")
+            if getattr(param, "help", None) is None:
+                continue
+            seen += 1
+    assert seen > 40  # every command's options were read
+    r = CliRunner().invoke(app, ["probe", "--help"], env={"COLUMNS": "200"})  # rich reads the width from COLUMNS
+    assert "many epochs (default: 10)." in r.output
+
+
 def test_demo_runs_all_five_stages_on_a_small_toy_set(tmp_path, monkeypatch):
     """`sslaudio demo` end to end (toy data, pretraining, extraction, both probes, export) on a
     smaller toy set than the default (2/1/1 clips per class, 8 unlabeled) and 2 steps of tiny/apc."""
