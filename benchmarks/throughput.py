@@ -10,9 +10,12 @@ whose log.jsonl has steps_per_s and audio_h_per_s, or benchmarks/loader_speed.py
 Markdown table.
 
 `--flops` adds the FLOPs of one step's forward + backward (torch.utils.flop_counter: matmuls,
-convolutions, attention) and the FLOP rate as a fraction of the attained matmul rate measured in
-the same run (fp32 on the CPU, bf16 on CUDA), and on a known GPU the model FLOPs utilisation
-against its bf16 dense peak:
+convolutions, attention) and the FLOP rate as a fraction of the attained matmul rate (fp32 on the
+CPU, bf16 on CUDA), and on a known GPU the model FLOPs utilisation against its bf16 dense peak. The
+matmul rate is measured right before and right after each preset's timed steps and the fraction
+divides by their mean: a shared machine's clock drifts over minutes (this project's CPU read
+177-331 GFLOP/s in different runs), so one reference at the start of a long run would not be the
+rate the step ran beside; both readings are printed, and a gap between them says the row is noisy.
 
     python benchmarks/throughput.py --presets data2vec wav2vec2 m2d data2vec2 --flops --threads 2 \
         --set train.batch_size=4 --set data.clip_seconds=2
@@ -46,7 +49,7 @@ def measure(name: str, device: str, steps: int, warmup: int, overrides: list[str
     torch.manual_seed(0)
     m = build_method(p).to(dev).train()
     opt = optim.adamw(m.param_groups(p.optim.weight_decay), p.optim)  # the trainer's optimizer
-    n = int(round(p.data.clip_seconds * p.data.sample_rate))
+    n = round(p.data.clip_seconds * p.data.sample_rate)
     audio = (torch.randn(p.train.batch_size, p.data.segments, n, device=dev) * 0.1)
     # as the trainer before a new run: frontend statistics, HuBERT's k-means, DeepCluster's memory
     m.prepare(audio[:, 0], lambda count, batch: iter(audio[:, 0].repeat(-(-count // len(audio)), 1)[:count].split(batch)))
@@ -96,22 +99,25 @@ def main() -> None:
     print(f"device {a.device}, {a.threads} thread(s), {a.steps} timed steps after {a.warmup} warm-up"
           + (f"; --set {' '.join(a.overrides)}" if a.overrides else ""))
     head, rule = "| preset | batch | crop s | params (M) | steps/s | audio s/s |", "|---|---|---|---|---|---|"
-    mm_rate = peak = None
+    peak = None
     if a.flops:
         mm_n, mm_dtype = default_matmul(a.device)
-        mm_rate, peak = matmul_rate(mm_n, 5, a.device, mm_dtype), bf16_peak(a.device)
-        print(f"attained matmul rate {mm_rate / 1e9:.1f} GFLOP/s ({mm_n} x {mm_n} {str(mm_dtype)[6:]})"
+        peak = bf16_peak(a.device)
+        print(f"matmul reference: {mm_n} x {mm_n} {str(mm_dtype)[6:]}, best of 5, before and after each preset"
               + (f"; bf16 dense peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
-        head += " GFLOP/step | GFLOP/s | of matmul rate |" + (" MFU |" if peak else "")
-        rule += "---|---|---|" + ("---|" if peak else "")
+        head += " GFLOP/step | GFLOP/s | matmul GFLOP/s before, after | of matmul rate |" + (" MFU |" if peak else "")
+        rule += "---|---|---|---|" + ("---|" if peak else "")
     print(f"\n{head}\n{rule}")
     for name in names:
+        before = matmul_rate(mm_n, 5, a.device, mm_dtype) if a.flops else None
         r = measure(name, a.device, a.steps, a.warmup, a.overrides, a.flops)
         line = (f"| {r['preset']} | {r['batch']} | {r['clip_s']:.2f} | {r['params_M']:.2f} | "
                 f"{r['steps_per_s']:.2f} | {r['audio_s_per_s']:.1f} |")
         if a.flops:
+            after = matmul_rate(mm_n, 5, a.device, mm_dtype)
             rate = r["flops"] / r["s_per_step"]
-            line += f" {r['flops'] / 1e9:.1f} | {rate / 1e9:.1f} | {rate / mm_rate:.2f} |"
+            line += (f" {r['flops'] / 1e9:.1f} | {rate / 1e9:.1f} | {before / 1e9:.0f}, {after / 1e9:.0f} |"
+                     f" {rate / ((before + after) / 2):.2f} |")
             line += f" {rate / peak:.3f} |" if peak else ""
         print(line, flush=True)
 
