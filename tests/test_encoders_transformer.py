@@ -256,6 +256,48 @@ def test_block_returns_ffn_output_before_residual(norm_first):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_block_stochastic_depth_drops_whole_samples_and_rescales(norm_first):
+    """Training mode, drop_path 0.5: each sample's residual branches are either dropped (the block
+    is the identity on the residual stream) or scaled by 1 / (1 - p), one draw per sample and
+    branch, in the order the branches run; gradients follow the same scale."""
+    torch.manual_seed(0)
+    p = 0.5
+    block = Block(16, 2, 32, norm_first=norm_first, drop_path=p).train()
+    x = torch.randn(64, 5, 16, requires_grad=True)
+    torch.manual_seed(1)
+    out, _ = block(x)
+    torch.manual_seed(1)  # the same draws: one (B, 1, 1) Bernoulli mask per branch
+    keep_attn = torch.empty(64, 1, 1).bernoulli_(1 - p)
+    keep_ffn = torch.empty(64, 1, 1).bernoulli_(1 - p)
+    assert 0 < keep_attn.sum() < 64 and 0 < keep_ffn.sum() < 64  # both cases occur
+    x2 = x.detach().clone().requires_grad_()
+    if norm_first:
+        h = x2 + block.attn(block.norm1(x2)) * keep_attn / (1 - p)
+        expected = h + block.fc2(F.gelu(block.fc1(block.norm2(h)))) * keep_ffn / (1 - p)
+    else:
+        h = block.norm1(x2 + block.attn(x2) * keep_attn / (1 - p))
+        expected = block.norm2(h + block.fc2(F.gelu(block.fc1(h))) * keep_ffn / (1 - p))
+    torch.testing.assert_close(out, expected)
+    if norm_first:  # a sample with both branches dropped passes through unchanged
+        both = (keep_attn * keep_ffn + keep_attn + keep_ffn).flatten() == 0
+        assert both.any()
+        torch.testing.assert_close(out[both], x[both])
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    block.eval()  # no stochastic depth at evaluation
+    with torch.no_grad():
+        if norm_first:
+            h = x + block.attn(block.norm1(x))
+            expected = h + block.fc2(F.gelu(block.fc1(block.norm2(h))))
+        else:
+            h = block.norm1(x + block.attn(x))
+            expected = block.norm2(h + block.fc2(F.gelu(block.fc1(h))))
+        torch.testing.assert_close(block(x)[0], expected)
+
+
 @pytest.mark.parametrize("section,frontend,match", [
     ({**VIT, "patch": [12, 4]}, LOGMEL, "not divisible by the patch height 12"),
     ({**VIT, "dim": 30, "heads": 3}, LOGMEL, "multiple of 4"),
