@@ -390,6 +390,25 @@ def test_manifest_with_bom_or_spaces_in_the_header(tmp_path, header):
     assert scan([str(tmp_path / "m.csv")]) == [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
 
 
+@pytest.mark.parametrize("bom", ["\ufeff", ""])
+def test_probe_labels_with_bom_or_spaces_in_the_header(tmp_path, bom):
+    """A spreadsheet's CSV export (UTF-8 BOM, "path, label") names the same columns for the probe's
+    labels and sound-event files as for the pretraining manifest."""
+    from sslaudio.probe import is_event_csv, read_events, read_labels
+
+    (tmp_path / "labels.csv").write_text(f"{bom}path, label , split\na.wav, dog, train\nb.wav,cat,test\n",
+                                         encoding="utf-8")
+    rows = read_labels(tmp_path / "labels.csv")
+    assert [(r.rel, r.labels, r.split) for r in rows] == [("a.wav", ("dog",), "train"), ("b.wav", ("cat",), "test")]
+    assert not is_event_csv(tmp_path / "labels.csv")
+    (tmp_path / "events.csv").write_text(f"{bom}path,onset, offset,label,split\na.wav,0.1,0.5,x,train\n",
+                                         encoding="utf-8")
+    (tmp_path / "files.csv").write_text(f"{bom}path, split\na.wav,train\nb.wav,test\n", encoding="utf-8")
+    assert is_event_csv(tmp_path / "events.csv")
+    files = read_events(tmp_path / "events.csv", tmp_path / "files.csv")
+    assert [(f.rel, f.split, f.events) for f in files] == [("a.wav", "train", [(0.1, 0.5, "x")]), ("b.wav", "test", [])]
+
+
 def test_duplicate_manifest_entries_are_reported_once_and_processed_once(tmp_path):
     for name in ("a.wav", "b.wav"):
         sf.write(str(tmp_path / name), tone(), SR)
