@@ -20,7 +20,8 @@ Seeds table (`--seeds`, `--all-tiny` or `--results` turn it on): every preset gi
 every preset under presets/tiny/, plus tiny/hubert+iter2) with the same budget, once per seed
 (`--set seed=S`), each probed with its seed next to `random:` of the same preset and seed, and one
 Markdown table of the five tasks (mean ± half the range over the seeds, SSL / random) with the
-devbench hand-crafted baseline as the last row:
+devbench hand-crafted baseline as the last row, then each seed's SSL minus its own random init
+(paired, in points):
 
     python benchmarks/devbench.py /work/devbench-full --all-tiny --seeds 0 1 --minutes 4 \\
         --runs runs/devbench-table --results benchmarks/RESULTS.md
@@ -491,6 +492,32 @@ def spread(values: list[float]) -> tuple[float, float] | None:
     return (sum(values) / len(values), (max(values) - min(values)) / 2) if values else None
 
 
+def paired_table(order, seeds, tasks, cache, ctx) -> list[str]:
+    """Each seed's SSL minus its own random init (the weights it started from), in points, task by
+    task: the differences the mean ± half-range cells average over, and how many are above zero."""
+    rows = []
+    for name in order:
+        cells, above, total = [], 0, 0
+        for s in seeds:
+            rec = (read_json(cache / f"{name.replace('/', '_')}_s{s}.json", {}) or {}).get("probes", {}).get(ctx, {})
+            diffs = []
+            for t in tasks:
+                if {f"{t}_ssl", f"{t}_random"} <= set(rec):
+                    d = 100 * (rec[f"{t}_ssl"][MAIN_METRIC[t]] - rec[f"{t}_random"][MAIN_METRIC[t]])
+                    diffs.append(f"{d:+.1f}")
+                    above, total = above + (d > 0), total + 1
+                else:
+                    diffs.append("–")
+            cells.append(" ".join(diffs))
+        if total:
+            rows.append(f"| {name} | " + " | ".join(cells) + f" | {above}/{total} |")
+    if not rows:
+        return []
+    head = ["preset"] + [f"seed {s}" for s in seeds] + ["cells above"]
+    return ["", f"Paired: SSL minus its own random init of the same seed, in points ({', '.join(tasks)}):", "",
+            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + rows + [""]
+
+
 def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, probes) -> str:
     steps_of = read_json(cache / "steps.json", {}) or {}
     base_path = a.baseline or probes / "baseline_results.json"
@@ -570,6 +597,7 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
         print(f"note: {base_path} is missing; make it with {BASELINE_CMD.format(probes)}", file=sys.stderr)
     else:
         lines.append(f"Baseline: ../shared/devbench/baseline_devbench.py on the same probe sets ({base_path}).")
+    lines += paired_table(order, seeds, tasks, cache, ctx)
     for name, why in skipped.items():
         lines.append(f"Skipped {name}: {why}.")
     chained = [n for n in order if n in CHAINED]
