@@ -492,14 +492,15 @@ def spread(values: list[float]) -> tuple[float, float] | None:
     return (sum(values) / len(values), (max(values) - min(values)) / 2) if values else None
 
 
-def paired_table(order, seeds, tasks, cache, ctx) -> list[str]:
+def paired_table(records: dict[str, list[dict]], seeds, tasks, ctx) -> list[str]:
     """Each seed's SSL minus its own random init (the weights it started from), in points, task by
-    task: the differences the mean ± half-range cells average over, and how many are above zero."""
+    task: the differences the mean ± half-range cells average over, and how many are above zero.
+    records: each preset's per-seed records, in the order of `seeds`."""
     rows = []
-    for name in order:
+    for name, recs in records.items():
         cells, above, total = [], 0, 0
-        for s in seeds:
-            rec = (read_json(cache / f"{name.replace('/', '_')}_s{s}.json", {}) or {}).get("probes", {}).get(ctx, {})
+        for r in recs:
+            rec = r.get("probes", {}).get(ctx, {})
             diffs = []
             for t in tasks:
                 if {f"{t}_ssl", f"{t}_random"} <= set(rec):
@@ -553,8 +554,9 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
         v = r.get("test_micro_f1" if t == "sound_events" else "test_acc")
         if v is not None:
             base_val[t] = v
+    records = {}
     for name in order:
-        recs = [read_json(cache / f"{name.replace('/', '_')}_s{s}.json", {}) or {} for s in seeds]
+        recs = records[name] = [read_json(cache / f"{name.replace('/', '_')}_s{s}.json", {}) or {} for s in seeds]
         steps = sorted({r["train"]["steps"] for r in recs if "train" in r})
         planned = steps_of.get(name, {}).get("steps")
         cells, wins, losses, above, n, paired = [], 0, [], [], 0, 0
@@ -597,7 +599,7 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
         print(f"note: {base_path} is missing; make it with {BASELINE_CMD.format(probes)}", file=sys.stderr)
     else:
         lines.append(f"Baseline: ../shared/devbench/baseline_devbench.py on the same probe sets ({base_path}).")
-    lines += paired_table(order, seeds, tasks, cache, ctx)
+    lines += paired_table(records, seeds, tasks, ctx)
     for name, why in skipped.items():
         lines.append(f"Skipped {name}: {why}.")
     chained = [n for n in order if n in CHAINED]

@@ -17,7 +17,8 @@ import csv
 import itertools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,20 +57,21 @@ def read_labels(csv_path: str | Path) -> list[LabeledFile]:
         raise ProbeError(f"{p}: not a UTF-8 CSV file") from None
 
 
-def _open_csv(f) -> tuple[list[str], csv.DictReader]:
-    """A labels CSV or TSV (tab in its first line) opened with `encoding="utf-8-sig"`, as a
-    DictReader whose column names are stripped: spreadsheet exports start with a UTF-8 BOM and
+@contextmanager
+def _open_csv(p: str | Path) -> Iterator[tuple[list[str], csv.DictReader]]:
+    """A labels CSV or TSV (tab in its first line): its column names (stripped) and a DictReader of
+    its rows. Read as `utf-8-sig` with stripped names: spreadsheet exports start with a UTF-8 BOM and
     often write "path, label"; both name the same columns (as the pretraining manifest reads them)."""
-    first = f.readline()
-    f.seek(0)
-    reader = csv.DictReader(f, delimiter="\t" if "\t" in first else ",")
-    reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-    return reader.fieldnames, reader
+    with Path(p).open(newline="", encoding="utf-8-sig") as f:
+        first = f.readline()
+        f.seek(0)
+        reader = csv.DictReader(f, delimiter="\t" if "\t" in first else ",")
+        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+        yield reader.fieldnames, reader
 
 
 def _read_labels(p: Path) -> list[LabeledFile]:
-    with p.open(newline="", encoding="utf-8-sig") as f:
-        cols, reader = _open_csv(f)
+    with _open_csv(p) as (cols, reader):
         if "path" not in cols or "label" not in cols:
             raise ProbeError(f"{p}: needs columns path,label[,split]; found {cols}")
         rows = []
@@ -542,19 +544,17 @@ class EventFile:
 def is_event_csv(csv_path: str | Path) -> bool:
     """True when the CSV's header has onset and offset columns (a sound event detection task)."""
     try:
-        with Path(csv_path).open(newline="", encoding="utf-8-sig") as f:
-            cols, _ = _open_csv(f)
+        with _open_csv(csv_path) as (cols, _):
+            return "onset" in cols and "offset" in cols
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
-    return "onset" in cols and "offset" in cols
 
 
 def _csv_rows(p: Path, need: tuple[str, ...]) -> tuple[list[str], list[dict]]:
     if not p.is_file():
         raise ProbeError(f"{p}: no such file")
     try:
-        with p.open(newline="", encoding="utf-8-sig") as f:
-            cols, reader = _open_csv(f)
+        with _open_csv(p) as (cols, reader):
             if any(c not in cols for c in need):
                 raise ProbeError(f"{p}: needs columns {','.join(need)}; found {cols}")
             return cols, list(reader)
