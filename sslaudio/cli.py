@@ -336,6 +336,7 @@ def extract(
 
 
 @app.command(epilog="Example: sslaudio probe runs/byola data/labels.csv --json results.json\n\n"
+                    "sslaudio probe runs/byola data/labels.csv --json - | jq .accuracy\n\n"
                     "Baseline: sslaudio probe random:tiny/byol-a data/labels.csv\n\n"
                     "Fine-tuned beside frozen: sslaudio probe runs/byola sound_events/labels.csv --finetune --rnn-head")
 def probe(
@@ -347,7 +348,8 @@ def probe(
     cache: Optional[Path] = typer.Option(None, "--cache", help="With --suite: the feature cache folder "
                                          "(default: .sslaudio-cache beside the suite, or $SSLAUDIO_CACHE)."),
     mlp: bool = typer.Option(False, "--mlp", help="Also run the MLP probe (clip tasks): mlp_* metrics."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON; - writes them "
+                                            "to stdout (the table then goes to stderr)."),
     plots: Path | None = typer.Option(None, "--plots", help="Write PNG plots to this folder: the test "
                                       "confusion matrix of a single-label task (confusion.png); with "
                                       "--suite one per task and a bar chart (suite.png). Needs matplotlib."),
@@ -394,7 +396,6 @@ def probe(
     import errno
     import os
 
-    from sslaudio.atomic import atomic_text
     from sslaudio.evaluation import probe_checkpoint
     from sslaudio.probe import ProbeError
 
@@ -448,9 +449,7 @@ def probe(
                   "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs"):
             if k in res:
                 t.add_row(k, cell(res, k), *([cell(ft, k)] if ft else []))
-        out.print(t)
-        if json_out:  # a full disk or an unwritable folder: one error line, no temp file left
-            atomic_text(json_out, json.dumps(res, indent=1))
+        _print_results(t, res, json_out)
         if plots is not None:
             _write_plots(res, plots, suite=False)
 
@@ -460,7 +459,6 @@ def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out:
     """`probe --suite`: one table (tasks x checkpoints, each task's main metric) and one JSON."""
     from rich.markup import escape
 
-    from sslaudio.atomic import atomic_text
     from sslaudio.evaluation import probe_suite
 
     def warn(message: str) -> None:
@@ -484,13 +482,26 @@ def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out:
         t.add_row(task, res["main_metric"][task], *[cell(res["table"][task][c]) for c in ckpts])
         if task in res.get("table_mlp", {}):
             t.add_row("", "mlp_" + res["main_metric"][task], *[cell(res["table_mlp"][task][c]) for c in ckpts])
-    out.print(t)
     err.print(f"features: {res['extracted']} extracted, {res['cached']} from the cache ({res['cache']})",
               highlight=False)
-    if json_out:
-        atomic_text(json_out, json.dumps(res, indent=1))
+    _print_results(t, res, json_out)
     if plots is not None:
         _write_plots(res, plots, suite=True)
+
+
+def _print_results(table: Table, res: dict, json_out: Path | None) -> None:
+    """The probe's table on stdout and its JSON in the --json file (atomically: a full disk or an
+    unwritable folder is one error line and no temp file); with `--json -` the JSON alone goes to
+    stdout, for a pipe, and the table to stderr."""
+    from sslaudio.atomic import atomic_text
+
+    to_stdout = json_out is not None and str(json_out) == "-"
+    (err if to_stdout else out).print(table)
+    if to_stdout:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+        sys.stdout.flush()
+    elif json_out is not None:
+        atomic_text(json_out, json.dumps(res, indent=1))
 
 
 def _write_plots(res: dict, folder: Path, suite: bool) -> None:

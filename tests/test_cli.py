@@ -80,6 +80,18 @@ def test_probe_json_and_random_baseline(run_dir, labeled_dir, tmp_path):
         assert res["n_files"] == 44
 
 
+def test_probe_json_to_stdout_for_a_pipe(labeled_dir, tmp_path, monkeypatch):
+    """`--json -`: stdout carries the JSON alone (`| jq .accuracy` works), the table goes to
+    stderr, and no file named '-' is written."""
+    monkeypatch.chdir(tmp_path)
+    r = invoke("probe", "random:tiny/byol-a", labeled_dir / "labels.csv", "--json", "-")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert 0 <= res["accuracy"] <= 1 and res["n_files"] == 44
+    assert "probe: random:tiny/byol-a" in r.stderr and "accuracy" in r.stderr
+    assert not (tmp_path / "-").exists()
+
+
 def test_export_torchscript_and_onnx(run_dir, tmp_path):
     import torch
 
