@@ -31,6 +31,7 @@ from sslaudio.finetune import FinetuneConfig, Task, finetune, save_finetuned
 from sslaudio.inference import load_encoder
 from sslaudio.probe import (
     ProbeError,
+    check_classes,
     check_leakage,
     encode_labels,
     evaluate,
@@ -61,8 +62,9 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
     `finetune`: the fine-tuned encoder's metrics under the same names (`on_epoch` hears of its
     epochs); `save` (a folder) then receives its encoder and head, else nothing is written.
 
-    Leaks in a clip labels file (probe.check_leakage: a row twice, a file in two splits) go to
-    `on_warn` as one line each (default: `warning: ...` on stderr); a file with two label sets is a
+    Leaks in a clip labels file (probe.check_leakage: a row twice, a file in two splits) and
+    classes the probe cannot learn (probe.check_classes: none in train, fewer files than the folds)
+    go to `on_warn` as one line each (default: `warning: ...` on stderr); a file with two label sets is a
     ProbeError.
 
     `mlp` adds the MLP probe (clip tasks: `mlp_*` metrics), `confusion` the linear probe's test
@@ -107,6 +109,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
     kept = [r for r in rows if r.path in emb]
     if len(kept) < 10:
         raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
+    for message in check_classes([r.labels for r in kept], [r.split for r in kept], labels):
+        warn(message)
     X = np.stack([emb[r.path] for r in kept])
     res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed, return_fit=finetune_cfg is not None,
                    mlp=mlp, confusion=confusion)

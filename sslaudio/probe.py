@@ -136,6 +136,36 @@ def check_leakage(rows: list[LabeledFile], where: str | Path) -> tuple[list[Labe
     return kept, warnings
 
 
+def check_classes(labels: list[tuple[str, ...]], splits: list[str | None], where: str | Path,
+                  n_folds: int = 5) -> list[str]:
+    """One warning line per way the classes of the probed files leave the probe unable to learn a
+    class it is scored on (the metrics stay, but a user reading them should know):
+    - with a split column, classes that have valid or test files but no train file: the linear
+      probe cannot predict them, so every such file counts wrong;
+    - without one, classes with fewer files than the cross-validation folds: some folds test them
+      after training without a single example of them."""
+    def names(cs: list[str], counts: dict | None = None) -> str:
+        shown = ", ".join(repr(c) + (f" ({counts[c]})" if counts else "") for c in cs[:5])
+        return shown + (f" and {len(cs) - 5} more" if len(cs) > 5 else "")
+
+    if splits and splits[0] is not None:
+        train = {c for ls, sp in zip(labels, splits) if sp == "train" for c in ls}
+        held = sorted({c for ls, sp in zip(labels, splits) if sp != "train" for c in ls} - train)
+        if held:
+            return [(f"{where}: {len(held)} class(es) with valid/test files but none in train, which the probe "
+                     f"cannot predict: {names(held)}")]
+        return []
+    counts: dict[str, int] = {}
+    for ls in labels:
+        for c in ls:
+            counts[c] = counts.get(c, 0) + 1
+    rare = sorted(c for c, n in counts.items() if n < n_folds)
+    if rare:
+        return [(f"{where}: {len(rare)} class(es) with fewer files than the {n_folds} cross-validation folds, "
+                 f"so some folds test them without a training example (files): {names(rare, counts)}")]
+    return []
+
+
 # -- metrics --------------------------------------------------------------------------------------
 
 def accuracy(pred: np.ndarray, y: np.ndarray) -> float:

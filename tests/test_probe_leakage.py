@@ -1,5 +1,6 @@
 """Leaks in labels files: a row twice, a file in two splits, a file with two labels (probe.check_leakage,
-read_events), and that the probe reports them as warning lines, never silently."""
+read_events); classes the probe cannot learn (probe.check_classes); and that the probe reports them as
+warning lines, never silently."""
 
 import shutil
 
@@ -7,7 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from sslaudio.cli import app
-from sslaudio.probe import ProbeError, check_leakage, read_events, read_labels
+from sslaudio.probe import (
+    ProbeError,
+    check_classes,
+    check_leakage,
+    read_events,
+    read_labels,
+)
 
 
 def labels(tmp_path, *rows: str):
@@ -76,3 +83,33 @@ def test_sound_event_labels_report_repeats_and_two_splits(tmp_path):
     read_events(tmp_path / "labels.csv", tmp_path / "files.csv", warn=warnings.append)
     assert any("1 clip(s) listed more than once" in w for w in warnings)
     assert any("2 clip(s) given more than one split" in w for w in warnings)
+
+
+def test_classes_the_probe_cannot_learn_are_named():
+    # split column: 'cat' only in test, 'cow' only in valid; 'dog' is fine
+    labels = [("dog",), ("dog",), ("cat",), ("cow",), ("dog",)]
+    splits = ["train", "test", "test", "valid", "train"]
+    (w,) = check_classes(labels, splits, "l.csv")
+    assert w == "l.csv: 2 class(es) with valid/test files but none in train, which the probe cannot predict: " \
+        "'cat', 'cow'"
+    assert check_classes(labels, ["train"] * 5, "l.csv") == []
+    # cross-validation: fewer files than folds (multi-label rows count for each of their labels)
+    cv = [("a",)] * 5 + [("b",)] * 4 + [("a", "c")]
+    (w,) = check_classes(cv, [None] * len(cv), "l.csv")
+    assert "2 class(es) with fewer files than the 5 cross-validation folds" in w and w.endswith("'b' (4), 'c' (1)")
+    assert check_classes([("a",)] * 5 + [("b",)] * 5, [None] * 10, "l.csv") == []
+    many = [(f"k{i}",) for i in range(8)] + [("a",)] * 5
+    assert check_classes(many, [None] * len(many), "l.csv")[0].endswith("'k4' (1) and 3 more")
+
+
+def test_probe_command_warns_on_a_class_missing_from_train(labeled_dir, tmp_path):
+    shutil.copytree(labeled_dir / "a", tmp_path / "a")
+    lines = (labeled_dir / "labels.csv").read_text().splitlines()
+    gone = lines[1].split(",")[1]  # the first class loses its train rows
+    kept = [r for r in lines if not r.endswith(f",{gone},train")]
+    (tmp_path / "labels.csv").write_text("\n".join(kept) + "\n")
+    r = CliRunner().invoke(app, ["probe", "random:tiny/byol-a", str(tmp_path / "labels.csv")])
+    assert r.exit_code == 0, r.output
+    warned = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "1 class(es) with valid/test files but none in train" in warned[0] \
+        and repr(gone) in warned[0]
