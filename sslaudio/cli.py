@@ -307,6 +307,8 @@ def extract(
             raise ConfigError(f"--batch-seconds must be a positive number of seconds, found {batch_seconds}")
         if "-" in inputs and len(inputs) > 1:
             raise ConfigError("- (paths on stdin) must be the only input")
+        if out_dir != "-" and Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise ConfigError(f"--out {out_dir}: is a file; give a folder (or - for JSON lines on stdout)")
         chosen = _parse_layer(layer)
         all_layers = chosen == "all"
         dev = resolve_device(device)

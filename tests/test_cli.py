@@ -120,6 +120,15 @@ def test_usage_errors_are_one_line(args, code, text, tmp_path, monkeypatch):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_extract_onto_an_existing_file_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "feats").write_text("not a folder")
+    r = invoke("extract", "random:tiny/byol-a", ".", "--out", "feats")
+    assert r.exit_code == 2 and r.output.strip() == "error: --out feats: is a file; give a folder (or - for JSON " \
+        "lines on stdout)"
+    assert (tmp_path / "feats").read_text() == "not a folder"
+
+
 def test_no_usable_input_exits_4(bad_dir, tmp_path):
     for f in bad_dir.glob("good*"):
         f.unlink()
