@@ -63,7 +63,7 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
     epochs); `save` (a folder) then receives its encoder and head, else nothing is written.
 
     Leaks in a clip labels file (probe.check_leakage: a row twice, a file in two splits) and
-    classes the probe cannot learn (probe.check_classes: none in train, fewer files than the folds)
+    classes the probe cannot learn (probe.check_classes: none in train, one or two files in all)
     go to `on_warn` as one line each (default: `warning: ...` on stderr); a file with two label sets is a
     ProbeError.
 

@@ -4,6 +4,7 @@ warning lines, never silently."""
 
 import shutil
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -14,6 +15,7 @@ from sslaudio.probe import (
     check_leakage,
     read_events,
     read_labels,
+    stratified_folds,
 )
 
 
@@ -93,11 +95,25 @@ def test_classes_the_probe_cannot_learn_are_named():
     assert w == "l.csv: 2 class(es) with valid/test files but none in train, which the probe cannot predict: " \
         "'cat', 'cow'"
     assert check_classes(labels, ["train"] * 5, "l.csv") == []
-    # cross-validation: fewer files than folds (multi-label rows count for each of their labels)
-    cv = [("a",)] * 5 + [("b",)] * 4 + [("a", "c")]
+    # cross-validation: one or two files (multi-label rows count for each of their labels)
+    cv = [("a",)] * 5 + [("b",)] * 2 + [("a", "c")]
     (w,) = check_classes(cv, [None] * len(cv), "l.csv")
-    assert "2 class(es) with fewer files than the 5 cross-validation folds" in w and w.endswith("'b' (4), 'c' (1)")
-    assert check_classes([("a",)] * 5 + [("b",)] * 5, [None] * 10, "l.csv") == []
+    assert "2 class(es) with one or two files" in w and w.endswith("'b' (2), 'c' (1)")
+    assert check_classes([("a",)] * 5 + [("b",)] * 3, [None] * 8, "l.csv") == []
+
+
+def test_two_files_of_a_class_are_never_trained_on_by_the_folds_three_are():
+    """The fact check_classes' cross-validation warning rests on, read off evaluate's own folds."""
+    for n, trained in ((1, False), (2, False), (3, True)):
+        y = np.array([0] * 20 + [1] * n)
+        folds = stratified_folds(y, 5, 0)
+        tested_untrained = []
+        for k in range(5):
+            rest = np.concatenate([folds[j] for j in range(5) if j != k])
+            inner = stratified_folds(y[rest], 5, k)[0]
+            if (y[folds[k]] == 1).any():
+                tested_untrained.append(not (y[np.delete(rest, inner)] == 1).any())
+        assert tested_untrained and all(tested_untrained) != trained and any(tested_untrained) != trained
     many = [(f"k{i}",) for i in range(8)] + [("a",)] * 5
     assert check_classes(many, [None] * len(many), "l.csv")[0].endswith("'k4' (1) and 3 more")
 
