@@ -148,6 +148,9 @@ def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: flo
     kept = [f for f in clips if f.path in emb]
     if len(kept) < 5:
         raise ProbeError(f"only {len(kept)} usable files in {labels} ({len(skipped)} skipped)", code=4)
+    for message in check_classes([tuple(sorted({lab for _, _, lab in f.events})) for f in kept],
+                                 [f.split for f in kept], labels, min_files=2):
+        warn(message)
     grids = [to_grid(emb[f.path].frames, emb[f.path].times, emb[f.path].seconds, hop) for f in kept]
     targets = [frame_targets(f.events, len(g), hop, cidx) for f, g in zip(kept, grids)]
     refs = [[(on, off, cidx[lab]) for on, off, lab in f.events] for f in kept]

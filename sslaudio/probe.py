@@ -136,7 +136,8 @@ def check_leakage(rows: list[LabeledFile], where: str | Path) -> tuple[list[Labe
     return kept, warnings
 
 
-def check_classes(labels: list[tuple[str, ...]], splits: list[str | None], where: str | Path) -> list[str]:
+def check_classes(labels: list[tuple[str, ...]], splits: list[str | None], where: str | Path,
+                  min_files: int = 3) -> list[str]:
     """One warning line per way the classes of the probed files leave the probe unable to learn a
     class it is scored on (the metrics stay, but a user reading them should know):
     - with a split column, classes that have valid or test files but no train file: the linear
@@ -144,7 +145,9 @@ def check_classes(labels: list[tuple[str, ...]], splits: list[str | None], where
     - without one, classes with one or two files: too few to train, validate and test on in one
       cross-validation fold (stratified_folds deals each class's files out from the first fold, so
       the fold that tests one of two files gives the other to its validation part), so the probe is
-      scored on them without having trained on any. Three files leave one to train on."""
+      scored on them without having trained on any. Three files leave one to train on.
+    `min_files` 2 for sound event detection, whose folds are random over clips (labels: each clip's
+    event classes): a class in one clip is tested untrained there, two may or may not be."""
     def names(cs: list[str], counts: dict | None = None) -> str:
         shown = ", ".join(repr(c) + (f" ({counts[c]})" if counts else "") for c in cs[:5])
         return shown + (f" and {len(cs) - 5} more" if len(cs) > 5 else "")
@@ -160,11 +163,11 @@ def check_classes(labels: list[tuple[str, ...]], splits: list[str | None], where
     for ls in labels:
         for c in ls:
             counts[c] = counts.get(c, 0) + 1
-    rare = sorted(c for c, n in counts.items() if n < 3)
+    rare = sorted(c for c, n in counts.items() if n < min_files)
     if rare:
-        return [(f"{where}: {len(rare)} class(es) with one or two files, too few to train, validate and test on "
-                 f"in a cross-validation fold, so the probe is scored on them untrained (files): "
-                 f"{names(rare, counts)}")]
+        few = "one file" if min_files == 2 else "one or two files"
+        return [(f"{where}: {len(rare)} class(es) with {few}, too few to train, validate and test on in a "
+                 f"cross-validation fold, so the probe is scored on them untrained (files): {names(rare, counts)}")]
     return []
 
 

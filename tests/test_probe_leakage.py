@@ -100,6 +100,9 @@ def test_classes_the_probe_cannot_learn_are_named():
     (w,) = check_classes(cv, [None] * len(cv), "l.csv")
     assert "2 class(es) with one or two files" in w and w.endswith("'b' (2), 'c' (1)")
     assert check_classes([("a",)] * 5 + [("b",)] * 3, [None] * 8, "l.csv") == []
+    # sound event detection (random folds over clips; a clip may hold no event): one clip only
+    (w,) = check_classes([("a", "b")] * 4 + [()] + [("c",)], [None] * 6, "e.csv", min_files=2)
+    assert "1 class(es) with one file" in w and w.endswith("'c' (1)")
 
 
 def test_two_files_of_a_class_are_never_trained_on_by_the_folds_three_are():

@@ -195,3 +195,15 @@ def test_cli_sed_finetune_reports_beside_the_frozen_probe(sed_dir, tmp_path):
     assert ft["head"] == "linear+bigru" and ft["epochs_run"] <= 2 and len(ft["valid_history"]) == ft["epochs_run"] + 1
     assert len(ft["median_windows"]) == 2 and "fine-tuned" in r.output
 
+
+
+def test_cli_sed_probe_warns_on_an_event_class_missing_from_train(sed_dir, tmp_path):
+    labels = tmp_path / "labels.csv"  # the clips stay where they are: paths relative to sed_dir
+    rows = (sed_dir / "labels.csv").read_text().splitlines()
+    rows = [rows[0]] + [f"{sed_dir}/{r}" for r in rows[1:]] + [f"{sed_dir}/20.wav,0.1,0.5,mid,test"]
+    labels.write_text("\n".join(rows) + "\n")
+    r = CliRunner().invoke(app, ["probe", "random:tiny/byol-a", str(labels)])
+    assert r.exit_code == 0, r.output
+    warned = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "1 class(es) with valid/test files but none in train" in warned[0] \
+        and "'mid'" in warned[0]
