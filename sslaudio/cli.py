@@ -207,14 +207,30 @@ def pretrain(
                 err.print(f"{e.signal_name}: stopped after step {e.step}, which is saved in {out_dir}/ckpt; "
                           f"run the same command to resume", highlight=False, soft_wrap=True)
             raise
-        if summary["rank"]:  # under torchrun, rank 0 reports
-            return
-        _print_table("pretrain", {
-            "run": summary["run"], "preset": preset, "steps": f"{summary['start_step']} -> {summary['steps']}",
-            "files used / skipped": f"{summary['files']} / {summary['skipped']}",
-            "device / precision": f"{summary['device']} / {summary['precision']}",
-            "training time": f"{summary['time_s']:.1f} s", "last loss": _last_loss(Path(out_dir)),
-            "encoder": str(Path(out_dir) / "export" / "encoder.safetensors")})
+        if not summary["rank"]:  # under torchrun, rank 0 reports
+            _print_table("pretrain", {
+                "run": summary["run"], "preset": preset, "steps": f"{summary['start_step']} -> {summary['steps']}",
+                "files used / skipped": f"{summary['files']} / {summary['skipped']}",
+                "device / precision": f"{summary['device']} / {summary['precision']}",
+                "training time": f"{summary['time_s']:.1f} s", "last loss": _last_loss(Path(out_dir)),
+                "encoder": str(Path(out_dir) / "export" / "encoder.safetensors")})
+        world_size = summary["world_size"]
+    if world_size > 1:
+        _leave_after_distributed_run()
+
+
+def _leave_after_distributed_run() -> None:
+    """A torchrun worker whose run ended well exits here with status 0, skipping the interpreter's
+    teardown: torch's gloo backend can abort in its C++ destructors at exit ('terminate called
+    without an active exception', SIGABRT; seen on CI after both ranks had returned from fit and
+    destroyed the process group), and torchrun would then report a finished run as failed and
+    SIGTERM the other ranks. Everything the run writes is on disk by then (atomic writes, rank 0
+    commits before the last barrier); only the standard streams need flushing."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _last_loss(run: Path) -> str:

@@ -144,6 +144,8 @@ def torchrun(wav_folder, run, preset: str, *sets: str) -> subprocess.CompletedPr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
+    # the workers leave by os._exit (cli._leave_after_distributed_run): rank 0's table still arrives
+    assert p.stdout.count("last loss") == 1, p.stdout[-3000:]
     return p
 
 
