@@ -214,9 +214,8 @@ def pretrain(
                 "device / precision": f"{summary['device']} / {summary['precision']}",
                 "training time": f"{summary['time_s']:.1f} s", "last loss": _last_loss(Path(out_dir)),
                 "encoder": str(Path(out_dir) / "export" / "encoder.safetensors")})
-        world_size = summary["world_size"]
-    if world_size > 1:
-        _leave_after_distributed_run()
+        if summary["world_size"] > 1:
+            _leave_after_distributed_run()
 
 
 def _leave_after_distributed_run() -> None:
@@ -323,7 +322,8 @@ def extract(
             raise ConfigError(f"--batch-seconds must be a positive number of seconds, found {batch_seconds}")
         if "-" in inputs and len(inputs) > 1:
             raise ConfigError("- (paths on stdin) must be the only input")
-        if out_dir != "-" and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        to_stdout = out_dir == "-"
+        if not to_stdout and Path(out_dir).exists() and not Path(out_dir).is_dir():
             raise ConfigError(f"--out {out_dir}: is a file; give a folder (or - for JSON lines on stdout)")
         chosen = _parse_layer(layer)
         all_layers = chosen == "all"
@@ -332,7 +332,6 @@ def extract(
         items = _stdin_entries() if inputs == ["-"] else scan_entries(inputs)
         if not items:
             raise DataError(f"no audio files in {' '.join(inputs)}")
-        to_stdout = out_dir == "-"
         try:
             if not to_stdout:  # two inputs, one output file: a usage error, before anything is written
                 check_collisions(dedupe(items)[0], fmt, frames, all_layers)

@@ -17,6 +17,7 @@ import csv
 import itertools
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ def check_classes(labels: list[tuple[str, ...]], splits: list[str | None], where
       scored on them without having trained on any. Three files leave one to train on.
     `min_files` 2 for sound event detection, whose folds are random over clips (labels: each clip's
     event classes): a class in one clip is tested untrained there, two may or may not be."""
-    def names(cs: list[str], counts: dict | None = None) -> str:
+    def names(cs: list[str], counts: Counter | None = None) -> str:
         shown = ", ".join(repr(c) + (f" ({counts[c]})" if counts else "") for c in cs[:5])
         return shown + (f" and {len(cs) - 5} more" if len(cs) > 5 else "")
 
@@ -159,10 +160,7 @@ def check_classes(labels: list[tuple[str, ...]], splits: list[str | None], where
             return [(f"{where}: {len(held)} class(es) with valid/test files but none in train, which the probe "
                      f"cannot predict: {names(held)}")]
         return []
-    counts: dict[str, int] = {}
-    for ls in labels:
-        for c in ls:
-            counts[c] = counts.get(c, 0) + 1
+    counts = Counter(c for ls in labels for c in ls)
     rare = sorted(c for c, n in counts.items() if n < min_files)
     if rare:
         few = "one file" if min_files == 2 else "one or two files"

@@ -103,6 +103,8 @@ def test_classes_the_probe_cannot_learn_are_named():
     # sound event detection (random folds over clips; a clip may hold no event): one clip only
     (w,) = check_classes([("a", "b")] * 4 + [()] + [("c",)], [None] * 6, "e.csv", min_files=2)
     assert "1 class(es) with one file" in w and w.endswith("'c' (1)")
+    many = [(f"k{i}",) for i in range(8)] + [("a",)] * 5
+    assert check_classes(many, [None] * len(many), "l.csv")[0].endswith("'k4' (1) and 3 more")
 
 
 def test_two_files_of_a_class_are_never_trained_on_by_the_folds_three_are():
@@ -117,8 +119,6 @@ def test_two_files_of_a_class_are_never_trained_on_by_the_folds_three_are():
             if (y[folds[k]] == 1).any():
                 tested_untrained.append(not (y[np.delete(rest, inner)] == 1).any())
         assert tested_untrained and all(tested_untrained) != trained and any(tested_untrained) != trained
-    many = [(f"k{i}",) for i in range(8)] + [("a",)] * 5
-    assert check_classes(many, [None] * len(many), "l.csv")[0].endswith("'k4' (1) and 3 more")
 
 
 def test_probe_command_warns_on_a_class_missing_from_train(labeled_dir, tmp_path):

@@ -196,9 +196,8 @@ def test_cli_sed_finetune_reports_beside_the_frozen_probe(sed_dir, tmp_path):
     assert len(ft["median_windows"]) == 2 and "fine-tuned" in r.output
 
 
-
 def test_cli_sed_probe_warns_on_an_event_class_missing_from_train(sed_dir, tmp_path):
-    labels = tmp_path / "labels.csv"  # the clips stay where they are: paths relative to sed_dir
+    labels = tmp_path / "labels.csv"  # elsewhere, so its rows name sed_dir's clips by absolute path
     rows = (sed_dir / "labels.csv").read_text().splitlines()
     rows = [rows[0]] + [f"{sed_dir}/{r}" for r in rows[1:]] + [f"{sed_dir}/20.wav,0.1,0.5,mid,test"]
     labels.write_text("\n".join(rows) + "\n")
