@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from sslaudio.audio import resample
 from sslaudio.checkpoint import CheckpointError
-from sslaudio.encoders.base import ClipPool
+from sslaudio.encoders.base import ClipPool, lengths_to_padding, pool_frames
 from sslaudio.features import min_samples
 from sslaudio.inference import EncoderBundle, load_encoder
 from sslaudio.train import resolve_device
@@ -242,7 +242,7 @@ class Embedder(nn.Module):
         frames, lengths = b.encoder.to_frames(chosen)
         # each block's frames as `--layer N` gives them (EncoderBundle.forward swaps the tokens too)
         layers = [b.encoder.to_frames(dataclasses.replace(out, tokens=h))[0] for h in (out.layers or [out.tokens])]
-        return b.encoder.pool(chosen), frames, lengths, layers
+        return pool_frames(frames, lengths_to_padding(lengths, frames.shape[1]), b.clip_stats), frames, lengths, layers
 
     def _run(self, items: list[Tensor], with_layers: bool) -> list[_Out]:
         """Embed mono waveforms at the encoder's rate: equal lengths batched, long ones chunked."""
@@ -270,7 +270,7 @@ class Embedder(nn.Module):
         """One waveform longer than a chunk, chunk by chunk (see the module docstring)."""
         enc, sr, need = self.bundle.encoder, self.sample_rate, self.need
         reach = max(0, need - int(enc.downsample))  # past the chunk, so its last frame is whole
-        pool, frames, times, layers = ClipPool(enc.clip_pool), [], [], []
+        pool, frames, times, layers = ClipPool(self.bundle.clip_stats), [], [], []
         total = x.shape[0]
         for start in range(0, total, chunk):
             end = min(start + chunk, total)
@@ -294,11 +294,13 @@ class Embedder(nn.Module):
 
 
 def load(ckpt: str | Path, device: str = "auto", layer: int | None = None, chunk_seconds: float = 30.0,
-         batch_size: int = 16) -> Embedder:
+         batch_size: int = 16, pool: str | None = None) -> Embedder:
     """The encoder of `ckpt` (a run folder, step folder, exported encoder file or random:PRESET),
     ready to embed waveforms: see the module docstring. `layer` embeds block `layer` (0-based,
-    negative from the end) instead of the encoder's output, as `extract --layer` does."""
-    bundle = load_encoder(str(ckpt)).set_layer(layer)
+    negative from the end) instead of the encoder's output, as `extract --layer` does; `pool`
+    ('mean', 'max' or 'mean+max') pools the clip embedding that way instead of the encoder's own, as
+    `extract --pool` does."""
+    bundle = load_encoder(str(ckpt)).set_layer(layer).set_pool(pool)
     return Embedder(bundle, chunk_seconds, batch_size).to(resolve_device(device))
 
 

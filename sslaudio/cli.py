@@ -308,7 +308,7 @@ def extract(
 
     from sslaudio.config import ConfigError
     from sslaudio.data import DataError, dedupe, scan_entries
-    from sslaudio.features import POOLS, OutputCollision, check_collisions
+    from sslaudio.features import OutputCollision, check_collisions
     from sslaudio.features import extract as run_extract
     from sslaudio.inference import load_encoder
     from sslaudio.train import resolve_device
@@ -316,8 +316,6 @@ def extract(
     with guard():
         if fmt not in ("safetensors", "npy"):
             raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
-        if pool is not None and pool not in POOLS:
-            raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, found '{pool}'")
         if batch_seconds is not None and not (batch_seconds > 0 and batch_seconds != float("inf")):
             raise ConfigError(f"--batch-seconds must be a positive number of seconds, found {batch_seconds}")
         if "-" in inputs and len(inputs) > 1:
@@ -328,7 +326,7 @@ def extract(
         chosen = _parse_layer(layer)
         all_layers = chosen == "all"
         dev = resolve_device(device)
-        bundle = load_encoder(ckpt).set_layer(None if all_layers else chosen)
+        bundle = load_encoder(ckpt).set_layer(None if all_layers else chosen).set_pool(pool)
         items = _stdin_entries() if inputs == ["-"] else scan_entries(inputs)
         if not items:
             raise DataError(f"no audio files in {' '.join(inputs)}")
@@ -344,8 +342,7 @@ def extract(
 
         summary = run_extract(bundle, items, None if to_stdout else Path(out_dir), frames, fmt, dev, batch_size,
                               encoder_id=ckpt, on_skip=lambda p, r: warn(f"skip {p}: {r}"), on_warn=warn,
-                              all_layers=all_layers, pool=POOLS[pool] if pool else None, batch_seconds=batch_seconds,
-                              workers=workers)
+                              all_layers=all_layers, batch_seconds=batch_seconds, workers=workers)
         if summary["written"] == 0:
             raise DataError(f"no usable audio file ({summary['skipped']} skipped)")
         msg = f"{summary['written']} files -> {out_dir} (dim {summary['clip_dim']}), {summary['skipped']} skipped, {summary['time_s']:.1f} s"
@@ -373,6 +370,9 @@ def probe(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds (and of fine-tuning)."),
+    pool: str | None = typer.Option(None, "--pool", help="Clip tasks: the clip embedding over the frames, "
+                                       "mean | max | mean+max (their sum), as extract --pool; default: the "
+                                       "encoder's own statistics."),
     layer: Optional[str] = typer.Option(None, help="Probe this block's output (0-based; -1 the last), or 'all': "
                                         "every block's output side by side (a linear probe then weights the "
                                         "blocks, as SUPERB's weighted sum)."),
@@ -431,7 +431,7 @@ def probe(
                                     ("--median-filter", median_filter), ("--rnn-head", rnn_head)) if v]
             if given:
                 raise ProbeError(f"{given[0]} is not available with --suite")
-            _probe_suite(args, suite, cache, json_out, batch_size, device, seed, layer, mlp, plots)
+            _probe_suite(args, suite, cache, json_out, batch_size, device, seed, layer, mlp, pool, plots)
             return
         if cache is not None:
             raise ProbeError("--cache is for --suite")
@@ -448,7 +448,7 @@ def probe(
 
         res = probe_checkpoint(ckpt, labels, batch_size, device, seed, layer=layer, files=files, frame_hop=frame_hop,
                                on_skip=_warn_skip, median=median_filter, finetune_cfg=cfg, save=save,
-                               on_epoch=on_epoch, mlp=mlp, confusion=plots is not None)
+                               on_epoch=on_epoch, mlp=mlp, confusion=plots is not None, pool=pool)
         ft = res.get("finetune")
         t = Table(title=f"probe: {ckpt} on {labels}")
         t.add_column("metric")
@@ -472,7 +472,8 @@ def probe(
 
 
 def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out: Optional[Path], batch_size: int,
-                 device: str, seed: int, layer: int | str | None, mlp: bool, plots: Path | None = None) -> None:
+                 device: str, seed: int, layer: int | str | None, mlp: bool, pool: str | None = None,
+                 plots: Path | None = None) -> None:
     """`probe --suite`: one table (tasks x checkpoints, each task's main metric) and one JSON."""
     from rich.markup import escape
 
@@ -484,7 +485,7 @@ def _probe_suite(ckpts: list[str], suite: Path, cache: Optional[Path], json_out:
     def done(task: str, ckpt: str, r: dict) -> None:
         err.print(f"{escape(task)} / {escape(ckpt)}: done", highlight=False)
 
-    res = probe_suite(ckpts, suite, cache, batch_size, device, seed, layer, mlp, on_skip=_warn_skip, on_warn=warn,
+    res = probe_suite(ckpts, suite, cache, batch_size, device, seed, layer, mlp, pool, on_skip=_warn_skip, on_warn=warn,
                       on_result=done)
     t = Table(title=f"probe suite: {suite}")
     t.add_column("task")

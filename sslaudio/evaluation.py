@@ -53,7 +53,7 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
                      finetune_cfg: FinetuneConfig | None = None, save: str | Path | None = None,
                      on_epoch: Callable[[int, int, float, float], None] | None = None,
                      on_warn: Callable[[str], None] | None = None, mlp: bool = False,
-                     confusion: bool = False, embed: Callable | None = None) -> dict:
+                     confusion: bool = False, embed: Callable | None = None, pool: str | None = None) -> dict:
     """Probe the encoder of `ckpt` (run folder, step folder, encoder file or random:PRESET) on `labels`.
 
     Returns the metrics of probe.evaluate (or evaluate_events) with checkpoint, labels, skipped
@@ -68,7 +68,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
     ProbeError.
 
     `mlp` adds the MLP probe (clip tasks: `mlp_*` metrics), `confusion` the linear probe's test
-    confusion matrix (single-label clip tasks). `embed(bundle, items, frames, on_skip)` replaces
+    confusion matrix (single-label clip tasks), `pool` (a POOLS name) the clip statistics in place of
+    the encoder's own (clip tasks; fine-tuning pools the same way). `embed(bundle, items, frames, on_skip)` replaces
     embed_files (probe suites: the feature cache) and yields features.Embedding."""
     warn = on_warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     dev = resolve_device(device)
@@ -81,6 +82,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         raise ProbeError("--rnn-head is for sound event detection (a labels file with onset,offset columns)")
     if mlp and events:
         raise ProbeError("--mlp is for clip tasks (path,label[,split]), not sound event detection")
+    if pool is not None and events:
+        raise ProbeError("--pool is for clip tasks (path,label[,split]); sound event detection probes the frames")
     rows = None
     if not events:
         rows, leaks = check_leakage(read_labels(labels), labels)
@@ -88,7 +91,7 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
             warn(message)
     if finetune_cfg is not None and rows is not None and rows[0].split is None:
         raise ProbeError(FINETUNE_NEEDS_SPLITS.format(labels))
-    bundle = load_encoder(ckpt).set_layer(layer)
+    bundle = load_encoder(ckpt).set_layer(layer).set_pool(pool)
     skipped = []
 
     def skip(p: str, r: str) -> None:
@@ -119,7 +122,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         classes, y, multilabel = encode_labels([r.labels for r in kept])
         task = Task([r.path for r in kept], list(y), "multilabel" if multilabel else "multiclass", classes)
         res["finetune"] = _finetune(bundle, task, fit, finetune_cfg, dev, seed, batch_size, save, on_epoch)
-    res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped), layer=layer)
+    res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped), layer=layer,
+               pool="+".join(bundle.clip_stats))
     return res
 
 
@@ -321,11 +325,12 @@ def main_metric(res: dict, mlp: bool = False) -> str:
 
 def probe_suite(ckpts: list[str], suite: str | Path, cache: str | Path | None = None, batch_size: int = 16,
                 device: str = "auto", seed: int = 0, layer: int | str | None = None, mlp: bool = False,
-                on_skip: Callable[[str, str], None] | None = None, on_warn: Callable[[str], None] | None = None,
+                pool: str | None = None, on_skip: Callable[[str, str], None] | None = None, on_warn: Callable[[str], None] | None = None,
                 on_result: Callable[[str, str, dict], None] | None = None) -> dict:
     """Probe every checkpoint on every task of `suite`; -> {suite, cache, tasks, checkpoints,
     results: {task: {checkpoint: metrics}}, main_metric: {task: name}, table: {task: {checkpoint:
-    value}}, extracted, cached}. `mlp` runs the MLP probe on the clip tasks too."""
+    value}}, extracted, cached}. `mlp` runs the MLP probe on the clip tasks too, `pool` pools their
+    clip embeddings with those statistics (probe_checkpoint)."""
     tasks = read_suite(suite)
     if len(set(ckpts)) != len(ckpts):
         raise ProbeError("a checkpoint is given twice")
@@ -339,7 +344,8 @@ def probe_suite(ckpts: list[str], suite: str | Path, cache: str | Path | None = 
             events = is_event_csv(task.labels)
             r = probe_checkpoint(ckpt, task.labels, batch_size, device, seed, layer=layer, files=task.files,
                                  frame_hop=task.frame_hop, on_skip=on_skip, on_warn=on_warn,
-                                 mlp=mlp and not events, confusion=not events, embed=fc)
+                                 mlp=mlp and not events, confusion=not events, embed=fc,
+                                 pool=None if events else pool)
             r["task_name"] = task.name
             results[task.name][ckpt] = r
             metric[task.name] = main_metric(r)

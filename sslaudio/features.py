@@ -15,8 +15,8 @@ whole input. Outputs of another identity are replaced, with a warning and a coun
 
 Options: `all_layers` also embeds every block's output as `--layer i` gives it (frames `layers`
 (L, T, D), clips `layer_clips` (L, D), each layer pooled with its own ClipPool in long files);
-`pool` replaces the encoder's `clip_pool` statistics (summed, as `encoders.base.pool_frames`
-does); `batch_seconds` caps the audio per batch (files of equal length are still the only ones
+the clip statistics are the bundle's `clip_stats` (`EncoderBundle.set_pool` replaces the
+encoder's `clip_pool`, summed as `encoders.base.pool_frames` does); `batch_seconds` caps the audio per batch (files of equal length are still the only ones
 batched together, so a batch never pads).
 """
 
@@ -50,7 +50,6 @@ from sslaudio.inference import EncoderBundle
 
 RUN_FILES = ("manifest.jsonl", "errors.jsonl", "summary.json")
 WRITE_AHEAD = (32, 256 << 20)  # files, and bytes of features, the writer thread may be behind the encoder
-POOLS = {"mean": ("mean",), "max": ("max",), "mean+max": ("mean", "max")}  # --pool: statistics summed
 
 
 class OutputCollision(ValueError):
@@ -168,14 +167,12 @@ def plan_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torc
 
 
 @torch.inference_mode()
-def encode(bundle: EncoderBundle, audio: torch.Tensor, all_layers: bool = False,
-           pool: tuple[str, ...] | None = None
+def encode(bundle: EncoderBundle, audio: torch.Tensor, all_layers: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
     """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,), and with `all_layers` every
-    block's frames [(B, T, D_l)] as `--layer i` gives them and their clips (B, L, D_l). `pool`
-    (statistics summed, as `pool_frames`) replaces the encoder's `clip_pool`; without options this
-    is `bundle.embed`."""
-    stats = pool or bundle.encoder.clip_pool
+    block's frames [(B, T, D_l)] as `--layer i` gives them and their clips (B, L, D_l), each pooled
+    with the bundle's `clip_stats`; without `all_layers` this is `bundle.embed`."""
+    stats = bundle.clip_stats
     enc = bundle.encoder
     if not all_layers:
         fr, flen = bundle.frames(audio)
@@ -247,7 +244,7 @@ def prefetch(fn: Callable, items: list, workers: int, ahead: int = 2) -> Iterato
 
 def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bool, batch_size: int = 16,
              on_skip: Callable[[str, str], None] | None = None, done: set[str] | frozenset = frozenset(),
-             all_layers: bool = False, pool: tuple[str, ...] | None = None, batch_seconds: float | None = None,
+             all_layers: bool = False, batch_seconds: float | None = None,
              workers: int = 1) -> Iterator[Embedding]:
     """Yield one Embedding per usable file of `plan` whose output name is not in `done`. A batch
     holding a done file is still computed whole, so the others get the numbers of a full run.
@@ -255,10 +252,10 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
     line); results come in the same order either way."""
     on_skip = on_skip or (lambda p, r: print(f"skip {p}: {r}", file=sys.stderr))
     sr, enc = bundle.sample_rate, bundle.encoder
-    stats = pool or enc.clip_pool
+    stats = bundle.clip_stats
 
     def run(audio: torch.Tensor):
-        return encode(bundle, audio.to(device), all_layers, pool)
+        return encode(bundle, audio.to(device), all_layers)
 
     def finish(path, rel, clip, frame_list, time_list, seconds, layer_clips=None, layer_lists=None) -> Embedding:
         clip = clip.float().cpu().numpy()
@@ -375,18 +372,20 @@ def run_plan(bundle: EncoderBundle, plan: Plan, device: torch.device, frames: bo
 def embed_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torch.device, frames: bool,
                 batch_size: int = 16, chunk_seconds: float = 30.0,
                 on_skip: Callable[[str, str], None] | None = None, all_layers: bool = False,
-                pool: tuple[str, ...] | None = None, batch_seconds: float | None = None,
-                workers: int = 1) -> Iterator[Embedding]:
+                batch_seconds: float | None = None, workers: int = 1) -> Iterator[Embedding]:
     """Yield one Embedding per usable file (unusable ones go to `on_skip(path, reason)`)."""
     plan = plan_files(bundle, items, device, chunk_seconds, on_skip)
-    yield from run_plan(bundle, plan, device, frames, batch_size, on_skip, all_layers=all_layers, pool=pool,
+    yield from run_plan(bundle, plan, device, frames, batch_size, on_skip, all_layers=all_layers,
                         batch_seconds=batch_seconds, workers=workers)
 
 
 def encoder_identity(bundle: EncoderBundle, **options) -> str:
     """A hash of the bundle's weights and buffers (state_dict tensors in key order), its frontend
-    and encoder settings, the sslaudio version and `options` (what else changes the numbers)."""
+    and encoder settings, the sslaudio version and `options` (what else changes the numbers), with
+    the pooling set_pool chose (absent by default, so identities from before the option stay valid)."""
     p = bundle.preset
+    if getattr(bundle, "pool", None) is not None:
+        options = options | {"pool": "+".join(bundle.pool)}
     h = hashlib.sha256(json.dumps({"frontend": p.frontend, "encoder": p.encoder, "sample_rate": p.data.sample_rate,
                                    "version": __version__, "options": options}, sort_keys=True,
                                   default=str).encode())
@@ -514,10 +513,10 @@ def _nbytes(e: Embedding) -> int:
 
 def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path | None, frames: bool, fmt: str,
             device: torch.device, batch_size: int, encoder_id: str, on_skip=None, on_file=None, on_warn=None,
-            chunk_seconds: float = 30.0, all_layers: bool = False, pool: tuple[str, ...] | None = None,
+            chunk_seconds: float = 30.0, all_layers: bool = False,
             batch_seconds: float | None = None, workers: int = 1) -> dict:
     """Write features for `items` (path, output name) under out_dir (None: JSON lines on stdout).
-    `all_layers`, `pool` and `batch_seconds`: see the module docstring; `workers` threads decode
+    `all_layers` and `batch_seconds`: see the module docstring; `workers` threads decode
     ahead of the encoder. Returns the summary. Entries listed twice are processed once (one `on_warn` line each); two
     inputs with one output name raise OutputCollision before anything is written. A rerun into the
     same out_dir resumes (see the module docstring)."""
@@ -547,9 +546,8 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
     if all_layers and bundle.layer is not None:
         raise ValueError("all_layers embeds every block: the bundle must not have a layer set")
     layer = "all" if all_layers else bundle.layer
-    extra = {} if pool is None else {"pool": "+".join(pool)}  # absent by default: earlier identities stay valid
     identity = encoder_identity(bundle, frames=frames, layer=layer, format=fmt, chunk_seconds=chunk_seconds,
-                                device=torch.device(device).type, **extra)
+                                device=torch.device(device).type)
     meta = {"encoder": _text(encoder_id), "sample_rate": str(bundle.sample_rate), "identity": identity}
     rows: dict[str, dict] = {}  # output name -> manifest row
     stamps: dict[str, str | None] = {}
@@ -589,7 +587,7 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
 
     try:
         for e in run_plan(bundle, plan, device, frames, batch_size, skip, done=set(rows), all_layers=all_layers,
-                          pool=pool, batch_seconds=batch_seconds, workers=workers):
+                          batch_seconds=batch_seconds, workers=workers):
             if not all(np.isfinite(a).all() for a in (e.clip, e.frames, e.layer_clips, e.layers) if a is not None):
                 skip(e.path, "the encoder's output is not finite")
                 continue
@@ -623,7 +621,7 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
     summary = {"files": len(items), "written": len(rows) + printed, "reused": reused, "skipped": len(errors),
                "duplicates": len(dups), "replaced": replaced, "temp_removed": temp_removed,
                "clip_dim": dim, "encoder": encoder_id, "identity": identity, "format": fmt, "frames": frames,
-               "layer": layer, "pool": "+".join(pool or bundle.encoder.clip_pool), "time_s": round(time.time() - t0, 3)}
+               "layer": layer, "pool": "+".join(bundle.clip_stats), "time_s": round(time.time() - t0, 3)}
     if out_dir is not None:
         manifest = [{k: v for k, v in rows[rel].items() if k != "clip_dim"} for rel in sorted(rows, key=order.get)]
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from sslaudio.build import build_encoder, build_method, load_preset, preset_from_dict
 from sslaudio.checkpoint import (ENCODER_FORMAT, HASH_KEY, CheckpointError, check_tensors, latest, read_tensors,
                                  step_dirs)
-from sslaudio.config import Preset
-from sslaudio.encoders.base import lengths_to_padding, pool_frames
+from sslaudio.config import ConfigError, Preset
+from sslaudio.encoders.base import POOLS, lengths_to_padding, pool_frames
 
 
 class EncoderBundle(nn.Module):
@@ -30,6 +30,7 @@ class EncoderBundle(nn.Module):
         self.preset = preset
         self.needs_stats = needs_stats  # random-init baselines estimate frontend stats from their inputs
         self.layer: int | str | None = None  # an intermediate block's output, or 'all' blocks side by side
+        self.pool: tuple[str, ...] | None = None  # clip statistics replacing the encoder's clip_pool
         encoder.embedding_blocks(True)  # an embedding that spans several blocks (ViT eval_blocks)
 
     @property
@@ -54,6 +55,19 @@ class EncoderBundle(nn.Module):
         self.layer = layer
         self.encoder.embedding_blocks(layer is None)  # one block's output when a layer is chosen
         return self
+
+    def set_pool(self, pool: str | None) -> EncoderBundle:
+        """Pool the clip embedding with these statistics of the frames (a POOLS name: 'mean',
+        'max', 'mean+max', their sum) instead of the encoder's own `clip_pool`; None: its own."""
+        if pool is not None and pool not in POOLS:
+            raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, found '{pool}'")
+        self.pool = None if pool is None else POOLS[pool]
+        return self
+
+    @property
+    def clip_stats(self) -> tuple[str, ...]:
+        """The statistics the clip embedding sums: set_pool's, else the encoder's `clip_pool`."""
+        return self.pool or self.encoder.clip_pool
 
     def _probe_input(self) -> tuple[Tensor, Tensor]:
         audio = torch.zeros(1, 4 * int(self.encoder.downsample), device=next(self.encoder.parameters()).device)
@@ -82,10 +96,10 @@ class EncoderBundle(nn.Module):
 
     def embed(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,); the frames' centre times
-        are `self.encoder.frame_times(T)`. The clip embedding pools the frames with the encoder's
-        `clip_pool` statistics, as `Encoder.pool` does."""
+        are `self.encoder.frame_times(T)`. The clip embedding pools the frames with `clip_stats` (the
+        encoder's `clip_pool` statistics unless set_pool chose others), as `Encoder.pool` does."""
         frames, frame_lengths = self.frames(audio, lengths)
-        return pool_frames(frames, lengths_to_padding(frame_lengths, frames.shape[1]), self.encoder.clip_pool), \
+        return pool_frames(frames, lengths_to_padding(frame_lengths, frames.shape[1]), self.clip_stats), \
             frames, frame_lengths
 
 

@@ -13,7 +13,8 @@ from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
 from sslaudio.cli import app
-from sslaudio.features import POOLS, embed_files
+from sslaudio.encoders.base import POOLS
+from sslaudio.features import embed_files
 from sslaudio.inference import load_encoder
 from sslaudio.synth import CLASSES, clip
 from tests.conftest import write_wav
@@ -85,8 +86,8 @@ def test_pool_variants_against_the_frames(clips):
     default = embed(bundle, clips)
     for e in default.values():  # the encoder's own statistics without --pool
         assert np.allclose(e.clip, direct["mean+max"](e.frames), atol=1e-5)
-    for name, stats in POOLS.items():
-        got = embed(bundle, clips, pool=stats, all_layers=True)
+    for name in POOLS:
+        got = embed(bundle.set_pool(name), clips, all_layers=True)
         for rel, e in got.items():
             assert np.allclose(e.frames, default[rel].frames, atol=1e-6)
             assert np.allclose(e.clip, direct[name](e.frames), atol=1e-5)
@@ -98,19 +99,21 @@ def test_long_file_all_layers_chunked_like_unchunked(tmp_path):
     bundle = load_encoder("random:tiny/byol-a")
     x = np.concatenate([clip("saw", 1, 2.0), clip("bell", 2, 2.0), clip("chirp", 3, 1.5)])
     item = [(str(write_wav(tmp_path / "long.wav", x)), "long.wav")]
-    for pool in (None, POOLS["mean"]):
-        whole = next(embed_files(bundle, item, CPU, True, chunk_seconds=60, all_layers=True, pool=pool))
-        chunked = next(embed_files(bundle, item, CPU, True, chunk_seconds=1.0, all_layers=True, pool=pool))
+    for pool in (None, "mean"):
+        bundle.set_pool(pool)
+        whole = next(embed_files(bundle, item, CPU, True, chunk_seconds=60, all_layers=True))
+        chunked = next(embed_files(bundle, item, CPU, True, chunk_seconds=1.0, all_layers=True))
         assert chunked.layers.shape[0] == whole.layers.shape[0] == whole.layer_clips.shape[0]
         assert chunked.layers.shape[1:] == chunked.frames.shape
         assert abs(chunked.layers.shape[1] - whole.layers.shape[1]) <= 6
         for lc_c, lc_w in zip(chunked.layer_clips, whole.layer_clips):
             assert np.corrcoef(lc_c, lc_w)[0, 1] > 0.9  # only frames next to chunk borders differ
-        stats = pool or bundle.encoder.clip_pool
+        stats = POOLS[pool] if pool else bundle.encoder.clip_pool
         for lc, lf in zip(chunked.layer_clips, chunked.layers):  # each layer pooled over all its chunks
             want = sum(lf.mean(0) if s == "mean" else lf.max(0) for s in stats)
             assert np.allclose(lc, want, atol=1e-4)
     # clips only (no --frames): the same per-layer clips, without the frames
+    bundle.set_pool(None)
     clip_only = next(embed_files(bundle, item, CPU, False, chunk_seconds=1.0, all_layers=True))
     assert clip_only.layers is None and clip_only.frames is None
     chunked = next(embed_files(bundle, item, CPU, True, chunk_seconds=1.0, all_layers=True))

@@ -55,6 +55,9 @@ def masked_mean(x: Tensor, padding: Tensor | None) -> Tensor:
     return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
+POOLS = {"mean": ("mean",), "max": ("max",), "mean+max": ("mean", "max")}  # --pool names: statistics summed
+
+
 def pool_frames(x: Tensor, padding: Tensor | None, stats: tuple[str, ...]) -> Tensor:
     """(B, T, D) -> (B, D): sum of the requested statistics ('mean', 'max') over valid steps."""
     out = 0
