@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--layer", type=_layer, default=None,
                     help="probe this encoder block, or 'all' blocks side by side (default: the output)")
+    ap.add_argument("--pool", choices=["mean", "max", "mean+max"], default=None,
+                    help="clip tasks: pool the clip embeddings so (probe --pool; default: the encoder's own)")
     ap.add_argument("--no-train", action="store_true", help="probe the existing runs in RUNS only")
     ap.add_argument("--finetune", action="store_true", help="also fine-tune on sound_events (frozen vs fine-tuned)")
     ap.add_argument("--ft-epochs", type=int, default=None)
@@ -187,7 +189,7 @@ def main() -> None:
             for kind, ckpt in (("ssl", str(run)), ("random", f"random:{run / 'config.yaml'}")):
                 sed = task == "sound_events"
                 r = probe_checkpoint(ckpt, labels, device=a.device, layer=a.layer,
-                                     finetune_cfg=ft_cfg if sed else None)
+                                     finetune_cfg=ft_cfg if sed else None, pool=None if sed else a.pool)
                 if sed:  # frame micro-F1 at 100 ms (files.csv beside the labels)
                     row[f"{task}_{kind}"], row[f"{task}_{kind}_map"] = r["f1"], r["map"]
                     for key in SED_KEYS:
@@ -202,7 +204,8 @@ def main() -> None:
         results[name] = row
         print(json.dumps({name: row}), flush=True)
     a.runs.mkdir(parents=True, exist_ok=True)
-    name = "devbench_results.json" if a.layer is None else f"devbench_results_layer{a.layer}.json"
+    name = ("devbench_results" + ("" if a.layer is None else f"_layer{a.layer}")
+            + ("" if a.pool is None else f"_pool-{a.pool}") + ".json")
     (a.runs / name).write_text(json.dumps(results, indent=1))
     print(f"\ndevbench: pool {a.devbench}, probes {a.probe_on or a.devbench} (test accuracy of the linear probe, "
           f"kNN in brackets; sound_events: frame micro-F1, frame mAP in brackets)\n")
@@ -378,7 +381,7 @@ def table_mode(a) -> None:
     pool = a.devbench / "pretrain_pool" / "audio"
     cache = a.runs / budget_tag(a)
     cache.mkdir(parents=True, exist_ok=True)
-    ctx = f"{probes.resolve()}|layer={a.layer}"
+    ctx = f"{probes.resolve()}|layer={a.layer}" + (f"|pool={a.pool}" if a.pool else "")  # old records: no pool
     order, skipped, added = table_presets(a)
     tasks = [t for t in TASKS if (probes / t / "labels.csv").is_file()]
     print(f"seeds table: {len(order)} preset(s) x seeds {' '.join(map(str, seeds))}, {budget_text(a)}; "
@@ -460,7 +463,7 @@ def table_mode(a) -> None:
                             continue
                         t0 = time.time()
                         r = probe_checkpoint(ckpt, probes / task / "labels.csv", device=a.device, seed=seed,
-                                             layer=a.layer)
+                                             layer=a.layer, pool=None if task == "sound_events" else a.pool)
                         got[key] = {k: r[k] for k in KEEP_METRICS if k in r} | {"probe_s": round(time.time() - t0, 1)}
                         write_json(rec_path, rec)
                         if shared_key:
@@ -538,7 +541,8 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
                  + ", ".join(f"{n} {'clips' if t == 'sound_events' else 'files'} ({t})"
                              for t, n in test_sizes(probes, tasks).items())
                  + ("" if a.layer is None else "; every encoder block side by side (--layer all)" if a.layer == "all"
-                    else f"; encoder block {a.layer}"))
+                    else f"; encoder block {a.layer}")
+                 + ("" if a.pool is None else f"; clip embeddings pooled by {a.pool} (--pool)"))
     lines.append("- cells: linear-probe test accuracy (sound_events: frame micro-F1 at 100 ms), SSL / random init "
                  "of the same preset and seed, mean ± half the range over the seeds; **bold**: SSL above random by "
                  "more than the two half-ranges together; ↑: SSL mean above the hand-crafted baseline. \"beats "
