@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--layer", type=_layer, default=None,
-                    help="probe this encoder block, or 'all' blocks side by side (default: the output)")
+                    help="probe this layer (as probe --layer counts them), or 'all' side by side (default: the output)")
     ap.add_argument("--pool", choices=["mean", "max", "mean+max"], default=None,
                     help="clip tasks: pool the clip embeddings so (probe --pool; default: the encoder's own)")
     ap.add_argument("--no-train", action="store_true", help="probe the existing runs in RUNS only")
@@ -381,7 +381,10 @@ def table_mode(a) -> None:
     pool = a.devbench / "pretrain_pool" / "audio"
     cache = a.runs / budget_tag(a)
     cache.mkdir(parents=True, exist_ok=True)
-    ctx = f"{probes.resolve()}|layer={a.layer}" + (f"|pool={a.pool}" if a.pool else "")  # old records: no pool
+    # records keep the context they were probed in (older ones have no pool; a chosen layer is counted
+    # as hidden states since sslaudio 0.2: a transformer's 0 is its blocks' input)
+    layer = "None" if a.layer is None else f"{a.layer}|hidden-states"
+    ctx = f"{probes.resolve()}|layer={layer}" + (f"|pool={a.pool}" if a.pool else "")
     order, skipped, added = table_presets(a)
     tasks = [t for t in TASKS if (probes / t / "labels.csv").is_file()]
     print(f"seeds table: {len(order)} preset(s) x seeds {' '.join(map(str, seeds))}, {budget_text(a)}; "

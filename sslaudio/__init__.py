@@ -6,7 +6,7 @@ cheap (no torch) for the CLI and for tools that only read `__version__`.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["__version__", "load"]
 
 

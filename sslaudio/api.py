@@ -2,7 +2,7 @@
 
     model = sslaudio.load("runs/byola")                  # any CKPT the CLI takes, random:PRESET too
     e = model.embed(waveform, 44100)                     # e.clip (D,), e.frames (T, D), e.timestamps (T,) s
-    out = model.layers(waveform, 44100)                  # out.layers: every block's (T, D_l), out.frame_rate
+    out = model.layers(waveform, 44100)                  # out.layers: every layer's (T, D_l), out.frame_rate
 
 A waveform is a numpy array or a torch tensor: (S,) mono, (C, S) channels (averaged to mono, as
 extraction downmixes files), or (B, C, S) a batch; a list of (S,) / (C, S) waveforms of any
@@ -69,7 +69,7 @@ class Embeddings:
 
 @dataclass
 class Layers:
-    layers: list[Tensor]  # every block's output (T, D_l), the first block first (as `--layer N` gives it)
+    layers: list[Tensor]  # every layer's output (T, D_l), as `--layer N` gives it (a transformer: its blocks' input first)
     timestamps: Tensor  # (T,) float64 seconds, shared by every layer
     frame_rate: float  # frames per second (sample_rate / downsample)
     downsample: int  # waveform samples (at the encoder's rate) per frame: s3prl's downsample rate
@@ -231,7 +231,7 @@ class Embedder(nn.Module):
     @torch.no_grad()
     def _encode(self, audio: Tensor, with_layers: bool) -> tuple[Tensor | None, Tensor, Tensor, list[Tensor] | None]:
         """(B, S) -> clip (B, D) (None with layers), frames (B, T, D_f), frame lengths (B,), and with
-        `with_layers` every block's frames (B, T, D_l)."""
+        `with_layers` every layer's frames (B, T, D_l)."""
         b = self.bundle
         if not with_layers:
             clip, frames, lengths = b.embed(audio)
@@ -296,7 +296,7 @@ class Embedder(nn.Module):
 def load(ckpt: str | Path, device: str = "auto", layer: int | None = None, chunk_seconds: float = 30.0,
          batch_size: int = 16, pool: str | None = None) -> Embedder:
     """The encoder of `ckpt` (a run folder, step folder, exported encoder file or random:PRESET),
-    ready to embed waveforms: see the module docstring. `layer` embeds block `layer` (0-based,
+    ready to embed waveforms: see the module docstring. `layer` embeds layer `layer` (as `--layer`,
     negative from the end) instead of the encoder's output, as `extract --layer` does; `pool`
     ('mean', 'max' or 'mean+max') pools the clip embedding that way instead of the encoder's own, as
     `extract --pool` does."""

@@ -247,7 +247,8 @@ def _print_table(title: str, rows: dict) -> None:
 
 
 def _parse_layer(value: str | None) -> int | str | None:
-    """--layer: None, 'all' or a block index (0-based, negative from the end)."""
+    """--layer: None, 'all' or a layer index (negative from the end; a transformer's 0 is its blocks'
+    input and i block i's output, as SUPERB / transformers count hidden states)."""
     from sslaudio.config import ConfigError
 
     if value is None or value.strip().lower() == "all":
@@ -255,7 +256,7 @@ def _parse_layer(value: str | None) -> int | str | None:
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(f"--layer must be a block index (0-based, -1 the last) or 'all', found '{value}'") from None
+        raise ConfigError(f"--layer must be a layer index (-1 the last) or 'all', found '{value}'") from None
 
 
 def _stdin_entries() -> list[tuple[str, str]]:
@@ -295,9 +296,10 @@ def extract(
                                                   help="At most this much audio per batch (default: no limit)."),
     workers: int = typer.Option(1, "--workers", min=0, help="Threads that decode and resample the next batches "
                                                             "while the encoder runs (0: decode in line)."),
-    layer: Optional[str] = typer.Option(None, help="Embed this block's output (0-based; -1 the last) instead "
-                                                   "of the encoder's final output; all: also every block's "
-                                                   "(layer_clips, and with --frames layers)."),
+    layer: Optional[str] = typer.Option(None, help="Embed this layer's output (-1 the last; a transformer's 0 "
+                                                   "is its blocks' input, i block i) instead of the encoder's "
+                                                   "final output; all: also every layer's (layer_clips, and "
+                                                   "with --frames layers)."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Clip embedding over the frames: mean | max | "
                                        "mean+max (their sum); default: the encoder's own statistics."),
     device: str = typer.Option("auto"),
@@ -373,9 +375,9 @@ def probe(
     pool: str | None = typer.Option(None, "--pool", help="Clip tasks: the clip embedding over the frames, "
                                        "mean | max | mean+max (their sum), as extract --pool; default: the "
                                        "encoder's own statistics."),
-    layer: Optional[str] = typer.Option(None, help="Probe this block's output (0-based; -1 the last), or 'all': "
-                                        "every block's output side by side (a linear probe then weights the "
-                                        "blocks, as SUPERB's weighted sum)."),
+    layer: Optional[str] = typer.Option(None, help="Probe this layer's output (-1 the last; a transformer's 0 is "
+                                        "its blocks' input, i block i), or 'all': every layer side by side (a "
+                                        "linear probe then weights them, as SUPERB's weighted sum of hidden states)."),
     files: Optional[Path] = typer.Option(None, "--files", help="Sound event detection: CSV path[,split] of "
                                          "every clip (default: files.csv beside LABELS if there)."),
     frame_hop: float = typer.Option(0.1, "--frame-hop", min=0.01, help="Sound event detection: seconds per "
@@ -574,8 +576,8 @@ def export(
     ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
     fmt: str = typer.Option("torchscript", "--format", help="torchscript | onnx"),
     out_file: Path = typer.Option(..., "--out", "-o", help="Output file; its model card goes to OUT.json."),
-    layers: str | None = typer.Option(None, "--layers", help="Also output these blocks' frames: 'all' or "
-                                      "0-based indices, negative from the end (0,2,-1): outputs layer_<i>."),
+    layers: str | None = typer.Option(None, "--layers", help="Also output these layers' frames: 'all' or "
+                                      "indices as --layer counts them (0,2,-1): outputs layer_<i>."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (17 to 20)."),
 ):
     """A deployable waveform -> clip embedding, frames and frame times model, checked against

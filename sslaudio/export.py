@@ -5,7 +5,7 @@ Outputs, in this order (ONNX output names; TorchScript's `embed(audio)` returns 
 - `embedding` (B, D) float32: the clip embedding (ONNX output 0; TorchScript's `forward`, as before);
 - `frames` (B, T, D) float32: time-major frame embeddings, what `sslaudio extract --frames` gives;
 - `frame_times` (T,) float64: the centre in seconds of each frame (`encoder.frame_times(T)`);
-- `layer_<i>` (B, T, D) float32 per requested block i (`layers=[...]`), frames of that block.
+- `layer_<i>` (B, T, D) float32 per requested layer i (`layers=[...]`, as `--layer` counts them), its frames.
 Batch and time axes are dynamic (named batch, samples, frames). TorchScript accepts float32 or int16
 (scaled by 1/32768) waveforms; ONNX takes float32. Every output is checked against the PyTorch
 module on random audio of another batch and length than the one traced; the max abs differences

@@ -13,7 +13,7 @@ clean run would use, so the result is byte-identical to one clean run, removes t
 an interrupted run, and rewrites FEATS/manifest.jsonl, errors.jsonl and summary.json for the
 whole input. Outputs of another identity are replaced, with a warning and a count.
 
-Options: `all_layers` also embeds every block's output as `--layer i` gives it (frames `layers`
+Options: `all_layers` also embeds every layer's output as `--layer i` gives it (frames `layers`
 (L, T, D), clips `layer_clips` (L, D), each layer pooled with its own ClipPool in long files);
 the clip statistics are the bundle's `clip_stats` (`EncoderBundle.set_pool` replaces the
 encoder's `clip_pool`, summed as `encoders.base.pool_frames` does); `batch_seconds` caps the audio per batch (files of equal length are still the only ones
@@ -64,8 +64,8 @@ class Embedding:
     frames: np.ndarray | None  # (T, D)
     times: np.ndarray | None  # (T,) seconds, frame centres
     seconds: float
-    layer_clips: np.ndarray | None = None  # (L, D) every block's clip embedding, with all_layers
-    layers: np.ndarray | None = None  # (L, T, D) every block's frames, with all_layers and frames
+    layer_clips: np.ndarray | None = None  # (L, D) every layer's clip embedding, with all_layers
+    layers: np.ndarray | None = None  # (L, T, D) every layer's frames, with all_layers and frames
 
 
 def _ms(seconds: float) -> str:

@@ -7,7 +7,7 @@ The API (hearbenchmark.com, "common API"; hear-validator and hear-eval-kit check
 - `load_model(model_file_path)` -> a torch.nn.Module with the int attributes `sample_rate`,
   `scene_embedding_size` and `timestamp_embedding_size`. Here model_file_path is any CKPT the CLI
   takes (run folder, step folder, exported encoder file, random:PRESET); `layer` (the kit's
-  --model-options '{"layer": N}') embeds block N instead of the encoder's output.
+  --model-options '{"layer": N}') embeds layer N (as `--layer N`) instead of the encoder's output.
 - `get_scene_embeddings(audio, model)`: audio (n_sounds, n_samples) float32 at model.sample_rate
   in [-1, 1] -> (n_sounds, scene_embedding_size) float32: the encoder's clip embedding.
 - `get_timestamp_embeddings(audio, model)` -> embeddings (n_sounds, n_timestamps,

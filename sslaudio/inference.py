@@ -29,7 +29,7 @@ class EncoderBundle(nn.Module):
         self.encoder = encoder
         self.preset = preset
         self.needs_stats = needs_stats  # random-init baselines estimate frontend stats from their inputs
-        self.layer: int | str | None = None  # an intermediate block's output, or 'all' blocks side by side
+        self.layer: int | str | None = None  # an intermediate layer's output, or 'all' layers side by side
         self.pool: tuple[str, ...] | None = None  # clip statistics replacing the encoder's clip_pool
         encoder.embedding_blocks(True)  # an embedding that spans several blocks (ViT eval_blocks)
 
@@ -38,9 +38,11 @@ class EncoderBundle(nn.Module):
         return self.preset.data.sample_rate
 
     def set_layer(self, layer: int | str | None) -> "EncoderBundle":
-        """Use block `layer` (0-based, negative from the end; None: the encoder's output) for
-        embeddings, as SUPERB-style probes of speech models do; 'all': every block's output (as
-        `layer` i gives it) side by side, first block first, in every frame. A linear probe on that
+        """Use layer `layer` (negative from the end; None: the encoder's output) for embeddings, as
+        SUPERB-style probes of speech models do: the encoder's `layers` with return_layers, which
+        for a transformer are its hidden states as SUPERB and transformers count them (0: the
+        blocks' input, i: block i's output); 'all': every layer (as `layer` i gives it) side by
+        side, first first, in every frame. A linear probe on that
         can weight the blocks as SUPERB's learned weighted sum does, or mix them more freely (the
         frame and clip widths are the blocks' widths summed; clip pooling is per dimension, so the
         clip embedding is the blocks' clip embeddings side by side)."""
@@ -86,7 +88,7 @@ class EncoderBundle(nn.Module):
 
     def frames(self, audio: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B, S) -> time-major frames (B, T, D) and valid frames (B,) of the chosen output; with
-        layer 'all', every block's frames (as layer i gives them) side by side, first block first."""
+        layer 'all', every layer's frames (as layer i gives them) side by side, first first."""
         if self.layer != "all":
             return self.encoder.to_frames(self(audio, lengths))
         x, frame_lengths = self.frontend(audio, lengths)

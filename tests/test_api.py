@@ -112,14 +112,14 @@ def test_layers_are_every_block_as_layer_n_gives_it():
     x = wave(1.5, seed=2)
     out = m.layers(x, SR)
     e = m.embed(x, SR)
-    assert len(out.layers) == m.num_layers == 4
+    assert len(out.layers) == m.num_layers == 5  # the blocks' input (patch embeddings), then 4 blocks
     assert out.frame_rate == SR / out.downsample == m.frame_rate and torch.equal(out.timestamps, e.timestamps)
     assert all(h.shape == e.frames.shape for h in out.layers)
-    for i in (1, -1):  # each block as `extract --layer N` writes it (the last before the final norm)
+    for i in (0, 1, -1):  # each hidden state as `extract --layer N` writes it (the last before the final norm)
         assert torch.allclose(load("random:tiny/m2d", device="cpu", layer=i).embed(x, SR).frames, out.layers[i],
                               atol=1e-5)
     chunked = load("random:tiny/m2d", device="cpu", chunk_seconds=0.4).layers([x, x[:8000]], SR)
-    assert [h.shape[0] for h in chunked[0].layers] == [chunked[0].timestamps.shape[0]] * 4
+    assert [h.shape[0] for h in chunked[0].layers] == [chunked[0].timestamps.shape[0]] * 5
 
 
 BAD = [

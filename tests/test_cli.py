@@ -147,13 +147,13 @@ def test_probe_and_extract_an_intermediate_layer(labeled_dir, tmp_path):
     r = invoke("extract", "random:tiny/m2d", labeled_dir / "a" / "000.wav", "--out", tmp_path / "f", "--layer", "-2")
     assert r.exit_code == 0, r.output
     r = invoke("probe", "random:tiny/m2d", labeled_dir / "labels.csv", "--layer", "9")
-    assert r.exit_code == 2 and "has 4 layer(s)" in r.output
+    assert r.exit_code == 2 and "has 5 layer(s)" in r.output  # the blocks' input and 4 blocks
     r = invoke("probe", "random:tiny/m2d", labeled_dir / "labels.csv", "--layer", "top")
-    assert r.exit_code == 2 and "--layer must be a block index" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "--layer must be a layer index" in r.output and "Traceback" not in r.output
     r = invoke("probe", "random:tiny/m2d", labeled_dir / "labels.csv", "--layer", "all", "--json", out)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["layer"] == "all" and res["dim"] == 4 * 128 * 5  # 4 blocks of 5 frequency patches x 128
+    assert res["layer"] == "all" and res["dim"] == 5 * 128 * 5  # the blocks' input and 4 blocks, of 5 frequency patches x 128
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys):

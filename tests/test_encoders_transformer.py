@@ -132,8 +132,12 @@ def test_return_layers_and_ffn_outputs(section):
     enc = build(section)
     x, lengths = batch(section)
     out = enc(x, lengths, return_layers=True)
-    assert len(out.layers) == 2 and len(out.ffn) == 2
+    assert len(out.layers) == 3 and len(out.ffn) == 2  # hidden states: the blocks' input, then each block
     assert all(h.shape == out.tokens.shape for h in out.layers + out.ffn)
+    if section["name"] == "vit" and not section.get("cls_token"):  # the first is what block 1 reads (no padding)
+        with torch.no_grad():
+            whole = enc.eval()(x, return_layers=True)
+            torch.testing.assert_close(enc.blocks.blocks[0](whole.layers[0], None, None)[0], whole.layers[1])
     pre_ln = section.get("norm_first", True) if section["name"] == "vit" else section.get("layer_norm_first", False)
     if pre_ln:
         torch.testing.assert_close(out.tokens, enc.norm(out.layers[-1]))
@@ -221,7 +225,7 @@ def test_layerdrop_keeps_one_entry_per_layer_and_deepcopy_works():
     enc = build({**W2V, "layerdrop": 0.5}).train()
     x, lengths = batch(W2V)
     out = enc(x, lengths, return_layers=True)
-    assert len(out.layers) == 2
+    assert len(out.layers) == 3
     teacher = copy.deepcopy(enc).eval()
     torch.testing.assert_close(teacher(x, lengths).tokens, enc.eval()(x, lengths).tokens)
 

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 class EncoderOut:
     tokens: Tensor  # (B, N, D) output tokens (only the visible ones under a keep mask)
     padding: Tensor | None = None  # (B, N) True where a token is padding
-    layers: list[Tensor] | None = None  # every block's output (B, N, D), with return_layers
+    # with return_layers, every layer's output (B, N, D); a transformer's are its hidden states as SUPERB
+    # and transformers count them: the blocks' input (the embedded tokens) first, then each block's output
+    layers: list[Tensor] | None = None
     ffn: list[Tensor] | None = None  # every block's FFN output before the residual add, with return_layers
     cls: Tensor | None = None  # (B, D) final CLS token, for encoders that have one (never in tokens)
     grid: tuple[int, ...] | None = None  # token grid of one input: (T,) or (Fg, Tg)

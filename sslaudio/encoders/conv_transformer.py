@@ -223,7 +223,8 @@ class ConvTransformer(Encoder):
         """The context network on projected features h (B, T, D) with padding (B, T): conv
         positions over the whole sequence (computed from `pos_in`, default h), then only the
         `keep_idx` tokens when given, LayerNorm (post-LN), dropout, the blocks with ALiBi, final
-        LayerNorm (pre-LN) -> (tokens, padding, per-block outputs, per-block FFN outputs).
+        LayerNorm (pre-LN) -> (tokens, padding, the blocks' input and per-block outputs, per-block FFN
+        outputs).
         `parts` = (pos_conv, norm, blocks) runs other copies of them without dropout (the data2vec
         EMA teacher). `unpadded`: the caller knows `padding` is all False (no host read of it)."""
         pos_conv, norm, blocks = (self.pos_conv, self.norm, self.blocks) if parts is None else parts
@@ -245,7 +246,8 @@ class ConvTransformer(Encoder):
             pos = keep_idx if keep_idx is not None else \
                 torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
             bias = self.attention_bias(pos)
+        h_in = h
         h, layers, ffns = blocks(h, attn_padding, bias, return_layers=return_layers)
         if self.cfg.layer_norm_first:
             h = norm(h)
-        return h, padding, layers, ffns
+        return h, padding, [h_in] + layers if return_layers else layers, ffns

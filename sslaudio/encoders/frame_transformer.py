@@ -22,8 +22,8 @@ versions of wav2vec 2.0 and HuBERT): hidden tokens are swapped, after the input 
 before the positions, for a learned vector (uniform init, as fairseq's mask_emb); `features` is
 then the stacked input frames (the log-mel stand-in for wav2vec 2.0's conv features; with
 `feature_norm` layer-normed per frame first, as fairseq normalises the conv features) and `local`
-the projected tokens before the swap. With `return_layers`, `layers` holds the output of every block
-(s3prl's `output_all_encoded_layers` also lists the input representation before the first block).
+the projected tokens before the swap. With `return_layers`, `layers` holds the blocks' input and the
+output of every block (as s3prl's `output_all_encoded_layers` lists them, the input representation first).
 """
 
 from __future__ import annotations
@@ -213,10 +213,11 @@ class FrameTransformer(Encoder):
             padding = lengths_to_padding(token_lengths, n)  # (B, N)
         attn_padding = padding if padding is not None and bool(padding.any()) else None
         n_cat = self.concat_blocks
+        h_in = h
         h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers or n_cat > 1)
         if n_cat > 1:
             h = torch.cat(layers[-n_cat:], -1)
-        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None,
+        return EncoderOut(tokens=h, padding=padding, layers=[h_in] + layers if return_layers else None,
                           ffn=ffns if return_layers else None, lengths=token_lengths, grid=(n,),
                           local=local, features=frames,
                           frame_padding=padding)

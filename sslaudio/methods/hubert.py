@@ -17,7 +17,7 @@ Targets, computed on the fly for every batch (no label files next to the audio):
 - `targets: mfcc` (iteration 1): 39-d Kaldi MFCCs with deltas at 100 Hz (`frontends.KaldiMFCC`,
   as dump_mfcc_feature.py), 100 clusters;
 - `targets: RUN_OR_CKPT[:LAYER]` (iteration 2): the output of block LAYER (counted from 1, as
-  fairseq's `output_layer`; default `layer`, 6) of another sslaudio encoder (the iteration-1 model),
+  fairseq's `output_layer` and as `--layer` counts a transformer's hidden states; default `layer`, 6) of another sslaudio encoder (the iteration-1 model),
   500 clusters. That model is a frozen part of this method: its weights are loaded from the source
   when the run starts and are saved in every checkpoint, so a resumed run never needs the source.
 Before the first step (`prepare`) a mini-batch k-means (`sslaudio.kmeans`: k-means++, n_init 20,
@@ -164,7 +164,7 @@ class HuBERT(Method):
         out = self.label_model["encoder"](x, lengths, return_layers=True)
         if out.grid is None or len(out.grid) != 1:
             raise ConfigError("method.targets: the source encoder must give a sequence of frames, not a patch grid")
-        f = out.layers[self.layer - 1].float()
+        f = out.layers[self.layer].float()  # hidden states: the blocks' input first, so block i is [i]
         return f, self.label_model["encoder"].frame_times(f.shape[1])
 
     def frame_labels(self, audio: Tensor, n_frames: int) -> Tensor:
