@@ -70,6 +70,7 @@ import torch
 from sslaudio.atomic import atomic_write
 from sslaudio.build import load_preset
 from sslaudio.config import list_presets, load_preset_dict
+from sslaudio.encoders.base import POOLS
 from sslaudio.evaluation import probe_checkpoint
 from sslaudio.finetune import FinetuneConfig
 from sslaudio.train import fit, resolve_sources
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--layer", type=_layer, default=None,
                     help="probe this layer (as probe --layer counts them), or 'all' side by side (default: the output)")
-    ap.add_argument("--pool", choices=["mean", "max", "mean+max"], default=None,
+    ap.add_argument("--pool", choices=list(POOLS), default=None,
                     help="clip tasks: pool the clip embeddings so (probe --pool; default: the encoder's own)")
     ap.add_argument("--no-train", action="store_true", help="probe the existing runs in RUNS only")
     ap.add_argument("--finetune", action="store_true", help="also fine-tune on sound_events (frozen vs fine-tuned)")

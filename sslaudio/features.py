@@ -170,13 +170,11 @@ def plan_files(bundle: EncoderBundle, items: list[tuple[str, str]], device: torc
 def encode(bundle: EncoderBundle, audio: torch.Tensor, all_layers: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
     """(B, S) -> clip (B, D), frames (B, T, D), frame lengths (B,), and with `all_layers` every
-    block's frames [(B, T, D_l)] as `--layer i` gives them and their clips (B, L, D_l), each pooled
+    layer's frames [(B, T, D_l)] as `--layer i` gives them and their clips (B, L, D_l), each pooled
     with the bundle's `clip_stats`; without `all_layers` this is `bundle.embed`."""
-    stats = bundle.clip_stats
-    enc = bundle.encoder
     if not all_layers:
-        fr, flen = bundle.frames(audio)
-        return pool_frames(fr, lengths_to_padding(flen, fr.shape[1]), stats), fr, flen, None, None
+        return (*bundle.embed(audio), None, None)
+    stats, enc = bundle.clip_stats, bundle.encoder
     if bundle.layer is not None:
         raise ValueError("all_layers embeds every block: the bundle must not have a layer set")
     x, fl = bundle.frontend(audio)

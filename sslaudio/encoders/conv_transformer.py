@@ -246,8 +246,7 @@ class ConvTransformer(Encoder):
             pos = keep_idx if keep_idx is not None else \
                 torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
             bias = self.attention_bias(pos)
-        h_in = h
         h, layers, ffns = blocks(h, attn_padding, bias, return_layers=return_layers)
         if self.cfg.layer_norm_first:
             h = norm(h)
-        return h, padding, [h_in] + layers if return_layers else layers, ffns
+        return h, padding, layers, ffns

@@ -213,11 +213,10 @@ class FrameTransformer(Encoder):
             padding = lengths_to_padding(token_lengths, n)  # (B, N)
         attn_padding = padding if padding is not None and bool(padding.any()) else None
         n_cat = self.concat_blocks
-        h_in = h
         h, layers, ffns = self.blocks(h, attn_padding, return_layers=return_layers or n_cat > 1)
         if n_cat > 1:
             h = torch.cat(layers[-n_cat:], -1)
-        return EncoderOut(tokens=h, padding=padding, layers=[h_in] + layers if return_layers else None,
+        return EncoderOut(tokens=h, padding=padding, layers=layers if return_layers else None,
                           ffn=ffns if return_layers else None, lengths=token_lengths, grid=(n,),
                           local=local, features=frames,
                           frame_padding=padding)

@@ -125,8 +125,9 @@ class TransformerStack(nn.Module):
     """A list of blocks with optional LayerDrop (Fan et al. 2019) while training.
 
     forward(x (B,N,D), padding, bias, return_layers) -> (x, layers, ffns): with return_layers, the
-    output and FFN output of every block (a dropped block contributes its unchanged input and a
-    zero FFN output, so the lists always have `depth` entries); otherwise two empty lists.
+    hidden states as SUPERB and transformers count them (the blocks' input x, then every block's
+    output: `depth` + 1 entries) and every block's FFN output (`depth` entries); a dropped block
+    contributes its unchanged input and a zero FFN output. Otherwise two empty lists.
     LayerDrop draws from the global RNG, like dropout.
 
     `activation_checkpointing` (set by the trainer for `train.activation_checkpointing: true`):
@@ -144,7 +145,7 @@ class TransformerStack(nn.Module):
 
     def forward(self, x: Tensor, padding: Tensor | None = None, bias: Tensor | None = None,
                 return_layers: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        layers: list[Tensor] = []
+        layers: list[Tensor] = [x] if return_layers else []
         ffns: list[Tensor] = []
         drops = None
         if self.training and self.layerdrop > 0:

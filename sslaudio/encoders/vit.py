@@ -307,8 +307,8 @@ class ViT(Encoder):
         n_cat = self.concat_blocks
         y, layers, ffns = self.blocks(tokens, attn_padding if padded else None, return_layers=return_layers or n_cat > 1)
         y = self.norm(y) if n_cat == 1 else torch.cat([self.norm(h) for h in layers[-n_cat:]], -1)
-        # hidden states as SUPERB / transformers count them: the blocks' input first, then each block
-        layers, ffns = ([tokens] + layers, ffns) if return_layers else ([], [])
+        if not return_layers:
+            layers, ffns = [], []
         cls = y[:, 0] if self.cls is not None else None
         if chunks > 1 or traced_chunks:
             y, layers, ffns = (self._unchunk(y[:, n_cls:], chunks, tg),
