@@ -105,7 +105,7 @@ def test_embeddings_concatenate_the_last_blocks_as_the_official_evaluation():
     from sslaudio.inference import EncoderBundle
 
     with pytest.raises(ConfigError, match="eval_blocks"):
-        tiny("frame", "encoder.eval_blocks=3")  # depth 2
+        tiny("frame", "encoder.eval_blocks=4")  # depth 2: at most its 3 hidden states
     m = tiny("clip", "encoder.eval_blocks=2")
     enc = m.target_encoder.eval()
     x = torch.randn(2, 64, 80, generator=gen(2))  # 20 columns: one chunk
@@ -132,6 +132,13 @@ def test_embeddings_concatenate_the_last_blocks_as_the_official_evaluation():
         assert enc.frame_dim == 64 and bundle(torch.zeros(1, 16000)).tokens.shape[-1] == 32
         bundle.set_layer(None)
         assert enc.frame_dim == 128
+    every = tiny("clip", "encoder.eval_blocks=3").target_encoder.eval()  # depth + 1: the blocks' input too
+    EncoderBundle(m.frontend, every, preset=None).eval()
+    with torch.no_grad():
+        hidden = every(x, return_layers=True).layers
+        assert len(hidden) == 3 and every.frame_dim == 3 * 64
+        out = every(x)
+        torch.testing.assert_close(out.tokens, torch.cat([every.norm(h) for h in hidden], -1), atol=1e-5, rtol=0)
 
 
 # -- losses against hand computations -----------------------------------------------------------

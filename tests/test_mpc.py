@@ -79,7 +79,14 @@ def test_eval_blocks_put_the_last_blocks_side_by_side_in_embeddings_only():
         assert enc.frame_dim == 32 and bundle.embed(torch.randn(1, 8000))[0].shape == (1, 32)
         bundle.set_layer(None)
         assert enc.frame_dim == 64
-    for bad in ("encoder.eval_blocks=0", "encoder.eval_blocks=3"):
+    every = _encoder(["encoder.eval_blocks=3"])  # depth + 1: every hidden state, the blocks' input first
+    EncoderBundle(build_frontend(load_preset("tiny/mockingjay").frontend, 16000), every,
+                  preset=load_preset("tiny/mockingjay")).eval()
+    with torch.no_grad():
+        hidden = every(x, return_layers=True).layers
+        assert len(hidden) == 3 and every.frame_dim == 96
+        torch.testing.assert_close(every(x).tokens, torch.cat(hidden, -1), atol=1e-6, rtol=0)  # = --layer all
+    for bad in ("encoder.eval_blocks=0", "encoder.eval_blocks=4"):
         with pytest.raises(ConfigError, match="eval_blocks"):
             _encoder([bad])
 

@@ -40,7 +40,13 @@ from sslaudio.encoders.base import (
     lengths_to_padding,
     stft_frame_times,
 )
-from sslaudio.encoders.layers import Block, TransformerStack, init_bert_, sincos_1d
+from sslaudio.encoders.layers import (
+    Block,
+    TransformerStack,
+    check_eval_blocks,
+    init_bert_,
+    sincos_1d,
+)
 from sslaudio.registry import ENCODERS
 
 
@@ -79,7 +85,8 @@ class FrameTransformer(Encoder):
         # EncoderBundle) put the outputs of the last `eval_blocks` blocks side by side, for models
         # evaluated on a learned weighted sum of their layers (the Mockingjay paper's LARGE-WS
         # features; SUPERB, s3prl's Featurizer): a linear probe on the concatenation can learn any
-        # such sum. 1: the last block's output.
+        # such sum. 1: the last block's output; depth + 1: every hidden state, the blocks' input
+        # (layer 0, as `--layer` counts) too, SUPERB's set.
         # Training (methods call the encoder directly) always sees the last block alone.
         eval_blocks: int = 1
 
@@ -97,9 +104,7 @@ class FrameTransformer(Encoder):
                     raise ConfigError(f"encoder.{key} must be in [0, 1), found {getattr(self, key)}")
             if self.norm_eps <= 0:
                 raise ConfigError(f"encoder.norm_eps must be positive, found {self.norm_eps}")
-            if not 1 <= self.eval_blocks <= self.depth:
-                raise ConfigError(f"encoder.eval_blocks must be between 1 and encoder.depth {self.depth}, "
-                                  f"found {self.eval_blocks}")
+            check_eval_blocks(self.eval_blocks, self.depth)
 
     def __init__(self, cfg: "FrameTransformer.Config", frontend):
         super().__init__()

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sslaudio.config import ConfigError
+
 
 def zero_padded(x: Tensor, padding: Tensor | None) -> Tensor:
     """Zero the padded steps of (B, T, D) x; padding (B, T) bool, True = padded."""
@@ -119,6 +121,14 @@ class Block(nn.Module):
         x = self.norm1(res(x, self.drop(self.attn(x, padding, bias))))
         ffn = self._ffn(x)
         return self.norm2(res(x, self.drop(ffn))), ffn
+
+
+def check_eval_blocks(n: int, depth: int) -> None:
+    """`encoder.eval_blocks` of a transformer: 1 .. depth blocks, or depth + 1 hidden states (the
+    blocks' input too)."""
+    if not 1 <= n <= depth + 1:
+        raise ConfigError(f"encoder.eval_blocks must be between 1 and encoder.depth + 1 = {depth + 1} (every "
+                          f"hidden state, the blocks' input included), found {n}")
 
 
 class TransformerStack(nn.Module):

@@ -52,6 +52,7 @@ from sslaudio.encoders.layers import (
     Block,
     PatchEmbed,
     TransformerStack,
+    check_eval_blocks,
     gather_tokens,
     init_vit_,
     sincos_pos_embed_2d,
@@ -102,8 +103,9 @@ class ViT(Encoder):
         # embeddings (extract, probe, export: the encoder inside an EncoderBundle) concatenate the
         # final-norm'd outputs of the last `eval_blocks` blocks, CLS included: ATST's evaluation
         # (audiossl get_intermediate_layers(n) with norm_frame on each block, n_last_blocks 12 in
-        # its linear evaluation and embedding.py). 1: the last block's output. Training (methods
-        # call the encoder directly) always sees the last block alone.
+        # its linear evaluation and embedding.py). 1: the last block's output; depth + 1: every
+        # hidden state, the blocks' input (layer 0, as `--layer` counts) through the same norm too,
+        # SUPERB's set. Training (methods call the encoder directly) always sees the last block alone.
         eval_blocks: int = 1
 
         def __post_init__(self):
@@ -133,9 +135,7 @@ class ViT(Encoder):
                 raise ConfigError(f"encoder.init: {self.init!r} is not one of ['mae', 'trunc_normal']")
             if self.cls_frames and not self.cls_token:
                 raise ConfigError("encoder.cls_frames puts the CLS output into every frame; set encoder.cls_token: true")
-            if not 1 <= self.eval_blocks <= self.depth:
-                raise ConfigError(f"encoder.eval_blocks must be between 1 and encoder.depth {self.depth}, "
-                                  f"found {self.eval_blocks}")
+            check_eval_blocks(self.eval_blocks, self.depth)
 
     def __init__(self, cfg: ViT.Config, frontend):
         super().__init__()
