@@ -544,8 +544,8 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
                  f"clips; probes: {probes}, devbench {devbench_size(probes)}, test sets of "
                  + ", ".join(f"{n} {'clips' if t == 'sound_events' else 'files'} ({t})"
                              for t, n in test_sizes(probes, tasks).items())
-                 + ("" if a.layer is None else "; every encoder block side by side (--layer all)" if a.layer == "all"
-                    else f"; encoder block {a.layer}")
+                 + ("" if a.layer is None else "; every layer side by side, a transformer's blocks' input included "
+                    "(--layer all)" if a.layer == "all" else f"; encoder layer {a.layer} (--layer, as extract counts)")
                  + ("" if a.pool is None else f"; clip embeddings pooled by {a.pool} (--pool)"))
     lines.append("- cells: linear-probe test accuracy (sound_events: frame micro-F1 at 100 ms), SSL / random init "
                  "of the same preset and seed, mean ± half the range over the seeds; **bold**: SSL above random by "
