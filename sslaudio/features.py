@@ -176,7 +176,7 @@ def encode(bundle: EncoderBundle, audio: torch.Tensor, all_layers: bool = False
         return (*bundle.embed(audio), None, None)
     stats, enc = bundle.clip_stats, bundle.encoder
     if bundle.layer is not None:
-        raise ValueError("all_layers embeds every block: the bundle must not have a layer set")
+        raise ValueError("all_layers embeds every layer: the bundle must not have a layer set")
     x, fl = bundle.frontend(audio)
     out = enc(x, fl, return_layers=True)
     fr, flen = enc.to_frames(out)
@@ -542,7 +542,7 @@ def extract(bundle: EncoderBundle, items: list[tuple[str, str]], out_dir: Path |
                 warn(f"removed {temp_removed} unfinished temp file(s) an interrupted run left in {out_dir}")
     plan = plan_files(bundle, items, device, chunk_seconds, skip)
     if all_layers and bundle.layer is not None:
-        raise ValueError("all_layers embeds every block: the bundle must not have a layer set")
+        raise ValueError("all_layers embeds every layer: the bundle must not have a layer set")
     layer = "all" if all_layers else bundle.layer
     identity = encoder_identity(bundle, frames=frames, layer=layer, format=fmt, chunk_seconds=chunk_seconds,
                                 device=torch.device(device).type)

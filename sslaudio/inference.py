@@ -42,10 +42,10 @@ class EncoderBundle(nn.Module):
         SUPERB-style probes of speech models do: the encoder's `layers` with return_layers, which
         for a transformer are its hidden states as SUPERB and transformers count them (0: the
         blocks' input, i: block i's output); 'all': every layer (as `layer` i gives it) side by
-        side, first first, in every frame. A linear probe on that
-        can weight the blocks as SUPERB's learned weighted sum does, or mix them more freely (the
-        frame and clip widths are the blocks' widths summed; clip pooling is per dimension, so the
-        clip embedding is the blocks' clip embeddings side by side)."""
+        side, first first, in every frame. A linear probe on that can weight the layers as SUPERB's
+        learned weighted sum does, or mix them more freely (the frame and clip widths are the
+        layers' widths summed; clip pooling is per dimension, so the clip embedding is the layers'
+        clip embeddings side by side)."""
         if layer is not None:
             with torch.no_grad():
                 depth = len(self.encoder(*self._probe_input(), return_layers=True).layers or [])
