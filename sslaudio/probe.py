@@ -221,9 +221,33 @@ EPOCHS = 400
 EVAL_EVERY = 25
 
 
-def _standardize(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
-    mu, sd = train.mean(0), train.std(0) + 1e-6
-    return [torch.from_numpy((a - mu) / sd).float() for a in (train, *others)]
+_MOMENT_ROWS = 4096  # rows per chunk of the column moments: temporaries of 4096 x D, not N x D
+
+
+def column_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (+ 1e-6) of (N, D) features, float32, accumulated in
+    float64 over row chunks (two passes: the mean, then the centred squares), so a frame-level
+    matrix of N x D needs no N x D temporary besides itself (numpy's X.std(0) makes two)."""
+    n = max(1, len(X))
+    mu = sum((X[i:i + _MOMENT_ROWS].sum(0, dtype=np.float64) for i in range(0, len(X), _MOMENT_ROWS)),
+             np.zeros(X.shape[1])) / n
+    var = sum((np.square(X[i:i + _MOMENT_ROWS] - mu).sum(0) for i in range(0, len(X), _MOMENT_ROWS)),
+              np.zeros(X.shape[1])) / n
+    return mu.astype(np.float32), (np.sqrt(var) + 1e-6).astype(np.float32)
+
+
+def _standardize(train: np.ndarray, *others: np.ndarray, moments=None, inplace: bool = False) -> list[torch.Tensor]:
+    """Each array (N, D) as a float32 tensor standardised with the training split's column moments:
+    one new float32 array per split, or, with `inplace`, float32 arrays overwritten (the SED probe
+    hands over the frame matrices it stacked, the largest thing it holds)."""
+    mu, sd = (torch.from_numpy(m) for m in (moments or column_moments(train)))
+
+    def one(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.asarray(a))
+        if inplace and t.dtype == torch.float32 and t.is_contiguous():
+            return t.sub_(mu).div_(sd)
+        return torch.sub(t.float(), mu).div_(sd)
+    return [one(a) for a in (train, *others)]
 
 
 @dataclass
@@ -309,12 +333,13 @@ def valid_score(s_va: np.ndarray, yva: np.ndarray, multilabel: bool) -> float:
 
 
 def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool, seed: int = 0,
-                 return_fit: bool = False):
+                 return_fit: bool = False, overwrite_features: bool = False):
     """Pick (lr, wd, epochs) on valid, report test. y are class indices, or (N, C) 0/1 matrices.
     With return_fit, returns (metrics, ProbeFit) and the metrics hold the valid and test logits
-    under `scores_valid` / `scores_test`."""
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-    Xtr, Xva, Xte = _standardize(Xtr, Xva, Xte)
+    under `scores_valid` / `scores_test`. With overwrite_features, float32 X arrays are standardised
+    in place instead of copied (for a caller that made them for this call)."""
+    mu, sd = column_moments(Xtr)
+    Xtr, Xva, Xte = _standardize(Xtr, Xva, Xte, moments=(mu, sd), inplace=overwrite_features)
     Ytr = torch.from_numpy(ytr).float() if multilabel else torch.from_numpy(ytr).long()
     grid = list(itertools.product(LRS, WDS))
     best = (-1.0, None)
@@ -705,20 +730,20 @@ def _grid_members(times: np.ndarray, seconds: float, hop: float) -> np.ndarray:
     return A
 
 
-def to_grid(frames: np.ndarray, times: np.ndarray, seconds: float, hop: float) -> np.ndarray:
-    """Encoder frames (T, D) at centre `times` -> (n_grid, D) float64 on a `hop` grid over
-    `seconds`: the mean of the encoder frames whose centre falls in each grid frame, or the encoder
-    frame nearest its centre when none does. One (n_grid, T) @ (T, D) product (np.add.at per
-    frame took 13 s of a 1024-d SED probe's 192)."""
-    A = _grid_members(times, seconds, hop)
-    return (A @ frames) / A.sum(1, keepdims=True)
-
-
 def grid_matrix(times: np.ndarray, seconds: float, hop: float) -> np.ndarray:
-    """(n_grid, T) float32 weights such that grid_matrix(times, seconds, hop) @ frames equals
-    to_grid(frames, times, seconds, hop): the differentiable form fine-tuning backpropagates through."""
+    """(n_grid, T) float32 weights that average encoder frames (centres `times`) onto a `hop` grid
+    over `seconds` (see to_grid); fine-tuning backpropagates through the same matrix."""
     A = _grid_members(times, seconds, hop)
     return (A / A.sum(1, keepdims=True)).astype(np.float32)
+
+
+def to_grid(frames: np.ndarray, times: np.ndarray, seconds: float, hop: float) -> np.ndarray:
+    """Encoder frames (T, D) at centre `times` -> (n_grid, D) float32 on a `hop` grid over
+    `seconds`: the mean of the encoder frames whose centre falls in each grid frame, or the encoder
+    frame nearest its centre when none does. One (n_grid, T) @ (T, D) product (np.add.at per
+    frame took 13 s of a 1024-d SED probe's 192), in float32 like the features (float64 grids
+    doubled the SED probe's memory)."""
+    return grid_matrix(times, seconds, hop) @ np.asarray(frames, dtype=np.float32)
 
 
 # -- DCASE event metrics ----------------------------------------------------------------------------
@@ -911,7 +936,8 @@ def evaluate_events(grids: list[np.ndarray], targets: list[np.ndarray], splits: 
 
     def one(tr, va, te):
         (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = stack(tr), stack(va), stack(te)
-        r, fit = linear_probe(Xtr, Ytr, Xva, Yva, Xte, Yte, len(classes), multilabel=True, seed=seed, return_fit=True)
+        r, fit = linear_probe(Xtr, Ytr, Xva, Yva, Xte, Yte, len(classes), multilabel=True, seed=seed,
+                              return_fit=True, overwrite_features=True)  # the stacks are this call's own
         s_va, s_te = r.pop("scores_valid"), r.pop("scores_test")
         fit.train, fit.valid, fit.test = tr, va, te
         if events is not None:

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from sslaudio import probe
 from sslaudio.probe import (
     ProbeError,
     accuracy,
     average_precision,
+    column_moments,
     evaluate,
     macro_f1,
     mean_average_precision,
@@ -34,6 +36,26 @@ def _blobs(n_per=20, classes=3, dim=8, seed=0, sep=4.0):
     X = np.concatenate([centres[c] + rng.normal(size=(n_per, dim)) for c in range(classes)])
     labels = [(str(c),) for c in range(classes) for _ in range(n_per)]
     return X.astype(np.float32), labels
+
+
+def test_standardisation_is_numpys_in_chunks_and_leaves_the_input(monkeypatch):
+    monkeypatch.setattr(probe, "_MOMENT_ROWS", 7)  # 50 rows: 8 chunks, the last one short
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(50, 4)) * [1, 10, 0.1, 0] + [3, -2, 100, 5]).astype(np.float32)
+    mu, sd = column_moments(X)
+    assert np.allclose(mu, X.astype(np.float64).mean(0), atol=1e-5)
+    assert np.allclose(sd, X.astype(np.float64).std(0) + 1e-6, rtol=1e-5)
+    before = X.copy()
+    tr, other = probe._standardize(X, X[:3].astype(np.float64))
+    assert np.array_equal(X, before)  # a new array, not the caller's overwritten
+    assert tr.dtype == other.dtype == torch.float32
+    assert torch.allclose(tr[:, :3].mean(0), torch.zeros(3), atol=1e-4)  # float32 steps of 100, over 0.1
+    assert torch.allclose(tr[:, :3].std(0, unbiased=False), torch.ones(3), atol=1e-4)
+    assert torch.equal(tr[:, 3], torch.zeros(50))  # a constant column: 0, not NaN
+    assert torch.allclose(other, tr[:3])
+    mine = X.copy()  # inplace: the caller's float32 array becomes the standardised one
+    (t,) = probe._standardize(mine, inplace=True)
+    assert np.shares_memory(t.numpy(), mine) and torch.equal(t, tr)
 
 
 def test_linear_and_knn_solve_separable_data_with_splits():

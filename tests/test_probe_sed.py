@@ -49,11 +49,14 @@ def test_to_grid_means_frames_inside_and_takes_the_nearest_otherwise():
     assert coarse[:, 0].tolist() == [0.0, 0.0, 1.0]
 
 
-def test_grid_matrix_is_to_grid_as_a_matrix():
+def test_grid_matrix_averages_and_grids_stay_float32():
     rng = np.random.default_rng(0)
     for times, seconds in (((np.arange(23) + 0.5) * 0.045, 1.04), (np.array([0.08, 0.24, 0.4]), 0.5)):
-        frames = rng.normal(size=(len(times), 3))
-        assert np.allclose(grid_matrix(times, seconds, 0.1) @ frames, to_grid(frames, times, seconds, 0.1), atol=1e-6)
+        A = grid_matrix(times, seconds, 0.1)
+        assert A.shape == (int(seconds / 0.1), len(times)) and (A >= 0).all() and np.allclose(A.sum(1), 1)
+        frames = rng.normal(size=(len(times), 3))  # float64 in, float32 out: the probe's memory
+        g = to_grid(frames, times, seconds, 0.1)
+        assert g.dtype == np.float32 and np.allclose(g, A.astype(np.float64) @ frames, atol=1e-5)
 
 
 # Two classes, a (0) and b (1); one 4 s file, so four 1 s segments [0,1) [1,2) [2,3) [3,4).
