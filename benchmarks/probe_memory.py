@@ -35,8 +35,16 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=probe.EPOCHS,
-                    help="the probe's full-batch epochs (fewer: the same memory, less time)")
+                    help="the probe's full-batch epochs, at least EVAL_EVERY (fewer: the same memory, less time)")
     a = ap.parse_args()
+    if a.files < 5:
+        ap.error("--files must be at least 5 (two train, two valid, one test in every five)")
+    if min(a.dim, a.classes) < 1 or a.frame_hop <= 0:
+        ap.error("--dim and --classes must be at least 1, --frame-hop above 0")
+    if a.epochs < probe.EVAL_EVERY:
+        ap.error(f"--epochs must be at least {probe.EVAL_EVERY}: the probe evaluates every {probe.EVAL_EVERY} epochs")
+    if a.seconds < max(a.frame_hop, 0.1):
+        ap.error("--seconds must hold one encoder frame and one 100 ms grid frame")
     probe.EPOCHS = a.epochs
     rng = np.random.default_rng(0)
     n_frames = int(a.seconds / a.frame_hop)
