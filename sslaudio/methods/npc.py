@@ -21,8 +21,8 @@ NPC expert never reads). The VQ layer and postnet are for training only; the enc
 extraction and export use) ends at the aggregated masked features, s3prl's NPC upstream output.
 
 Where we differ from the official code, and why:
-- Input: the repo's logmel frontend normalised with dataset-wide statistics, instead of Kaldi fbank
-  (Hamming window) with per-utterance, per-bin CMVN.
+- Input: the repo's logmel frontend (Hann window) with per-utterance, per-bin CMVN (`frontend.cmvn`,
+  as the official input), instead of Kaldi fbank with a Hamming window.
 - Padded frames: quantized and predicted only where valid (the official code quantizes them too,
   which changes nothing in the loss but counts them in its codebook usage); BatchNorm statistics
   from valid frames only (see encoders/npc.py).
