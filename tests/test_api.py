@@ -114,7 +114,8 @@ def test_layers_are_every_block_as_layer_n_gives_it():
     e = m.embed(x, SR)
     assert len(out.layers) == m.num_layers == 5  # the blocks' input (patch embeddings), then 4 blocks
     assert out.frame_rate == SR / out.downsample == m.frame_rate and torch.equal(out.timestamps, e.timestamps)
-    assert all(h.shape == e.frames.shape for h in out.layers)
+    # the preset embeds every hidden state (eval_blocks 5), each as wide as one layer
+    assert all(h.shape == (e.frames.shape[0], e.frames.shape[1] // 5) for h in out.layers)
     for i in (0, 1, -1):  # each hidden state as `extract --layer N` writes it (the last before the final norm)
         assert torch.allclose(load("random:tiny/m2d", device="cpu", layer=i).embed(x, SR).frames, out.layers[i],
                               atol=1e-5)

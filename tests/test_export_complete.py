@@ -93,10 +93,10 @@ def test_model_card_and_cli_layers(tmp_path):
     card = json.loads((tmp_path / "sub" / "m2d.onnx.json").read_text())
     assert card["preset"] == "tiny/m2d" and card["source"] == "random:tiny/m2d" and card["method"] == "m2d"
     assert card["sample_rate"] == 16000 and card["frame_rate"] == 16000 / 2560
-    assert card["embedding_dim"] == card["frame_dim"] == 640 and card["layers"] == [0, 4]
+    assert card["embedding_dim"] == card["frame_dim"] == 3200 and card["layers"] == [0, 4]  # 5 hidden states
     assert card["inputs"] == [{"name": "audio", "dtype": "float32", "shape": ["batch", "samples"]}]
     assert [(o["name"], o["shape"]) for o in card["outputs"]] == [
-        ("embedding", ["batch", 640]), ("frames", ["batch", "frames", 640]), ("frame_times", ["frames"]),
+        ("embedding", ["batch", 3200]), ("frames", ["batch", "frames", 3200]), ("frame_times", ["frames"]),
         ("layer_0", ["batch", "frames", 640]), ("layer_4", ["batch", "frames", 640])]
     assert set(card["dynamic_axes"]) == {"batch", "samples", "frames"}
     v = card["versions"]

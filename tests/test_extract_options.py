@@ -42,8 +42,9 @@ def embed(bundle, items, **kw) -> dict:
     return {e.rel: e for e in embed_files(bundle, items, CPU, True, **kw)}
 
 
-@pytest.mark.parametrize("preset", ["tiny/m2d", "tiny/hubert-wave"])
-def test_layer_all_equals_each_layer(clips, preset):
+@pytest.mark.parametrize("preset,embedded", [("tiny/m2d", 5), ("tiny/hubert-wave", 1)])
+def test_layer_all_equals_each_layer(clips, preset, embedded):
+    """embedded: the hidden states the preset's own embedding puts side by side (eval_blocks)."""
     torch.manual_seed(0)
     bundle = load_encoder(f"random:{preset}")
     plain = embed(bundle, clips)
@@ -51,8 +52,9 @@ def test_layer_all_equals_each_layer(clips, preset):
     n_layers = next(iter(every.values())).layer_clips.shape[0]
     assert n_layers >= 2
     for rel, e in every.items():
-        assert e.layers.shape == (n_layers, *e.frames.shape)
-        assert e.layer_clips.shape == (n_layers, e.clip.shape[0])
+        assert e.layers.shape == (n_layers, e.frames.shape[0], e.frames.shape[1] // embedded)
+        assert e.layer_clips.shape == (n_layers, e.clip.shape[0] // embedded)
+        assert e.frames.shape[1] % embedded == 0
         # the final output (clip, frames) is the one a plain extraction writes
         assert np.allclose(e.clip, plain[rel].clip, atol=1e-5) and np.allclose(e.frames, plain[rel].frames, atol=1e-5)
         assert plain[rel].layers is None and plain[rel].layer_clips is None
@@ -150,7 +152,8 @@ def test_cli_stdin_paths_to_stdout(clips, tmp_path):
     rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert [row["path"] for row in rows] == [clips[0][0], clips[1][0]]
     for row in rows:
-        assert len(row["layer_clips"]) >= 2 and len(row["layer_clips"][0]) == len(row["clip"])
+        # tiny/m2d embeds its 5 hidden states side by side (eval_blocks): one layer is a fifth as wide
+        assert len(row["layer_clips"]) == 5 and 5 * len(row["layer_clips"][0]) == len(row["clip"])
     assert "gone.wav" in r.stderr and "1 skipped" in r.stderr
 
 
@@ -162,7 +165,8 @@ def test_cli_layer_all_files_and_resume(clips, tmp_path):
     assert r.exit_code == 0, r.output
     t = load_file(str(out / "0.wav.safetensors"))
     assert t["layers"].shape[0] == t["layer_clips"].shape[0] >= 2
-    assert t["layers"].shape[1:] == t["frames"].shape and t["layer_clips"].shape[1:] == t["clip"].shape
+    n, length, width = t["layers"].shape  # tiny/m2d embeds every hidden state (eval_blocks 5)
+    assert t["frames"].shape == (length, n * width) and t["layer_clips"].shape[1:] == (t["clip"].shape[0] // n,)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["layer"] == "all" and summary["written"] == 4
     r = invoke(*args)  # same options: everything reused

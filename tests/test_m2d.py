@@ -8,8 +8,8 @@ from sslaudio.inference import EncoderBundle
 from sslaudio.methods.ema import momentum
 from tests.conftest import build_tiny, first_last, gen, synth_clips
 
-SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "method.pred_dim=16",
-         "method.pred_depth=1", "method.pred_heads=2", "train.batch_size=4"]
+SMALL = ["encoder.dim=32", "encoder.depth=2", "encoder.heads=2", "encoder.eval_blocks=3", "method.pred_dim=16",
+         "method.pred_depth=1", "method.pred_heads=2", "train.batch_size=4"]  # every hidden state, as the preset
 S = int(1.27 * 16000)  # tiny crop: 128 frames -> 5 x 8 patches
 
 
@@ -177,7 +177,7 @@ def test_extraction_on_longer_audio():
     with torch.no_grad():
         clip_emb, frames, lengths = bundle.embed(audio)
     t_cols = (3 * 16000 // 160 + 1) // 16  # 301 frames -> 18 patch columns
-    assert frames.shape == (2, t_cols, 5 * 32) and clip_emb.shape == (2, 5 * 32)
+    assert frames.shape == (2, t_cols, 3 * 5 * 32) and clip_emb.shape == (2, 3 * 5 * 32)  # 3 hidden states
     assert lengths.tolist() == [t_cols, t_cols]
     assert torch.allclose(clip_emb, frames.mean(1), atol=1e-5)
     assert torch.isfinite(frames).all()

@@ -69,7 +69,7 @@ def test_inference_encoder_embeds_longer_audio(name):
 # overrides, frame_dim, samples per frame) of what must export.
 EXPORTS = [
     ("tiny/byol-a", (), 512, 1280),  # audiontt
-    ("tiny/m2d", (), 640, 2560),  # vit: 5 patch rows of 128
+    ("tiny/m2d", (), 3200, 2560),  # vit: 5 hidden states (eval_blocks) x 5 patch rows of 128
     ("tiny/data2vec-wave", (), 64, 320),  # conv_transformer
     ("tiny/apc", (), 128, 160),  # rnn
     ("tiny/mockingjay", (), 384, 160),  # frame_transformer: its 3 blocks of 128 side by side (eval_blocks)
