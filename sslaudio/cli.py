@@ -290,7 +290,7 @@ def extract(
                                                  "line on stdin."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Output folder, or - for JSON lines on stdout."),
     frames: bool = typer.Option(False, "--frames", help="Also write frame embeddings and timestamps."),
-    fmt: str = typer.Option("safetensors", "--format", help="safetensors | npy"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Feature files: safetensors (default) | npy."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     batch_seconds: Optional[float] = typer.Option(None, "--batch-seconds",
                                                   help="At most this much audio per batch (default: no limit)."),
@@ -316,13 +316,16 @@ def extract(
     from sslaudio.train import resolve_device
 
     with guard():
+        to_stdout = out_dir == "-"
+        if to_stdout and fmt is not None:  # stdout carries JSON lines; a format would be silently ignored
+            raise ConfigError(f"--format {fmt} names the feature files' format; --out - writes JSON lines")
+        fmt = fmt or "safetensors"
         if fmt not in ("safetensors", "npy"):
             raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
         if batch_seconds is not None and not (batch_seconds > 0 and batch_seconds != float("inf")):
             raise ConfigError(f"--batch-seconds must be a positive number of seconds, found {batch_seconds}")
         if "-" in inputs and len(inputs) > 1:
             raise ConfigError("- (paths on stdin) must be the only input")
-        to_stdout = out_dir == "-"
         if not to_stdout and Path(out_dir).exists() and not Path(out_dir).is_dir():
             raise ConfigError(f"--out {out_dir}: is a file; give a folder (or - for JSON lines on stdout)")
         chosen = _parse_layer(layer)

@@ -194,3 +194,10 @@ def test_bad_values_are_one_line_errors(clips, tmp_path, extra, message):
 def test_stdin_must_be_the_only_input(clips, tmp_path):
     r = invoke("extract", "random:tiny/byol-a", "-", clips[0][0], "--out", tmp_path / "f", input="")
     assert r.exit_code == 2 and "only input" in r.stderr
+
+
+def test_format_with_stdout_is_an_error(clips):
+    # JSON lines on stdout have no file format: an explicit --format would be silently ignored
+    r = invoke("extract", "random:tiny/byol-a", clips[0][0], "--out", "-", "--format", "npy")
+    assert r.exit_code == 2 and "--out - writes JSON lines" in r.stderr, r.output
+    assert r.stdout == ""
