@@ -147,3 +147,20 @@ def true_runs(row) -> list[tuple[int, int]]:
             out.append((start, i - start))
             start = None
     return out
+
+
+def end_gloo_worker() -> None:
+    """The end of an mp.spawn test worker whose work succeeded: a barrier (no rank tears the group
+    down while another still uses it), the group destroyed, then os._exit(0), as the CLI's torchrun
+    workers leave (cli._leave_after_distributed_run): torch's gloo backend can abort in its C++
+    destructors at interpreter exit ('terminate called without an active exception', SIGABRT,
+    seen on CI), which mp.spawn would report as a failed worker after the results were written."""
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from sslaudio import distributed
 from sslaudio.data import StepSampler
+from tests.conftest import end_gloo_worker
 
 
 def free_port() -> int:
@@ -83,8 +84,10 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
                   "c": c.grad is None, "g": g.tolist(),
                   "offset": offset, "xgrad": x.grad.tolist(), "mean": float(mean), "asked": float(asked)}
         Path(out, f"{rank}.json").write_text(json.dumps(result))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_gloo_worker()
 
 
 def test_average_gradients_gather_mean_and_ddp_across_two_processes(tmp_path):

@@ -22,7 +22,15 @@ from sslaudio import distributed
 from sslaudio.build import build_method, load_preset
 from sslaudio.methods.moco import MoCoV3
 from sslaudio.train import fit
-from tests.conftest import build_tiny, first_last, gen, replay_views, run_steps, synth_clips
+from tests.conftest import (
+    build_tiny,
+    end_gloo_worker,
+    first_last,
+    gen,
+    replay_views,
+    run_steps,
+    synth_clips,
+)
 
 SMALL = ["encoder.d=64", "encoder.base_d=8", "method.proj_hidden=32", "method.proj_dim=16",
          "views[0].memory=8"]
@@ -269,8 +277,10 @@ def _shuffle_worker(rank: int, world_size: int, port: int, out: str) -> None:
         m.after_step(0, 10)
         torch.save({"mine": mine, "every": every, "bn": seen, "queue": m.queue.clone(),
                     "ptr": int(m.queue_ptr)}, Path(out, f"{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_gloo_worker()
 
 
 def test_v2_shuffle_bn_across_two_processes(tmp_path):
