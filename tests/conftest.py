@@ -154,7 +154,7 @@ def end_gloo_worker() -> None:
     down while another still uses it), the group destroyed, then os._exit(0), as the CLI's torchrun
     workers leave (cli._leave_after_distributed_run): torch's gloo backend can abort in its C++
     destructors at interpreter exit ('terminate called without an active exception', SIGABRT,
-    seen on CI), which mp.spawn would report as a failed worker after the results were written."""
+    seen in a .ci/run beside two training jobs), which mp.spawn would report as a failed worker after the results were written."""
     import sys
 
     import torch.distributed as dist
