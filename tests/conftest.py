@@ -4,6 +4,9 @@ helpers the test files share: generators, tiny methods, synthetic batches, fixed
 from __future__ import annotations
 
 import os
+import socket
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -149,18 +152,36 @@ def true_runs(row) -> list[tuple[int, int]]:
     return out
 
 
-def end_gloo_worker() -> None:
-    """The end of an mp.spawn test worker whose work succeeded: a barrier (no rank tears the group
-    down while another still uses it), the group destroyed, then os._exit(0), as the CLI's torchrun
-    workers leave (cli._leave_after_distributed_run): torch's gloo backend can abort in its C++
-    destructors at interpreter exit ('terminate called without an active exception', SIGABRT,
-    seen in a .ci/run beside two training jobs), which mp.spawn would report as a failed worker after the results were written."""
-    import sys
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def gloo_worker(rank: int, world_size: int, port: int):
+    """The process group of an mp.spawn test worker around its work. If the work raises, the group
+    is destroyed and the error propagates (mp.spawn reports it); if it succeeds, a barrier (no rank
+    tears the group down while another still uses it), the group destroyed, and the process leaves
+    as the CLI's torchrun workers do (cli._leave_after_distributed_run: flush, os._exit(0)), because
+    torch's gloo backend can abort in its C++ destructors at interpreter exit ('terminate called
+    without an active exception', SIGABRT; seen in a .ci/run beside two training jobs), which
+    mp.spawn would report as a failed worker after the results were written."""
     import torch.distributed as dist
 
+    from sslaudio.cli import _leave_after_distributed_run
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+    except BaseException:
+        # the other ranks' barrier then fails too, and mp.spawn may report theirs: print this one
+        traceback.print_exc()
+        dist.destroy_process_group()
+        raise
     dist.barrier()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _leave_after_distributed_run()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -16,18 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sslaudio import distributed
 from sslaudio.data import StepSampler
-from tests.conftest import end_gloo_worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, gloo_worker
 
 
 def test_shards_of_every_process_make_the_single_process_batch():
@@ -51,10 +43,8 @@ class _Toy(torch.nn.Module):
 
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     world = distributed.World(rank, world_size)
-    try:
+    with gloo_worker(rank, world_size, port):
         # gradients: a on both (different values), b on rank 1 only, c on none
         a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
         a.grad = torch.full((3,), float(rank + 1))
@@ -84,10 +74,6 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
                   "c": c.grad is None, "g": g.tolist(),
                   "offset": offset, "xgrad": x.grad.tolist(), "mean": float(mean), "asked": float(asked)}
         Path(out, f"{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    end_gloo_worker()
 
 
 def test_average_gradients_gather_mean_and_ddp_across_two_processes(tmp_path):

@@ -6,14 +6,11 @@ variant, and short runs without collapse."""
 
 import copy
 import math
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
@@ -24,9 +21,10 @@ from sslaudio.methods.moco import MoCoV3
 from sslaudio.train import fit
 from tests.conftest import (
     build_tiny,
-    end_gloo_worker,
     first_last,
+    free_port,
     gen,
+    gloo_worker,
     replay_views,
     run_steps,
     synth_clips,
@@ -248,12 +246,6 @@ def test_v2_shuffle_bn_config_and_small_batch():
     assert torch.isfinite(out["loss"]) and m._new_keys.shape == (5, 16)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _no_dropout(m):
     for mod in m.modules():
         if isinstance(mod, nn.Dropout):
@@ -262,10 +254,8 @@ def _no_dropout(m):
 
 
 def _shuffle_worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_worker(rank, world_size, port):
         m = _no_dropout(_method("moco-v2"))
         m.gather_fn = distributed.gather_rows
         views = torch.randn(8, 64, 96, generator=gen(5))  # the global key batch; this rank has 4 rows
@@ -277,17 +267,13 @@ def _shuffle_worker(rank: int, world_size: int, port: int, out: str) -> None:
         m.after_step(0, 10)
         torch.save({"mine": mine, "every": every, "bn": seen, "queue": m.queue.clone(),
                     "ptr": int(m.queue_ptr)}, Path(out, f"{rank}.pt"))
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    end_gloo_worker()
 
 
 def test_v2_shuffle_bn_across_two_processes(tmp_path):
     """The official batch shuffle over 2 gloo processes with different step generators: both
     draw one permutation (rank 0's seed), each encodes its slice of the permuted global batch
     (the only rows its BN sees), and the unshuffled keys are the global batch's in order."""
-    mp.spawn(_shuffle_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_shuffle_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"{k}.pt") for k in range(2)]
     views = torch.randn(8, 64, 96, generator=gen(5))
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen(100))[0])
