@@ -152,7 +152,6 @@ def true_runs(row) -> list[tuple[int, int]]:
     return out
 
 
-
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a test's process group."""
     with socket.socket() as sock:
