@@ -98,17 +98,17 @@ CHAINED = {
 }
 # what a table cell shows: the linear probe's test accuracy, sound_events' frame micro-F1 at 100 ms
 MAIN_METRIC = {t: "f1" if t == "sound_events" else "accuracy" for t in TASKS}
-KEEP_METRICS = ("accuracy", "knn_accuracy", "f1", "map", "segment_f1", "event_f1")
+KEEP_METRICS = ("accuracy", "knn_accuracy", "f1", "map", "segment_f1", "event_f1", "layer_weights")
 
 
 def _layer(value: str) -> int | str:
-    """--layer: a block index (0-based, negative from the end) or 'all'."""
-    if value.strip().lower() == "all":
-        return "all"
+    """--layer: a block index (0-based, negative from the end), 'all' or 'weighted' (as probe --layer)."""
+    if value.strip().lower() in ("all", "weighted"):
+        return value.strip().lower()
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a block index or 'all', not '{value}'") from None
+        raise argparse.ArgumentTypeError(f"a block index, 'all' or 'weighted', not '{value}'") from None
 
 
 def main() -> None:
@@ -124,7 +124,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--layer", type=_layer, default=None,
-                    help="probe this layer (as probe --layer counts them), or 'all' side by side (default: the output)")
+                    help="probe this layer (as probe --layer counts them), 'all' side by side or 'weighted' (SUPERB's "
+                         "learned weighted sum) (default: the output)")
     ap.add_argument("--pool", choices=list(POOLS), default=None,
                     help="clip tasks: pool the clip embeddings so (probe --pool; default: the encoder's own)")
     ap.add_argument("--no-train", action="store_true", help="probe the existing runs in RUNS only")
@@ -545,7 +546,9 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
                  + ", ".join(f"{n} {'clips' if t == 'sound_events' else 'files'} ({t})"
                              for t, n in test_sizes(probes, tasks).items())
                  + ("" if a.layer is None else "; every layer side by side, a transformer's blocks' input included "
-                    "(--layer all)" if a.layer == "all" else f"; encoder layer {a.layer} (--layer, as extract counts)")
+                    "(--layer all)" if a.layer == "all" else "; a learned weighted sum of every layer, a transformer's "
+                    "blocks' input included (--layer weighted, SUPERB's protocol)" if a.layer == "weighted"
+                    else f"; encoder layer {a.layer} (--layer, as extract counts)")
                  + ("" if a.pool is None else f"; clip embeddings pooled by {a.pool} (--pool)"))
     lines.append("- cells: linear-probe test accuracy (sound_events: frame micro-F1 at 100 ms), SSL / random init "
                  "of the same preset and seed, mean ± half the range over the seeds; **bold**: SSL above random by "

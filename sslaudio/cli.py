@@ -246,17 +246,20 @@ def _print_table(title: str, rows: dict) -> None:
     out.print(t)
 
 
-def _parse_layer(value: str | None) -> int | str | None:
-    """--layer: None, 'all' or a layer index (negative from the end; a transformer's 0 is its blocks'
-    input and i block i's output, as SUPERB / transformers count hidden states)."""
+def _parse_layer(value: str | None, weighted: bool = False) -> int | str | None:
+    """--layer: None, 'all', a layer index (negative from the end; a transformer's 0 is its blocks'
+    input and i block i's output, as SUPERB / transformers count hidden states), or with `weighted`
+    (probe) 'weighted': the probe learns a weighted sum of every layer."""
     from sslaudio.config import ConfigError
 
-    if value is None or value.strip().lower() == "all":
-        return None if value is None else "all"
+    named = ("all", "weighted") if weighted else ("all",)
+    if value is None or value.strip().lower() in named:
+        return None if value is None else value.strip().lower()
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(f"--layer must be a layer index (-1 the last) or 'all', found '{value}'") from None
+        what = "', '".join(named)
+        raise ConfigError(f"--layer must be a layer index (-1 the last) or '{what}', found '{value}'") from None
 
 
 def _stdin_entries() -> list[tuple[str, str]]:
@@ -379,8 +382,10 @@ def probe(
                                        "mean | max | mean+max (their sum), as extract --pool; default: the "
                                        "encoder's own statistics."),
     layer: Optional[str] = typer.Option(None, help="Probe this layer's output (-1 the last; a transformer's 0 is "
-                                        "its blocks' input, i block i), or 'all': every layer side by side (a "
-                                        "linear probe then weights them, as SUPERB's weighted sum of hidden states)."),
+                                        "its blocks' input, i block i); 'all': every layer side by side (the "
+                                        "probe weights each dimension freely); 'weighted': SUPERB's learned "
+                                        "weighted sum of every layer (softmax weights trained with the linear "
+                                        "head, reported as layer_weights; layers of one width)."),
     files: Optional[Path] = typer.Option(None, "--files", help="Sound event detection: CSV path[,split] of "
                                          "every clip (default: files.csv beside LABELS if there)."),
     frame_hop: float = typer.Option(0.1, "--frame-hop", min=0.01, help="Sound event detection: seconds per "
@@ -422,7 +427,7 @@ def probe(
     from sslaudio.probe import ProbeError
 
     with guard():
-        layer = _parse_layer(layer)
+        layer = _parse_layer(layer, weighted=True)
         if json_out is not None and json_out.is_dir():  # refused before the probe, not after it
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(json_out))
         if plots is not None:  # matplotlib missing or DIR a file: refused before the probe too
@@ -463,12 +468,14 @@ def probe(
 
         def cell(r: dict, k: str) -> str:
             v = r.get(k, "")
+            if isinstance(v, list):  # layer_weights
+                return " ".join(f"{x:.2f}" for x in v)
             return f"{v:.4f}" if isinstance(v, float) else str(v)
 
         for k in ("accuracy", "f1", "f1_macro", "map", "segment_f1", "segment_f1_macro", "segment_error_rate",
                   "event_f1", "event_f1_macro", "knn_accuracy", "mlp_accuracy", "mlp_map", "mlp_f1",
                   "mlp_f1_macro", "valid", "threshold", "protocol", "n_files",
-                  "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs"):
+                  "skipped", "n_classes", "dim", "lr", "weight_decay", "epochs", "layer_weights"):
             if k in res:
                 t.add_row(k, cell(res, k), *([cell(ft, k)] if ft else []))
         _print_results(t, res, json_out)

@@ -91,7 +91,9 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
             warn(message)
     if finetune_cfg is not None and rows is not None and rows[0].split is None:
         raise ProbeError(FINETUNE_NEEDS_SPLITS.format(labels))
-    bundle = load_encoder(ckpt).set_layer(layer).set_pool(pool)
+    weighted = layer == "weighted"
+    bundle = load_encoder(ckpt).set_layer("all" if weighted else layer).set_pool(pool)
+    groups = weighted_groups(bundle) if weighted else 1
     skipped = []
 
     def skip(p: str, r: str) -> None:
@@ -106,7 +108,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
 
     if events:
         return _probe_events(bundle, labels, files, frame_hop, run_embed, seed, skip, skipped, median,
-                             finetune_cfg, save, on_epoch, warn, dev, batch_size) | {"checkpoint": ckpt, "layer": layer}
+                             finetune_cfg, save, on_epoch, warn, dev, batch_size, groups) | {"checkpoint": ckpt,
+                                                                                               "layer": layer}
 
     emb = {e.path: e.clip for e in run_embed([(r.path, r.rel) for r in rows], False)}
     kept = [r for r in rows if r.path in emb]
@@ -116,7 +119,7 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         warn(message)
     X = np.stack([emb[r.path] for r in kept])
     res = evaluate(X, [r.labels for r in kept], [r.split for r in kept], seed, return_fit=finetune_cfg is not None,
-                   mlp=mlp, confusion=confusion)
+                   mlp=mlp, confusion=confusion, groups=groups)
     if finetune_cfg is not None:
         res, fit = res
         classes, y, multilabel = encode_labels([r.labels for r in kept])
@@ -125,6 +128,16 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
     res.update(checkpoint=ckpt, labels=str(labels), skipped=len(skipped), layer=layer,
                pool="+".join(bundle.clip_stats))
     return res
+
+
+def weighted_groups(bundle) -> int:
+    """How many layers `--layer weighted` sums (the bundle set to layer 'all'): every layer of the
+    encoder, which must all have one width, and at least two of them."""
+    widths = bundle.layer_widths()
+    if len(widths) < 2 or len(set(widths)) > 1:
+        raise ProbeError(f"--layer weighted needs two or more layers of one width; this encoder's layer widths "
+                         f"are {widths} (--layer all probes them side by side)")
+    return len(widths)
 
 
 def _finetune(bundle, task: Task, fit, cfg: FinetuneConfig, dev, seed: int, batch_size: int, save, on_epoch) -> dict:
@@ -137,7 +150,7 @@ def _finetune(bundle, task: Task, fit, cfg: FinetuneConfig, dev, seed: int, batc
 def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: float, run_embed: Callable,
                   seed: int, skip: Callable[[str, str], None], skipped: list, median: int | None,
                   finetune_cfg: FinetuneConfig | None, save, on_epoch, warn: Callable[[str], None], dev,
-                  batch_size: int) -> dict:
+                  batch_size: int, groups: int = 1) -> dict:
     """The sound event detection probe of `bundle` on the strong labels in `labels` (and `files`).
 
     `run_embed(items, frames)` embeds (calling `skip`); `skipped` is the list `skip` fills, for the counts."""
@@ -160,7 +173,7 @@ def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: flo
     refs = [[(on, off, cidx[lab]) for on, off, lab in f.events] for f in kept]
     res = evaluate_events(grids, targets, [f.split for f in kept], classes, seed, events=refs,
                           durations=[emb[f.path].seconds for f in kept], hop=hop, median=median,
-                          return_fit=finetune_cfg is not None)
+                          return_fit=finetune_cfg is not None, groups=groups)
     if finetune_cfg is not None:
         res, fit = res
         task = Task([f.path for f in kept], targets, "sed", classes, events=refs, hop=hop, median=median)
@@ -335,7 +348,7 @@ def probe_suite(ckpts: list[str], suite: str | Path, cache: str | Path | None = 
     if len(set(ckpts)) != len(ckpts):
         raise ProbeError("a checkpoint is given twice")
     root = Path(cache) if cache is not None else default_cache_dir(suite)
-    fc = FeatureCache(root, resolve_device(device), batch_size, layer)
+    fc = FeatureCache(root, resolve_device(device), batch_size, "all" if layer == "weighted" else layer)
     results: dict[str, dict[str, dict]] = {}
     metric: dict[str, str] = {}
     for task in tasks:

@@ -58,6 +58,12 @@ class EncoderBundle(nn.Module):
         self.encoder.embedding_blocks(layer is None)  # one block's output when a layer is chosen
         return self
 
+    def layer_widths(self) -> list[int]:
+        """The frame width of each layer that layer 'all' puts side by side, first first."""
+        with torch.no_grad():
+            out = self.encoder(*self._probe_input(), return_layers=True)
+            return [self.encoder.to_frames(dataclasses.replace(out, tokens=h))[0].shape[-1] for h in out.layers or []]
+
     def set_pool(self, pool: str | None) -> EncoderBundle:
         """Pool the clip embedding with these statistics of the frames (a POOLS name: 'mean',
         'max', 'mean+max', their sum) instead of the encoder's own `clip_pool`; None: its own."""

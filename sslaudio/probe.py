@@ -265,17 +265,25 @@ class ProbeFit:
     threshold: float | None = None
 
 
-def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
+def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int, groups: int = 1):
     """Full-batch Adam on CE (or BCE) + wd * ||W||^2 for every (lr, wd) of the grid at once (the
     summed loss has independent gradients per config, and Adam is elementwise, so each config
-    trains exactly as it would alone). Yields (epoch, W (G, D, C), b (G, C)) every EVAL_EVERY epochs,
-    G = len(LRS) * len(WDS) in itertools.product(LRS, WDS) order.
+    trains exactly as it would alone). Yields (epoch, W (G, D, C), b (G, C), A) every EVAL_EVERY
+    epochs, G = len(LRS) * len(WDS) in itertools.product(LRS, WDS) order.
+
+    `groups` L > 1: X is L equal-width blocks (layers side by side, `--layer weighted`) and each
+    config learns SUPERB's weighted sum of them with its head: logits = sum_l softmax(a)_l X_l W + b,
+    W (D / L, C), the layer logits a starting at zero (s3prl's Featurizer) and trained at the
+    config's learning rate without decay. W is yielded as its equivalent on the whole X (block l of
+    rows: softmax(a)_l W), so scoring and fine-tuning take it as any linear probe's, and A (G, L) as
+    the softmax weights (None when groups is 1).
 
     The grid's weights sit side by side in one (D, G * C) matrix, so each epoch is one GEMM forward
     and one for the weights' gradient: a batched matmul of (N, D) against (G, D, C) would broadcast
     the features G times (8.7x slower at 20,000 x 1024 frame features, the SED probe's size)."""
     g = torch.Generator().manual_seed(seed)
     n, d = Xtr.shape
+    d //= groups
     n_out = Ytr.shape[1] if multilabel else int(Ytr.max()) + 1
     G = len(LRS) * len(WDS)
     wd = torch.tensor([w for _, w in itertools.product(LRS, WDS)], dtype=torch.float32)[None, :, None]  # (1, G, 1)
@@ -284,11 +292,24 @@ def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
     Ws = [(torch.randn(len(WDS), d, n_out, generator=g) * 0.01).permute(1, 0, 2).contiguous().requires_grad_()
           for _ in LRS]
     bs = [torch.zeros(len(WDS), n_out, requires_grad=True) for _ in LRS]
-    opt = torch.optim.Adam([{"params": [W, b], "lr": lr} for W, b, lr in zip(Ws, bs, LRS)])
+    As = [torch.zeros(len(WDS), groups, requires_grad=groups > 1) for _ in LRS]
+    opt = torch.optim.Adam([{"params": [W, b] + ([a] if groups > 1 else []), "lr": lr}
+                            for W, b, a, lr in zip(Ws, bs, As, LRS)])
     target = Ytr[:, None].expand(n, G, n_out) if multilabel else Ytr[:, None].expand(n, G)
+    blocks = Xtr.view(n * groups, d)  # row n * L + l: item n's block l
+
+    def weights(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:  # (D, G, C), (G, L) -> (G, L * D, C)
+        return (A.T[:, None, :, None] * W[None]).permute(2, 0, 1, 3).reshape(G, groups * d, n_out)
+
     for epoch in range(1, EPOCHS + 1):
         W = torch.cat(Ws, 1)  # (D, G, C), lr-major: itertools.product(LRS, WDS) order
-        logits = torch.addmm(torch.cat(bs).flatten(), Xtr, W.view(d, G * n_out)).view(n, G, n_out)
+        flat = W.view(d, G * n_out)
+        if groups == 1:
+            logits = torch.addmm(torch.cat(bs).flatten(), Xtr, flat).view(n, G, n_out)
+        else:
+            A = torch.cat(As).softmax(-1)  # (G, L)
+            per = torch.mm(blocks, flat).view(n, groups, G, n_out)
+            logits = torch.einsum("nlgc,gl->ngc", per, A) + torch.cat(bs)
         if multilabel:  # per config: the mean over frames and classes
             loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (n * n_out)
         else:  # per config: the mean over items
@@ -298,7 +319,13 @@ def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int):
         loss.backward()
         opt.step()
         if epoch % EVAL_EVERY == 0:
-            yield epoch, torch.cat(Ws, 1).detach().permute(1, 0, 2), torch.cat(bs).detach()
+            with torch.no_grad():
+                W = torch.cat(Ws, 1)
+                if groups == 1:
+                    yield epoch, W.permute(1, 0, 2), torch.cat(bs).detach(), None
+                else:
+                    A = torch.cat(As).softmax(-1)
+                    yield epoch, weights(W, A), torch.cat(bs).detach(), A
 
 
 def _grid_scores(X: torch.Tensor, Ws: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
@@ -332,27 +359,36 @@ def valid_score(s_va: np.ndarray, yva: np.ndarray, multilabel: bool) -> float:
     return mean_average_precision(s_va, yva) if multilabel else accuracy(s_va.argmax(1), yva)
 
 
+def _rounded(weights) -> list[float]:
+    """Layer weights as the JSON shows them."""
+    return [round(float(w), 4) for w in weights]
+
+
 def linear_probe(Xtr, ytr, Xva, yva, Xte, yte, n_classes: int, multilabel: bool, seed: int = 0,
-                 return_fit: bool = False, overwrite_features: bool = False):
+                 return_fit: bool = False, overwrite_features: bool = False, groups: int = 1):
     """Pick (lr, wd, epochs) on valid, report test. y are class indices, or (N, C) 0/1 matrices.
     With return_fit, returns (metrics, ProbeFit) and the metrics hold the valid and test logits
     under `scores_valid` / `scores_test`. With overwrite_features, float32 X arrays are standardised
-    in place instead of copied (for a caller that made them for this call)."""
+    in place instead of copied (for a caller that made them for this call). `groups` > 1: X is
+    that many layers side by side and the probe learns their weighted sum (_fit_linear); the
+    metrics then hold the chosen `layer_weights`."""
     mu, sd = column_moments(Xtr)
     Xtr, Xva, Xte = _standardize(Xtr, Xva, Xte, moments=(mu, sd), inplace=overwrite_features)
     Ytr = torch.from_numpy(ytr).float() if multilabel else torch.from_numpy(ytr).long()
     grid = list(itertools.product(LRS, WDS))
     best = (-1.0, None)
-    for epoch, Ws, bs in _fit_linear(Xtr, Ytr, multilabel, seed):
+    for epoch, Ws, bs, As in _fit_linear(Xtr, Ytr, multilabel, seed, groups):
         S = _grid_scores(Xva, Ws, bs).numpy()  # (G, N, C)
         for k, (lr, wd) in enumerate(grid):
             score = valid_score(S[k], yva, multilabel)
             if score > best[0]:
-                best = (score, (lr, wd, epoch, Ws[k], bs[k]))
-    score_va, (lr, wd, epoch, W, b) = best
+                best = (score, (lr, wd, epoch, Ws[k], bs[k], None if As is None else As[k]))
+    score_va, (lr, wd, epoch, W, b, A) = best
     s_va, s_te = (Xva @ W + b).numpy(), (Xte @ W + b).numpy()
     out = {"valid": score_va, "lr": lr, "weight_decay": wd, "epochs": epoch,
            **report_metrics(s_va, yva, s_te, yte, n_classes, multilabel)}
+    if A is not None:
+        out["layer_weights"] = _rounded(A)
     if not return_fit:
         return out
     out.update(scores_valid=s_va, scores_test=s_te)
@@ -515,12 +551,13 @@ def split_indices(splits: list[str | None], strat: np.ndarray, seed: int) -> tup
 
 
 def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | None], seed: int = 0,
-             return_fit: bool = False, mlp: bool = False, confusion: bool = False):
+             return_fit: bool = False, mlp: bool = False, confusion: bool = False, groups: int = 1):
     """Run the probes on embeddings X (N, D) with their labels and splits; returns the metrics
     (with return_fit, and a split column: (metrics, ProbeFit of the linear probe)). `mlp` adds
     the MLP probe's `mlp_*` metrics; `confusion` (single-label) the linear probe's test confusion
     matrix (rows: true class, columns: predicted; summed over folds) as a list under `confusion`
-    and the class names under `classes`."""
+    and the class names under `classes`. `groups` > 1: X is that many layers side by side, and the
+    linear probe learns their weighted sum (linear_probe; kNN and MLP take X as it is)."""
     classes, y, multilabel = encode_labels(labels)
     strat = y.argmax(1) if multilabel else y
     res = {"n_files": len(labels), "n_classes": len(classes), "dim": int(X.shape[1]),
@@ -528,7 +565,7 @@ def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | No
 
     def one(tr, va, te, keep: bool = False):
         r, fit = linear_probe(X[tr], y[tr], X[va], y[va], X[te], y[te], len(classes), multilabel, seed,
-                              return_fit=True)
+                              return_fit=True, groups=groups)
         s_te = r.pop("scores_test")
         del r["scores_valid"]
         if confusion and not multilabel:
@@ -563,6 +600,9 @@ def evaluate(X: np.ndarray, labels: list[tuple[str, ...]], splits: list[str | No
         vals = [p[key] for p in per]
         if key == "confusion":
             res[key] = np.sum(vals, axis=0)
+            continue
+        if key == "layer_weights":
+            res[key] = _rounded(np.mean(vals, axis=0))  # the folds' mean
             continue
         res[key] = float(np.mean(vals))
         if key in ("accuracy", "f1", "map", "knn_accuracy", "mlp_accuracy", "mlp_f1", "mlp_map"):
@@ -924,10 +964,11 @@ def split_scores(scores: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
 def evaluate_events(grids: list[np.ndarray], targets: list[np.ndarray], splits: list[str | None],
                     classes: list[str], seed: int = 0, events: list[Events] | None = None,
                     durations: list[float] | None = None, hop: float = 0.1, median: int | None = None,
-                    return_fit: bool = False):
+                    return_fit: bool = False, groups: int = 1):
     """Frame-level linear SED probe on per-file grid embeddings and 0/1 targets (see above); with
     the reference `events` (class indices) and `durations` of the files, also the DCASE segment-
-    and event-based F1. With return_fit (needs a split column): (metrics, ProbeFit)."""
+    and event-based F1. With return_fit (needs a split column): (metrics, ProbeFit). `groups` > 1:
+    the frames are that many layers side by side, weighted-summed by the probe (linear_probe)."""
     n = len(grids)
     res = {"n_files": n, "n_classes": len(classes), "dim": int(grids[0].shape[1]), "task": "sound_event_detection"}
 
@@ -937,7 +978,7 @@ def evaluate_events(grids: list[np.ndarray], targets: list[np.ndarray], splits: 
     def one(tr, va, te):
         (Xtr, Ytr), (Xva, Yva), (Xte, Yte) = stack(tr), stack(va), stack(te)
         r, fit = linear_probe(Xtr, Ytr, Xva, Yva, Xte, Yte, len(classes), multilabel=True, seed=seed,
-                              return_fit=True, overwrite_features=True)  # the stacks are this call's own
+                              return_fit=True, overwrite_features=True, groups=groups)  # the stacks are this call's own
         s_va, s_te = r.pop("scores_valid"), r.pop("scores_test")
         fit.train, fit.valid, fit.test = tr, va, te
         if events is not None:
@@ -965,4 +1006,6 @@ def evaluate_events(grids: list[np.ndarray], targets: list[np.ndarray], splits: 
     for key in per[0]:
         if isinstance(per[0][key], (int, float)):
             res[key] = float(np.mean([p[key] for p in per]))
+        elif key == "layer_weights":
+            res[key] = _rounded(np.mean([p[key] for p in per], axis=0))  # the folds' mean
     return res

@@ -156,6 +156,23 @@ def test_probe_and_extract_an_intermediate_layer(labeled_dir, tmp_path):
     assert res["layer"] == "all" and res["dim"] == 5 * 128 * 5  # the blocks' input and 4 blocks, of 5 frequency patches x 128
 
 
+def test_probe_a_weighted_sum_of_every_layer(labeled_dir, tmp_path):
+    """--layer weighted: SUPERB's learned softmax weights over every layer, reported beside the
+    metrics; encoders without several layers of one width, and extract, refuse it in one line."""
+    out = tmp_path / "w.json"
+    r = invoke("probe", "random:tiny/m2d", labeled_dir / "labels.csv", "--layer", "weighted", "--json", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["layer"] == "weighted" and res["dim"] == 5 * 128 * 5 and 0 <= res["accuracy"] <= 1
+    assert len(res["layer_weights"]) == 5 and abs(sum(res["layer_weights"]) - 1) < 1e-2
+    assert "layer_weights" in r.output
+    r = invoke("probe", "random:tiny/byol-a", labeled_dir / "labels.csv", "--layer", "weighted")
+    assert r.exit_code == 2 and "two or more layers of one width" in r.output and "Traceback" not in r.output
+    r = invoke("extract", "random:tiny/m2d", labeled_dir / "a" / "000.wav", "--out", tmp_path / "f", "--layer",
+               "weighted")
+    assert r.exit_code == 2 and "--layer must be a layer index (-1 the last) or 'all'" in r.output
+
+
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
     from sslaudio.cli import _Progress
 

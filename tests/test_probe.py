@@ -108,11 +108,14 @@ def test_label_file_errors(tmp_path):
     assert row.path == str(tmp_path / "sub" / "a.wav") and row.labels == ("x", "y") and row.split is None
 
 
-@pytest.mark.parametrize("multilabel", [False, True])
-def test_the_grid_fit_trains_each_config_as_it_would_alone(multilabel, monkeypatch):
+@pytest.mark.parametrize("multilabel,groups", [(False, 1), (True, 1), (False, 2), (True, 3)])
+def test_the_grid_fit_trains_each_config_as_it_would_alone(multilabel, groups, monkeypatch):
     """The linear probe trains its whole (lr, wd) grid at once; each config must follow the plain
     full-batch Adam trajectory of its own loss (mean CE or mean BCE over items and classes +
-    wd * ||W||^2) from the same initial weights."""
+    wd * ||W||^2) from the same initial weights. With `groups` (--layer weighted), X is that many
+    layers side by side and each config's logits are sum_l softmax(a)_l X_l W + b, the layer logits a
+    starting at zero and trained with W and b; the fit hands W over as its equivalent on the whole
+    X (block l: softmax(a)_l W)."""
     import torch.nn.functional as F
 
     import sslaudio.probe as probe_mod
@@ -120,25 +123,51 @@ def test_the_grid_fit_trains_each_config_as_it_would_alone(multilabel, monkeypat
     monkeypatch.setattr(probe_mod, "EPOCHS", 6)
     monkeypatch.setattr(probe_mod, "EVAL_EVERY", 3)
     rng = np.random.default_rng(0)
-    X = torch.from_numpy(rng.normal(size=(40, 5)).astype(np.float32))
+    X = torch.from_numpy(rng.normal(size=(40, 5 * groups)).astype(np.float32))
     Y = (torch.from_numpy((rng.random((40, 3)) < 0.4).astype(np.float32)) if multilabel
          else torch.from_numpy(rng.integers(0, 3, 40)))
-    got = list(probe_mod._fit_linear(X, Y, multilabel, seed=7))
-    assert [e for e, _, _ in got] == [3, 6]
-    _, Ws, bs = got[-1]
-    assert Ws.shape == (len(probe_mod.LRS) * len(probe_mod.WDS), 5, 3) and bs.shape == (Ws.shape[0], 3)
+    got = list(probe_mod._fit_linear(X, Y, multilabel, seed=7, groups=groups))
+    assert [e for e, *_ in got] == [3, 6]
+    _, Ws, bs, As = got[-1]
+    assert Ws.shape == (len(probe_mod.LRS) * len(probe_mod.WDS), 5 * groups, 3) and bs.shape == (Ws.shape[0], 3)
+    assert (As is None) == (groups == 1)
     g = torch.Generator().manual_seed(7)
     init = [torch.randn(len(probe_mod.WDS), 5, 3, generator=g) * 0.01 for _ in probe_mod.LRS]
     for k, (lr, wd) in enumerate(itertools.product(probe_mod.LRS, probe_mod.WDS)):
         W = init[k // len(probe_mod.WDS)][k % len(probe_mod.WDS)].clone().requires_grad_()
         b = torch.zeros(3, requires_grad=True)
-        opt = torch.optim.Adam([W, b], lr=lr)
+        a = torch.zeros(groups, requires_grad=True)
+        opt = torch.optim.Adam([W, b] + ([a] if groups > 1 else []), lr=lr)
         for _ in range(6):
-            logits = X @ W + b
+            w = a.softmax(0)
+            logits = sum(w[i] * X[:, 5 * i:5 * (i + 1)] @ W for i in range(groups)) + b
             loss = (F.binary_cross_entropy_with_logits(logits, Y) if multilabel
                     else F.cross_entropy(logits, Y)) + wd * (W * W).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
-        torch.testing.assert_close(Ws[k], W.detach(), rtol=1e-5, atol=1e-6)
+        w = a.detach().softmax(0)
+        torch.testing.assert_close(Ws[k], torch.cat([w[i] * W.detach() for i in range(groups)]), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bs[k], b.detach(), rtol=1e-5, atol=1e-6)
+        if groups > 1:
+            torch.testing.assert_close(As[k], w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_weighted_sum_probe_finds_the_layer_that_carries_the_labels():
+    """Three layers side by side, only the middle one tells the classes apart: the weighted-sum
+    probe puts most of its weight there and classifies as a probe on that layer alone does."""
+    from sslaudio.probe import evaluate
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 60)
+    means = rng.normal(size=(4, 8)) * 1.5
+    layers = [rng.normal(size=(240, 8)), means[y] + rng.normal(size=(240, 8)), rng.normal(size=(240, 8))]
+    X = np.concatenate(layers, 1).astype(np.float32)
+    splits = list(np.tile(["train"] * 3 + ["valid", "test"], 48))
+    labels = [(str(c),) for c in y]
+    res = evaluate(X, labels, splits, groups=3)
+    alone = evaluate(layers[1].astype(np.float32), labels, splits)
+    assert len(res["layer_weights"]) == 3 and abs(sum(res["layer_weights"]) - 1) < 1e-3
+    assert int(np.argmax(res["layer_weights"])) == 1 and res["layer_weights"][1] > 0.5
+    assert res["accuracy"] >= alone["accuracy"] - 0.05 and res["accuracy"] > 0.6
+    assert "layer_weights" not in alone

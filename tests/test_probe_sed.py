@@ -199,6 +199,18 @@ def test_cli_sed_finetune_reports_beside_the_frozen_probe(sed_dir, tmp_path):
     assert len(ft["median_windows"]) == 2 and "fine-tuned" in r.output
 
 
+def test_sed_probe_and_finetune_on_a_weighted_sum_of_layers(sed_dir, tmp_path):
+    """--layer weighted on frames: the SED probe learns the layer weights with its head, and
+    fine-tuning starts from that fit (its head on every layer's frames side by side)."""
+    out = tmp_path / "w.json"
+    r = CliRunner().invoke(app, ["probe", "random:tiny/apc", str(sed_dir / "labels.csv"), "--layer", "weighted",
+                                 "--json", str(out), "--finetune", "--ft-epochs", "1", "--ft-patience", "1"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["dim"] == 3 * 128 and len(res["layer_weights"]) == 3 and abs(sum(res["layer_weights"]) - 1) < 1e-2
+    assert res["f1"] > 0.75 and 0 <= res["finetune"]["f1"] <= 1, res
+
+
 def test_cli_sed_probe_warns_on_an_event_class_missing_from_train(sed_dir, tmp_path):
     labels = tmp_path / "labels.csv"  # elsewhere, so its rows name sed_dir's clips by absolute path
     rows = (sed_dir / "labels.csv").read_text().splitlines()
