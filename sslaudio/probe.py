@@ -320,12 +320,10 @@ def _fit_linear(Xtr, Ytr, multilabel: bool, seed: int, groups: int = 1):
         opt.step()
         if epoch % EVAL_EVERY == 0:
             with torch.no_grad():
-                W = torch.cat(Ws, 1)
-                if groups == 1:
-                    yield epoch, W.permute(1, 0, 2), torch.cat(bs).detach(), None
-                else:
-                    A = torch.cat(As).softmax(-1)
-                    yield epoch, weights(W, A), torch.cat(bs).detach(), A
+                W, b = torch.cat(Ws, 1), torch.cat(bs)
+                A = torch.cat(As).softmax(-1) if groups > 1 else None
+                W = W.permute(1, 0, 2) if A is None else weights(W, A)
+            yield epoch, W, b, A
 
 
 def _grid_scores(X: torch.Tensor, Ws: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
