@@ -371,11 +371,13 @@ def test_mel_data2vec_loss_matches_hand_computation():
     assert torch.allclose(out["loss"], regression_by_hand(pred, y[mask.masked]), atol=1e-5)
 
 
-def test_mel_data2vec2_loss_matches_hand_computation():
-    """EAT form: 2-D conv decoder over the patch grid, layer-normed targets, and the CLS loss."""
-    m = method("data2vec2").eval()
+@pytest.mark.parametrize("cls_weight", [None, 1.0], ids=["preset-0.01", "eat-1"])
+def test_mel_data2vec2_loss_matches_hand_computation(cls_weight):
+    """The image recipe on patches: 2-D conv decoder over the patch grid, layer-normed targets, and
+    the CLS loss at the tiny preset's weight (data2vec 2.0's 0.01) and at EAT's 1."""
+    m = method("data2vec2", *([f"method.cls_loss={cls_weight}"] if cls_weight else [])).eval()
     K, B = m.cfg.clone_batch, 2
-    assert m.cfg.cls_loss > 0 and m.cfg.final_norm == "layer_norm"
+    assert m.cfg.cls_loss == (cls_weight or 0.01) and m.cfg.final_norm == "layer_norm"
     audio = tones(B, 0.5)
     out = m({"audio": audio}, 0, gen(7), 10)
     spec = m.features(audio[:, 0])
