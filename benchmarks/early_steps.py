@@ -12,8 +12,10 @@ frontend (its training statistics), so only the encoder's weights differ between
 
 Table 1, one row per checkpoint (and the initial network): the accuracy of a ridge classifier
 (closed form, standardised clip embeddings, one penalty) trained on up to --train clips of the
-task's train split and scored on up to --test of its test split, next to each layer group's weight
-change relative to its initial weights (Frobenius norms). Table 2 (--swap-step N): the initial
+task's train split and scored on up to --test of its test split; the share of the training clip
+embeddings' variance on their first principal component (near 1: the clips differ along one
+direction only, a collapse the loss does not show); and each layer group's weight change relative
+to its initial weights (Frobenius norms). Table 2 (--swap-step N): the initial
 network with one group's weights taken from step N, the same classifier: which group's updates
 remove what the probe finds. Groups are parameter-name prefixes up to the first index
 (`convs.1`, `blocks.0`, `gru`). Empty or undecodable files are skipped (a warning each, a count in the
@@ -83,6 +85,12 @@ def ridge_accuracy(ftr, ytr, fte, yte, n_classes: int, lam: float) -> float:
     return ((b @ w).argmax(1) == yte).float().mean().item()
 
 
+def pc1_share(f: torch.Tensor) -> float:
+    """Fraction of the variance of the rows of f (N, D) on their first principal component."""
+    s = torch.linalg.svdvals((f - f.mean(0)).double())
+    return float(s[0] ** 2 / (s ** 2).sum().clamp_min(1e-300))
+
+
 def main() -> None:
     try:
         run(parse_args())
@@ -124,9 +132,13 @@ def run(args: argparse.Namespace) -> None:
     groups = sorted({group_of(k) for k, v in init_sd.items() if v.is_floating_point()})
     last.eval()
 
-    def score(sd: dict) -> float:
+    def scores(sd: dict) -> tuple[float, float]:
         last.encoder.load_state_dict(sd)
-        return ridge_accuracy(embed(last, xtr), ytr, embed(last, xte), yte, len(classes), args.ridge)
+        ftr = embed(last, xtr)
+        return ridge_accuracy(ftr, ytr, embed(last, xte), yte, len(classes), args.ridge), pc1_share(ftr)
+
+    def score(sd: dict) -> float:
+        return scores(sd)[0]
 
     def change(sd: dict, g: str) -> float:
         keys = [k for k in sd if group_of(k) == g and sd[k].is_floating_point()]
@@ -137,15 +149,17 @@ def run(args: argparse.Namespace) -> None:
     print(f"{args.labels.parent.name}: {len(ytr)} train / {len(yte)} test clips of {n / sr:.2f} s, "
           f"{len(classes)} classes, ridge {args.ridge}; skipped {skip_tr + skip_te} empty or undecodable\n")
     try:
-        first = score(init_sd)
+        first, share = scores(init_sd)
     except ValueError as e:  # the shortest clip is below what the encoder can take
         raise SystemExit(f"error: clips cut to the shortest one ({n / sr:.3f} s): {e}") from None
-    print("| step | accuracy | " + " | ".join(groups) + " |")
-    print("|---|---|" + "---|" * len(groups))
-    print(f"| init | {first:.3f} | " + " | ".join("0" for _ in groups) + " |", flush=True)
+    print("| step | accuracy | PC1 share | " + " | ".join(groups) + " |")
+    print("|---|---|---|" + "---|" * len(groups))
+    print(f"| init | {first:.3f} | {share:.3f} | " + " | ".join("0" for _ in groups) + " |", flush=True)
     for s in sorted(steps):
         sd = load_encoder(str(steps[s])).encoder.state_dict()
-        print(f"| {s} | {score(sd):.3f} | " + " | ".join(f"{change(sd, g):.3f}" for g in groups) + " |", flush=True)
+        acc, share = scores(sd)
+        print(f"| {s} | {acc:.3f} | {share:.3f} | " + " | ".join(f"{change(sd, g):.3f}" for g in groups) + " |",
+              flush=True)
     if args.swap_step is not None:
         swap = load_encoder(str(steps[args.swap_step])).encoder.state_dict()
         print(f"\n| initial network with step {args.swap_step}'s | accuracy |\n|---|---|")
