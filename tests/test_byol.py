@@ -49,7 +49,7 @@ def test_byol_loss_matches_its_submodules(monkeypatch):
         t2 = embed(m, v2, m.target_encoder, m.target_projector)
     expected = (2 - 2 * cos(p1, t2)).mean() + (2 - 2 * cos(p2, t1)).mean()  # the paper's L + L~
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(out) == {"loss", "emb_std", "target_std"}
+    assert set(out) == {"loss", "emb_std", "emb_dims", "target_std"}
 
 
 def test_byol_no_gradient_reaches_the_target_and_ema_is_exact():

@@ -195,6 +195,11 @@ def test_loss_matches_hand_computation(padded):
     assert out["loss"].item() == pytest.approx(sum(loss_k) / K, abs=1e-5)
     assert out["acc"].item() == pytest.approx(sum(acc_k) / K, abs=1e-6)
     assert {"ctx_std", "z_std", "acc_1", "acc_3"} <= out.keys() and all(v.ndim == 0 for v in out.values())
+    # the participation ratios of the valid frames the stds read (padding left out)
+    for key, frames in (("z_dims", z), ("ctx_dims", c)):
+        rows = frames[~eo.padding] if padded else frames.reshape(-1, frames.shape[-1])
+        cov = torch.cov(rows.T.double())
+        assert out[key].item() == pytest.approx((cov.trace() ** 2 / cov.pow(2).sum()).item(), rel=1e-3), key
 
 
 def test_gradients_reach_encoder_context_and_predictors():

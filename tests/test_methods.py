@@ -44,6 +44,9 @@ def test_one_step_is_finite_and_trains_the_encoder(name):
     out = m({"audio": audio}, 0, gen(0), 10)
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
     assert all(v.ndim == 0 for v in out.values()), "logged values must be scalars"
+    # every method logs both collapse signals of its embeddings (a constant output; one direction)
+    dims = [k for k in out if k.endswith("_dims")]
+    assert dims and all(0 <= out[k].item() <= 4096 and torch.isfinite(out[k]) for k in dims), name
     out["loss"].backward()
     assert any(q.grad is not None and q.grad.abs().sum() > 0 for q in m.inference_encoder().parameters())
     for q in m.parameters():
@@ -115,3 +118,32 @@ def test_bf16_autocast_step_is_finite(name):
     out["loss"].backward()
     grads = [q.grad for q in m.inference_encoder().parameters() if q.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_effective_dimension_is_the_participation_ratio():
+    from sslaudio.methods.base import effective_dimension
+
+    # centred rows on two axes with variances 2 a^2 / 4 and 2 b^2 / 4: (a^2 + b^2)^2 / (a^4 + b^4)
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    assert effective_dimension(z).item() == pytest.approx(25 / 17, rel=1e-6)
+    # an offset shared by every row does not count, nor does the scale
+    assert effective_dimension(1e3 * z + 7.0).item() == pytest.approx(25 / 17, rel=1e-5)
+    # rows along one direction (plus an offset): 1; rows that do not vary: 0
+    line = torch.linspace(-1, 1, 9)[:, None] * torch.tensor([[3.0, -1.0, 2.0]]) + 5.0
+    assert effective_dimension(line).item() == pytest.approx(1.0, rel=1e-5)
+    assert effective_dimension(torch.full((4, 3), 2.5)).item() == 0.0
+    # against the covariance spectrum, with more rows than columns and with fewer
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((50, 6), (5, 40)):
+        x = torch.randn(n, d, generator=g) * torch.linspace(0.1, 2.0, d)
+        lam = torch.linalg.eigvalsh(torch.cov(x.T.double()))
+        assert effective_dimension(x).item() == pytest.approx((lam.sum() ** 2 / (lam ** 2).sum()).item(), rel=1e-4)
+    # `valid` leaves rows out: a wild extra row changes nothing when it is marked invalid
+    wild = torch.cat([z, torch.tensor([[40.0, -90.0]])])
+    keep = torch.tensor([True, True, True, True, False])
+    assert effective_dimension(wild, keep).item() == pytest.approx(25 / 17, rel=1e-6)
+    assert effective_dimension(wild).item() < 1.1  # counted, the wild row dominates
+    # more rows than max_rows: the evenly spaced subset
+    many = torch.randn(300, 4, generator=g)
+    assert effective_dimension(many, max_rows=100).item() == pytest.approx(
+        effective_dimension(many[torch.linspace(0, 299, 100).round().long()]).item(), rel=1e-6)

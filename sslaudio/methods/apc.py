@@ -15,7 +15,8 @@ The postnet is for training only; features are the last GRU layer's outputs.
 
 Logged: loss, and the collapse signal `frame_std`, the per-dimension std over valid frames of the
 last layer averaged over dimensions (0 if every frame maps to one vector), with `pred_std`, the
-same for the predictions (it falls to 0 if the postnet predicts a constant frame).
+same for the predictions (it falls to 0 if the postnet predicts a constant frame); `frame_dims`,
+base.effective_dimension of the valid frames (1 if they vary along one direction only).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs
+from sslaudio.methods.base import Method, Needs, effective_dimension
 from sslaudio.registry import METHODS
 
 
@@ -70,5 +71,7 @@ class APC(Method):
         out = self.encoder(x, lengths)  # tokens (B, T, H): the last GRU layer
         pred = self.postnet(out.tokens)  # (B, T, F): the guess at x_{t+n} made at step t
         loss = losses.apc_l1_loss(pred, x.transpose(1, 2), self.cfg.time_shift, out.padding)
+        tokens = out.tokens.reshape(-1, out.tokens.shape[-1])
         return {"loss": loss, "frame_std": frame_std(out.tokens, out.padding),
+                "frame_dims": effective_dimension(tokens, None if out.padding is None else ~out.padding.reshape(-1)),
                 "pred_std": frame_std(pred, out.padding)}

@@ -81,7 +81,7 @@ from sslaudio.augment import MultiCrop, ViewChain
 from sslaudio.config import ConfigError, build_component, load_preset_dict, preset_tree
 from sslaudio.masking import Mask
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, ViewMethod, embedding_std
+from sslaudio.methods.base import Method, Needs, ViewMethod, effective_dimension, embedding_signals, embedding_std
 from sslaudio.methods.data2vec import frame_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.methods.heads import mlp
@@ -152,6 +152,7 @@ class ATSTClip(_TeacherStudent):
             t = self.target_projector(self.target_encoder(x).cls)
         loss = self.symmetric_loss(p[:B], p[B:], t[:B], t[B:])
         return {"loss": loss, "std_student": embedding_std(p), "std_teacher": embedding_std(t),
+                "student_dims": effective_dimension(p),
                 "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device)}
 
 
@@ -203,6 +204,7 @@ class ATSTFrame(_TeacherStudent):
             t = self.target_projector(t_tokens.flatten(0, 1)[rows])
         loss = self.symmetric_loss(p[:m], p[m:], t[:m], t[m:])
         return {"loss": loss, "std_student": embedding_std(p), "std_teacher": embedding_std(t),
+                "student_dims": effective_dimension(p),
                 "frame_std": frame_std(out.tokens.detach(), out.padding),
                 "masked_pct": torch.full((), m / max(B * n_tokens, 1), device=loss.device),
                 "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device)}
@@ -336,4 +338,5 @@ class ATSTC2F(Method):
             else torch.zeros((), device=x.device)
         loss = clip_loss + self.cfg.frame_weight * frame_loss
         return {"loss": loss, "clip_loss": clip_loss.detach(), "frame_loss": frame_loss.detach(),
-                "emb_std": embedding_std(scene), "frame_std": frame_std(out.tokens.detach(), out.padding)}
+                **embedding_signals(scene),
+                "frame_std": frame_std(out.tokens.detach(), out.padding)}

@@ -186,3 +186,31 @@ def embedding_std(z: Tensor, valid: Tensor | None = None) -> Tensor:
     if valid is None:
         return z.std(dim=0).mean()
     return masked_column_var(z, valid)[0].sqrt().mean()
+
+
+def effective_dimension(z: Tensor, valid: Tensor | None = None, max_rows: int = 2048) -> Tensor:
+    """Participation ratio of embeddings (N, D): (sum of the covariance eigenvalues)^2 / (sum of
+    their squares) = tr(C)^2 / ||C||_F^2 for the rows centred on their mean (Gao et al. 2017; exp
+    of the Renyi-2 entropy of the variance spectrum, a smooth relative of RankMe). min(N - 1, D)
+    for rows with equal variance in every direction; 1 when they vary along one direction only,
+    the dimensional collapse that embedding_std does not show (rows can keep a healthy
+    per-dimension spread while one direction holds nearly all of it); 0 when they do not vary.
+    Matrix products only: no decomposition, so no convergence check that would wait on the
+    device. `valid` (N,) bool: only those rows (by weights, no host sync). Of more than `max_rows`
+    rows, that many evenly spaced ones are used (an estimate at a bounded cost; no random draw)."""
+    z = z.detach().float()
+    if z.shape[0] > max_rows:
+        pick = torch.linspace(0, z.shape[0] - 1, max_rows, device=z.device).round().long()
+        z, valid = z[pick], (None if valid is None else valid.reshape(-1)[pick])
+    w = torch.ones(z.shape[0], 1, device=z.device) if valid is None else valid.reshape(-1, 1).float()
+    zc = (z - (z * w).sum(0) / w.sum().clamp_min(1)) * w
+    zc = zc / zc.abs().amax().clamp_min(1e-30)  # the ratio is scale-free; this keeps the squares finite
+    gram = zc @ zc.T if zc.shape[0] < zc.shape[1] else zc.T @ zc  # the same nonzero eigenvalues
+    return gram.diagonal().sum().pow(2) / gram.pow(2).sum().clamp_min(torch.finfo(gram.dtype).tiny)
+
+
+def embedding_signals(z: Tensor) -> dict[str, Tensor]:
+    """The collapse signals every method logs for its embeddings (N, D): `emb_std` (embedding_std,
+    0 for a constant output) and `emb_dims` (effective_dimension, 1 for variation along one
+    direction only)."""
+    return {"emb_std": embedding_std(z), "emb_dims": effective_dimension(z)}

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from sslaudio.augment import normalize_batch
 from sslaudio.methods import losses
-from sslaudio.methods.base import Needs, ViewMethod, clip_embedding, embedding_std
+from sslaudio.methods.base import Needs, ViewMethod, clip_embedding, embedding_signals, embedding_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
@@ -75,7 +75,8 @@ class BYOLA(ViewMethod):
             t1 = self.target_projector(clip_embedding(self.target_encoder, v1))
             t2 = self.target_projector(clip_embedding(self.target_encoder, v2))
         loss = losses.byol_loss(p1, t2) + losses.byol_loss(p2, t1)
-        return {"loss": loss, "emb_std": embedding_std(z1), "target_std": embedding_std(t1)}
+        return {"loss": loss, **embedding_signals(z1),
+                "target_std": embedding_std(t1)}
 
     def after_step(self, step: int, max_steps: int) -> None:
         tau = momentum(self.cfg.ema, step, max_steps)

@@ -24,7 +24,12 @@ Its criterion runs under DataParallel, so each GPU draws negatives from its own 
 single process here draws from the whole batch.
 
 Logged: loss, acc (mean over k of the fraction of anchors that rank the positive first), acc_<k>
-per offset, and the collapse signals ctx_std / z_std (base.embedding_std of the valid frames).
+per offset, and the collapse signals ctx_std / z_std (base.embedding_std of the valid frames) and
+ctx_dims / z_dims (base.effective_dimension, the participation ratio of the same frames). The
+latter show what the stds do not: on devbench's pool the first ~20 updates of tiny/cpc put nearly
+all of the frames' variation on one direction (the frame's level, which the first conv's bias lets
+through the ChannelNorm) while z_std stays near half its isotropic value (benchmarks/RESULTS.md,
+"tiny/cpc: what its first updates do").
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Method, Needs, effective_dimension, embedding_std
 from sslaudio.registry import METHODS
 
 
@@ -114,4 +119,5 @@ class CPC(Method):
         keep = None if out.padding is None else ~out.padding
         c_rows = c.reshape(-1, c.shape[-1]) if keep is None else c[keep]
         z_rows = z.reshape(-1, C) if keep is None else z[keep]
-        return {"loss": loss, **terms, "ctx_std": embedding_std(c_rows), "z_std": embedding_std(z_rows)}
+        return {"loss": loss, **terms, "ctx_std": embedding_std(c_rows), "z_std": embedding_std(z_rows),
+                "ctx_dims": effective_dimension(c_rows), "z_dims": effective_dimension(z_rows)}

@@ -63,7 +63,7 @@ from sslaudio.encoders.base import EncoderOut, masked_mean
 from sslaudio.encoders.layers import gather_tokens, zero_padded
 from sslaudio.encoders.vit import ViT
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std, masked_column_var
+from sslaudio.methods.base import Method, Needs, embedding_signals, embedding_std, masked_column_var
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.registry import METHODS
 
@@ -201,7 +201,7 @@ class Data2Vec(_TeacherStudent):
         pred = self.final_proj(out.tokens)
         loss = losses.regression_loss(pred, y, self.cfg.loss_beta, select=sel)
         return {"loss": loss, "target_var": token_std(y, sel), "pred_var": token_std(pred, sel),
-                "emb_std": embedding_std(self.encoder.pool(out)),
+                **embedding_signals(self.encoder.pool(out)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
                 "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device)}
@@ -317,7 +317,7 @@ class Data2Vec2(_TeacherStudent):
             loss = loss + self.cfg.cls_loss * out.cls.shape[0] * cls
             logs["cls_loss"] = cls.detach()
         return {"loss": loss, "target_var": token_std(y_k, sel), "pred_var": token_std(pred, sel),
-                "emb_std": embedding_std(masked_mean(out.tokens, out.padding)),
+                **embedding_signals(masked_mean(out.tokens, out.padding)),
                 "frame_std": frame_std(out.tokens, out.padding),
                 "masked_pct": sel.float().mean().detach(),
                 "ema_tau": torch.full((), self.tau(step, max_steps), device=loss.device), **logs}

@@ -82,7 +82,7 @@ from torch import Tensor, nn
 from sslaudio import kmeans
 from sslaudio.augment import MultiCrop
 from sslaudio.config import ConfigError
-from sslaudio.methods.base import Needs, ViewMethod, clip_embedding, embedding_std
+from sslaudio.methods.base import Needs, ViewMethod, clip_embedding, embedding_signals
 from sslaudio.methods.ema import make_teacher
 from sslaudio.registry import METHODS
 
@@ -274,7 +274,7 @@ class DeepCluster(ViewMethod):
         loss = (self.cluster_weight[labels] * ce).mean()
         self._pending = (crops.detach(), labels)
         out = {"loss": loss, "ce": ce.detach().mean(), "acc": (logits.argmax(1) == labels).float().mean(),
-               "batch_usage": usage(labels, self.cfg.k), **self.cluster_stats(), "emb_std": embedding_std(emb)}
+               "batch_usage": usage(labels, self.cfg.k), **self.cluster_stats(), **embedding_signals(emb)}
         if self._facts[1]:
             out["nmi"] = self.kmeans_stats[2].clone()
         return out

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from sslaudio.augment import MultiCrop
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, embedding_std, multicrop_embed
+from sslaudio.methods.base import ViewMethod, embedding_signals, multicrop_embed
 from sslaudio.methods.ema import EMAConfig, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
@@ -167,7 +167,7 @@ class DINO(ViewMethod):
             mean = self.gather_fn(mean[None])[0].mean(dim=0)
         self._batch_center = mean.detach()
         tau = momentum(self.cfg.ema, step, max_steps)
-        return {"loss": loss, **terms, "emb_std": embedding_std(b[:B]),
+        return {"loss": loss, **terms, **embedding_signals(b[:B]),
                 "teacher_temp": torch.tensor(temp), "ema_tau": torch.tensor(tau)}
 
     @torch.no_grad()

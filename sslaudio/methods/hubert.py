@@ -51,7 +51,7 @@ from sslaudio.config import ConfigError
 from sslaudio.frontends import KaldiMFCC
 from sslaudio.masking import to_device
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Method, Needs, embedding_signals
 from sslaudio.methods.data2vec import frame_std
 from sslaudio.registry import METHODS
 
@@ -244,6 +244,6 @@ class HuBERT(Method):
                 "cluster_usage": kmeans.usage_entropy(labels, self.k, ~padding),
                 "kmeans_inertia": self.kmeans_stats[0].clone(), "kmeans_used": self.kmeans_stats[1].clone(),
                 "features_pen": (out.features_pen if out.features_pen is not None else torch.zeros(())).detach(),
-                "frame_std": frame_std(out.tokens, out.padding), "emb_std": embedding_std(self.encoder.pool(out)),
+                "frame_std": frame_std(out.tokens, out.padding), **embedding_signals(self.encoder.pool(out)),
                 "masked_pct": hidden.float().mean().detach()}
 

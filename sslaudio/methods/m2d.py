@@ -43,7 +43,7 @@ from sslaudio.encoders.layers import (
 )
 from sslaudio.masking import Mask
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Method, Needs, embedding_signals, embedding_std
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.registry import METHODS
 
@@ -171,7 +171,7 @@ class M2D(Method):
             "loss": loss,
             "target_std": t.std(dim=0).mean(),  # before standardisation; 0 if targets collapse
             "pred_std": embedding_std(p),
-            "emb_std": embedding_std(out.tokens.mean(dim=1)),  # online tokens pooled over the clip
+            **embedding_signals(out.tokens.mean(dim=1)),  # online tokens pooled over the clip
             "tau": torch.tensor(self.tau(step, max_steps)),
         }
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from sslaudio.config import ConfigError
 from sslaudio.hostint import host_int, set_host_int
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_std
+from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_signals
 from sslaudio.methods.ema import EMAConfig, ema_update, make_teacher, momentum
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
@@ -163,7 +163,7 @@ class MoCoV2(ViewMethod):
             terms = {k: (terms[k] + terms2[k]) / 2 for k in terms}
             keys = torch.cat([keys, keys1])
         self._new_keys = keys.detach()
-        return {"loss": loss, **terms, "emb_std": embedding_std(emb)}
+        return {"loss": loss, **terms, **embedding_signals(emb)}
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
@@ -252,7 +252,7 @@ class MoCoV3(ViewMethod):
         a = losses.moco_v3_loss(q1, k2, self.cfg.temperature, self.gather_fn)
         b = losses.moco_v3_loss(q2, k1, self.cfg.temperature, self.gather_fn)
         terms = {k: (a.terms[k] + b.terms[k]) / 2 for k in a.terms}
-        return {"loss": a.loss + b.loss, **terms, "emb_std": embedding_std(z1)}
+        return {"loss": a.loss + b.loss, **terms, **embedding_signals(z1)}
 
     def after_step(self, step: int, max_steps: int) -> None:
         tau = momentum(self.cfg.ema, step + 1, max_steps)

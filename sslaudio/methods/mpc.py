@@ -60,7 +60,7 @@ from sslaudio.config import ConfigError
 from sslaudio.encoders.layers import init_bert_
 from sslaudio.masking import to_device
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Method, Needs, embedding_signals
 from sslaudio.registry import METHODS
 
 
@@ -223,7 +223,7 @@ class Mockingjay(Method):
             "loss": loss,
             "altered_frac": alt.selected.float().mean(),  # time-masked frames (~ mask_proportion)
             "loss_frac": alt.label.float().mean(),  # elements in the loss (+ the band for TERA)
-            "emb_std": embedding_std(out.tokens.reshape(-1, out.tokens.shape[-1])),  # over frames
+            **embedding_signals(out.tokens.reshape(-1, out.tokens.shape[-1])),  # over frames
         }
 
 

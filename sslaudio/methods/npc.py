@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs, embedding_std
+from sslaudio.methods.base import Method, Needs, embedding_signals
 from sslaudio.methods.quantizer import GumbelQuantizer
 from sslaudio.registry import METHODS
 
@@ -103,4 +103,4 @@ class NPC(Method):
         loss = losses.masked_reconstruction_loss(pred, target, where, "l1")
         feats = out.tokens.reshape(-1, out.tokens.shape[-1]) if valid is None else out.tokens[valid]
         return {"loss": loss, "code_perplexity": q.code_perplexity, "prob_perplexity": q.prob_perplexity,
-                "emb_std": embedding_std(feats)}
+                **embedding_signals(feats)}

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_std
+from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_signals
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
@@ -80,7 +80,7 @@ class BarlowTwins(_TwoViewProjector):
     def forward(self, batch: dict, step: int, generator: torch.Generator, max_steps: int) -> dict[str, Tensor]:
         z1, z2 = self.project(batch, generator)
         loss, terms = losses.barlow_twins_loss(z1, z2, self.cfg.lambd)
-        return {"loss": loss, **terms, "emb_std": embedding_std(z1)}
+        return {"loss": loss, **terms, **embedding_signals(z1)}
 
 
 @METHODS.register("vicreg")
@@ -103,4 +103,4 @@ class VICReg(_TwoViewProjector):
         z1, z2 = self.project(batch, generator)
         c = self.cfg
         loss, terms = losses.vicreg_loss(z1, z2, c.sim_coeff, c.std_coeff, c.cov_coeff)
-        return {"loss": loss, **terms, "emb_std": embedding_std(z1)}
+        return {"loss": loss, **terms, **embedding_signals(z1)}

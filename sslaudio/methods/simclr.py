@@ -36,7 +36,7 @@ from torch import Tensor
 
 from sslaudio.config import ConfigError
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_std
+from sslaudio.methods.base import ViewMethod, clip_embedding, embedding_signals
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
@@ -67,4 +67,4 @@ class SimCLR(ViewMethod):
         B = v1.shape[0]
         z = self.projector(clip_embedding(self.encoder, torch.cat([v1, v2])))  # (2B, P)
         loss, terms = losses.nt_xent(z[:B], z[B:], self.cfg.temperature, self.gather_fn)
-        return {"loss": loss, **terms, "emb_std": embedding_std(z[:B])}
+        return {"loss": loss, **terms, **embedding_signals(z[:B])}

@@ -49,7 +49,7 @@ from sslaudio.augment import MultiCrop
 from sslaudio.config import ConfigError
 from sslaudio.hostint import host_int, set_host_int
 from sslaudio.methods import losses
-from sslaudio.methods.base import ViewMethod, embedding_std, multicrop_embed
+from sslaudio.methods.base import ViewMethod, embedding_signals, multicrop_embed
 from sslaudio.methods.heads import mlp
 from sslaudio.registry import METHODS
 
@@ -126,7 +126,7 @@ class SwAV(ViewMethod):
         zv = z.detach().unflatten(0, (V, B))
         if c.queue_length and step >= c.queue_start_step:
             self._new_rows = zv[c.crops_for_assign]  # (A, B, P)
-        return {"loss": loss, **terms, "emb_std": embedding_std(zv[0]),
+        return {"loss": loss, **terms, **embedding_signals(zv[0]),
                 "queue_used": torch.tensor(float(queue_scores is not None))}
 
     @torch.no_grad()

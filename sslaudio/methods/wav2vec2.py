@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from sslaudio.config import ConfigError, check_range
 from sslaudio.masking import to_device
 from sslaudio.methods import losses
-from sslaudio.methods.base import Method, Needs
+from sslaudio.methods.base import Method, Needs, embedding_signals
 from sslaudio.methods.quantizer import GumbelQuantizer, gumbel_temperature
 from sslaudio.registry import METHODS
 
@@ -194,4 +194,4 @@ class Wav2Vec2(Method):
                 "code_ppl": q.code_perplexity.detach(), "prob_ppl": q.prob_perplexity.detach(),
                 "temp": torch.full((), self.temperature(step), device=loss.device),
                 "masked_pct": torch.full((), rows.shape[0] / max(mask.masked.numel(), 1), device=loss.device),
-                "codebook_collapse": self.collapse_steps.clone()}
+                "codebook_collapse": self.collapse_steps.clone(), **embedding_signals(self.encoder.pool(out))}
