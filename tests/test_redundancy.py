@@ -44,7 +44,7 @@ def test_barlow_twins_loss_matches_the_official_formula(monkeypatch, lambd):
     assert out["on_diag"].item() == pytest.approx(on_diag.item(), rel=1e-4)
     assert out["off_diag"].item() == pytest.approx(off_diag.item(), rel=1e-4)
     assert out["loss"].item() == pytest.approx((on_diag + lambd * off_diag).item(), rel=1e-4)
-    assert {"loss", "on_diag", "off_diag", "emb_std"} == set(out)
+    assert {"loss", "on_diag", "off_diag", "emb_std", "emb_dims"} == set(out)
 
 
 def test_vicreg_loss_matches_the_official_formula(monkeypatch):
@@ -62,7 +62,7 @@ def test_vicreg_loss_matches_the_official_formula(monkeypatch):
     assert out["covariance"].item() == pytest.approx(cov_loss.item(), rel=1e-4)
     expected = 20 * repr_loss + 30 * std_loss + 2 * cov_loss
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-4)
-    assert {"loss", "invariance", "variance", "covariance", "emb_std"} == set(out)
+    assert {"loss", "invariance", "variance", "covariance", "emb_std", "emb_dims"} == set(out)
 
 
 @pytest.mark.parametrize("name", ["barlow-twins", "vicreg"])

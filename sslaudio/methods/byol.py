@@ -93,8 +93,7 @@ class SimSiam(ViewMethod):
         p1, p2 = self.predictor(z1), self.predictor(z2)
         # negative_cosine detaches its second argument: the stop-gradient on z
         loss = 0.5 * losses.negative_cosine(p1, z2) + 0.5 * losses.negative_cosine(p2, z1)
-        return {"loss": loss, **embedding_signals(z1),
-                "pred_std": embedding_std(p1)}
+        return {"loss": loss, **embedding_signals(z1), "pred_std": embedding_std(p1)}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         groups = super().param_groups(weight_decay)

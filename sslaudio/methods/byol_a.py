@@ -75,8 +75,7 @@ class BYOLA(ViewMethod):
             t1 = self.target_projector(clip_embedding(self.target_encoder, v1))
             t2 = self.target_projector(clip_embedding(self.target_encoder, v2))
         loss = losses.byol_loss(p1, t2) + losses.byol_loss(p2, t1)
-        return {"loss": loss, **embedding_signals(z1),
-                "target_std": embedding_std(t1)}
+        return {"loss": loss, **embedding_signals(z1), "target_std": embedding_std(t1)}
 
     def after_step(self, step: int, max_steps: int) -> None:
         tau = momentum(self.cfg.ema, step, max_steps)
