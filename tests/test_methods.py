@@ -132,6 +132,7 @@ def test_effective_dimension_is_the_participation_ratio():
     line = torch.linspace(-1, 1, 9)[:, None] * torch.tensor([[3.0, -1.0, 2.0]]) + 5.0
     assert effective_dimension(line).item() == pytest.approx(1.0, rel=1e-5)
     assert effective_dimension(torch.full((4, 3), 2.5)).item() == 0.0
+    assert effective_dimension(torch.zeros(0, 3)).item() == 0.0  # no rows: 0, not an error
     # against the covariance spectrum, with more rows than columns and with fewer
     g = torch.Generator().manual_seed(0)
     for n, d in ((50, 6), (5, 40)):

@@ -194,11 +194,14 @@ def effective_dimension(z: Tensor, valid: Tensor | None = None, max_rows: int = 
     of the Renyi-2 entropy of the variance spectrum, a smooth relative of RankMe). min(N - 1, D)
     for rows with equal variance in every direction; 1 when they vary along one direction only,
     the dimensional collapse that embedding_std does not show (rows can keep a healthy
-    per-dimension spread while one direction holds nearly all of it); 0 when they do not vary.
+    per-dimension spread while one direction holds nearly all of it); 0 when they do not vary
+    (or there are none).
     Matrix products only: no decomposition, so no convergence check that would wait on the
     device. `valid` (N,) bool: only those rows (by weights, no host sync). Of more than `max_rows`
     rows, that many evenly spaced ones are used (an estimate at a bounded cost; no random draw)."""
     z = z.detach().float()
+    if z.shape[0] == 0:  # no rows (a shape the host knows): nothing varies
+        return z.new_zeros(())
     if z.shape[0] > max_rows:
         pick = torch.linspace(0, z.shape[0] - 1, max_rows, device=z.device).round().long()
         z, valid = z[pick], (None if valid is None else valid.reshape(-1)[pick])
