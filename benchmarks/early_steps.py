@@ -4,6 +4,7 @@
     python benchmarks/early_steps.py RUN random:PRESET LABELS.csv
     python benchmarks/early_steps.py /work/runs/cpc-fine random:tiny/cpc /work/devbench-full/pitch_class/labels.csv \\
         --swap-step 20
+    python benchmarks/early_steps.py /work/runs/npc-fine random:tiny/npc /work/devbench-full/pitch_class/labels.csv --layers
 
 RUN is a run folder whose checkpoints (`ckpt/step-N`) started from the network that random:PRESET
 builds (the same preset and seed, unmodified by --set); keep several early checkpoints with
@@ -17,7 +18,9 @@ embeddings' variance on their first principal component (near 1: the clips diffe
 direction only, a collapse the loss does not show); and each layer group's weight change relative
 to its initial weights (Frobenius norms). Table 2 (--swap-step N): the initial
 network with one group's weights taken from step N, the same classifier: which group's updates
-remove what the probe finds. Groups are parameter-name prefixes up to the first index
+remove what the probe finds. Table 3 (--layers): the same classifier on each of the encoder's
+layers (`probe --layer L`, L = 0 .. depth - 1, and `all` side by side), initial network and every
+checkpoint: where in the network the task's information goes first. Groups are parameter-name prefixes up to the first index
 (`convs.1`, `blocks.0`, `gru`). Empty or undecodable files are skipped (a warning each, a count in the
 header); clips are cut to the shortest one so they batch; the ridge
 classifier is a quick stand-in for `sslaudio probe`, not the devbench protocol.
@@ -107,6 +110,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--test", type=int, default=400)
     ap.add_argument("--ridge", type=float, default=1.0, help="penalty, times the number of clips")
     ap.add_argument("--swap-step", type=int, help="also table 2 with this checkpoint's groups")
+    ap.add_argument("--layers", action="store_true", help="also table 3: the accuracy of every layer (probe --layer)")
     ap.add_argument("--threads", type=int, default=1)
     return ap.parse_args()
 
@@ -131,6 +135,12 @@ def run(args: argparse.Namespace) -> None:
     ytr, yte = torch.tensor([classes.index(v) for v in ltr]), torch.tensor([classes.index(v) for v in lte])
     groups = sorted({group_of(k) for k, v in init_sd.items() if v.is_floating_point()})
     last.eval()
+    layers: list[int | str] = []
+    if args.layers:
+        depth = len(last.layer_widths())
+        if depth < 1:
+            raise SystemExit(f"error: --layers: {type(last.encoder).__name__} gives no per-layer outputs")
+        layers = [*range(depth), "all"]
 
     def scores(sd: dict) -> tuple[float, float]:
         last.encoder.load_state_dict(sd)
@@ -139,6 +149,16 @@ def run(args: argparse.Namespace) -> None:
 
     def score(sd: dict) -> float:
         return scores(sd)[0]
+
+    def layer_scores(sd: dict) -> list[float]:
+        accs = []
+        for layer in layers:
+            last.set_layer(layer)
+            try:
+                accs.append(score(sd))
+            finally:
+                last.set_layer(None)
+        return accs
 
     def change(sd: dict, g: str) -> float:
         keys = [k for k in sd if group_of(k) == g and sd[k].is_floating_point()]
@@ -166,6 +186,11 @@ def run(args: argparse.Namespace) -> None:
         for g in groups + ["(all)"]:
             sd = {k: (swap[k] if g in ("(all)", group_of(k)) else init_sd[k]) for k in init_sd}
             print(f"| {g} | {score(sd):.3f} |", flush=True)
+    if layers:
+        print("\n| step | " + " | ".join(f"layer {v}" for v in layers) + " |\n|---|" + "---|" * len(layers))
+        for name, sd in [("init", init_sd)] + [(str(s), load_encoder(str(steps[s])).encoder.state_dict())
+                                               for s in sorted(steps)]:
+            print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in layer_scores(sd)) + " |", flush=True)
 
 
 if __name__ == "__main__":
