@@ -218,6 +218,25 @@ def test_loss_matches_hand_computation_on_a_padded_batch():
     assert {"code_perplexity", "prob_perplexity", "emb_std"} <= out.keys() and all(v.ndim == 0 for v in out.values())
 
 
+def test_without_vq_the_postnet_reads_the_masked_features():
+    """method.groups 0: the official `vq: null` model, postnet(masked features), L1 as before."""
+    m = _method("method.groups=0").eval()
+    assert m.vq is None and not any(n.startswith("vq.") for n, _ in m.named_parameters())
+    audio = synth_clips(2, 0.3)
+    m.frontend.estimate_stats(audio)
+    lengths = torch.tensor([4800, 3200])
+    out = m({"audio": audio[:, None], "lengths": lengths}, 0, gen(), 10)
+    x, fl = m.frontend(audio, lengths)
+    with torch.no_grad():
+        preds = [F.pad(m.postnet(m.encoder(x[b:b + 1, :, :n]).tokens[0]), (0, 0, 0, x.shape[-1] - n))
+                 for b, n in enumerate(fl.tolist())]
+        want = _s3prl_l1(torch.stack(preds), x.transpose(1, 2), fl.tolist())
+    assert out["loss"].item() == pytest.approx(float(want), abs=1e-5)
+    assert "code_perplexity" not in out and {"emb_std", "emb_dims"} <= out.keys()
+    with pytest.raises(ConfigError, match="method.groups must be >= 0"):
+        _method("method.groups=-1")
+
+
 def test_training_loss_uses_gumbel_noise_from_the_generator():
     m = _method("encoder.dropout=0.0")
     audio = synth_clips(2, 0.2)

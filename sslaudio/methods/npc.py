@@ -20,6 +20,10 @@ is hidden from its own prediction by the masks (s3prl's config also lists `n_fut
 NPC expert never reads). The VQ layer and postnet are for training only; the encoder (what
 extraction and export use) ends at the aggregated masked features, s3prl's NPC upstream output.
 
+`method.groups: 0` builds no VQ layer: the postnet reads the masked features directly, the official
+model's `vq: null` (Alexander-H-Liu/NPC model/npc.py, `apply_vq` false); the paper's ablation without
+the quantizer. The presets keep the official 4 x 64 VQ.
+
 Where we differ from the official code, and why:
 - Input: the repo's logmel frontend (Hann window) with per-utterance, per-bin CMVN (`frontend.cmvn`,
   as the official input), instead of Kaldi fbank with a Hamming window.
@@ -54,14 +58,14 @@ from sslaudio.registry import METHODS
 class NPC(Method):
     @dataclass
     class Config:
-        groups: int = 4  # VQ groups: s3prl vq.codebook_size [64, 64, 64, 64], code_dim [128] * 4 (hidden / 4)
+        groups: int = 4  # VQ groups: s3prl vq.codebook_size [64, 64, 64, 64], code_dim [128] * 4 (hidden / 4); 0: no VQ
         entries: int = 64  # codes per group
         tau: float = 1.0  # vq.gumbel_temperature (constant)
 
         def __post_init__(self):
-            if self.groups < 1 or self.entries < 2:
-                raise ConfigError(f"method.groups must be >= 1 and method.entries >= 2, found {self.groups} "
-                                  f"and {self.entries}")
+            if self.groups < 0 or self.entries < 2:
+                raise ConfigError(f"method.groups must be >= 0 (0: no VQ) and method.entries >= 2, found "
+                                  f"{self.groups} and {self.entries}")
             if not (math.isfinite(self.tau) and self.tau > 0):
                 raise ConfigError(f"method.tau must be finite and > 0, found {self.tau}")
 
@@ -72,15 +76,19 @@ class NPC(Method):
     def __init__(self, cfg: Config, inputs, frontend, encoder, masker=None):
         super().__init__(cfg, inputs, frontend, encoder, masker)
         hidden = encoder.dim
-        if hidden % cfg.groups:
+        if cfg.groups and hidden % cfg.groups:
             raise ConfigError(f"method.groups {cfg.groups} must divide encoder.hidden {hidden} (each group "
                               "quantizes its own slice)")
-        self.vq = GumbelQuantizer(hidden, cfg.groups, cfg.entries, hidden, split_input=True, init="torch")
+        self.vq = (GumbelQuantizer(hidden, cfg.groups, cfg.entries, hidden, split_input=True, init="torch")
+                   if cfg.groups else None)
         self.postnet = nn.Linear(hidden, frontend.out_channels)  # back to the log-mel frame
 
     def predict(self, feat: Tensor, valid: Tensor | None, generator: torch.Generator | None):
         """Aggregated masked features (B, T, H) -> (prediction (B, T, F), QuantOut of the valid frames).
-        Padded frames (valid False) get the prediction of a zero code."""
+        Padded frames (valid False) get the prediction of a zero code. Without a VQ (groups 0) the
+        postnet reads the features and the QuantOut is None."""
+        if self.vq is None:
+            return self.postnet(feat), None
         B, T, H = feat.shape
         rows = feat.reshape(B * T, H) if valid is None else feat[valid]  # (N, H)
         q = self.vq(rows, self.cfg.tau, generator)
@@ -102,5 +110,5 @@ class NPC(Method):
         where = torch.ones_like(target, dtype=torch.bool) if valid is None else valid.unsqueeze(-1).expand_as(target)
         loss = losses.masked_reconstruction_loss(pred, target, where, "l1")
         feats = out.tokens.reshape(-1, out.tokens.shape[-1]) if valid is None else out.tokens[valid]
-        return {"loss": loss, "code_perplexity": q.code_perplexity, "prob_perplexity": q.prob_perplexity,
-                **embedding_signals(feats)}
+        codes = {} if q is None else {"code_perplexity": q.code_perplexity, "prob_perplexity": q.prob_perplexity}
+        return {"loss": loss, **codes, **embedding_signals(feats)}
