@@ -20,8 +20,8 @@ to its initial weights (Frobenius norms). Table 2 (--swap-step N): the initial
 network with one group's weights taken from step N, the same classifier: which group's updates
 remove what the probe finds. Table 3 (--layers): the same classifier on each of the encoder's
 layers (`probe --layer L`, L = 0 .. depth - 1, and `all` side by side), initial network and every
-checkpoint: where in the network the task's information goes first. Groups are parameter-name prefixes up to the first index
-(`convs.1`, `blocks.0`, `gru`). Empty or undecodable files are skipped (a warning each, a count in the
+checkpoint: where in the network the task's information goes first. Groups are parameter-name
+prefixes up to the first index (`convs.1`, `blocks.0`, `gru`). Empty or undecodable files are skipped (a warning each, a count in the
 header); clips are cut to the shortest one so they batch; the ridge
 classifier is a quick stand-in for `sslaudio probe`, not the devbench protocol.
 """

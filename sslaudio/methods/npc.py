@@ -21,8 +21,8 @@ NPC expert never reads). The VQ layer and postnet are for training only; the enc
 extraction and export use) ends at the aggregated masked features, s3prl's NPC upstream output.
 
 `method.groups: 0` builds no VQ layer: the postnet reads the masked features directly, the official
-model's `vq: null` (Alexander-H-Liu/NPC model/npc.py, `apply_vq` false); the paper's ablation without
-the quantizer. The presets keep the official 4 x 64 VQ.
+model's `vq: null` (Alexander-H-Liu/NPC model/npc.py, `apply_vq` false). The presets keep the
+official 4 x 64 VQ.
 
 Where we differ from the official code, and why:
 - Input: the repo's logmel frontend (Hann window) with per-utterance, per-bin CMVN (`frontend.cmvn`,
