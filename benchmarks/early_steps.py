@@ -16,7 +16,7 @@ Table 1, one row per checkpoint (and the initial network): the accuracy of a rid
 task's train split and scored on up to --test of its test split; the share of the training clip
 embeddings' variance on their first principal component (near 1: the clips differ along one
 direction only, a collapse the loss does not show); and each layer group's weight change relative
-to its initial weights (Frobenius norms). Table 2 (--swap-step N): the initial
+to its initial weights (Frobenius norms of the parameters; running statistics left out). Table 2 (--swap-step N): the initial
 network with one group's weights taken from step N, the same classifier: which group's updates
 remove what the probe finds. Table 3 (--layers): the same classifier on each of the encoder's
 layers (`probe --layer L`, L = 0 .. depth - 1, and `all` side by side), initial network and every
@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> None:
     classes = sorted(set(ltr) | set(lte))
     ytr, yte = torch.tensor([classes.index(v) for v in ltr]), torch.tensor([classes.index(v) for v in lte])
     groups = sorted({group_of(k) for k, v in init_sd.items() if v.is_floating_point()})
+    params = {name for name, _ in last.encoder.named_parameters()}
     last.eval()
     layers: list[int | str] = []
     if args.layers:
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> None:
         return accs
 
     def change(sd: dict, g: str) -> float:
-        keys = [k for k in sd if group_of(k) == g and sd[k].is_floating_point()]
+        keys = [k for k in sd if group_of(k) == g and k in params]  # weights, not BatchNorm statistics
         num = sum(float((sd[k] - init_sd[k]).pow(2).sum()) for k in keys)
         den = sum(float(init_sd[k].pow(2).sum()) for k in keys)
         return (num / den) ** 0.5 if den > 0 else float("nan")
