@@ -4,7 +4,8 @@
     python benchmarks/early_steps.py RUN random:PRESET LABELS.csv
     python benchmarks/early_steps.py /work/runs/cpc-fine random:tiny/cpc /work/devbench-full/pitch_class/labels.csv \\
         --swap-step 20
-    python benchmarks/early_steps.py /work/runs/npc-fine random:tiny/npc /work/devbench-full/pitch_class/labels.csv --layers
+    python benchmarks/early_steps.py /work/runs/npc-fine random:tiny/npc /work/devbench-full/pitch_class/labels.csv \\
+        --layers
 
 RUN is a run folder whose checkpoints (`ckpt/step-N`) started from the network that random:PRESET
 builds (the same preset and seed, unmodified by --set); keep several early checkpoints with
@@ -16,14 +17,15 @@ Table 1, one row per checkpoint (and the initial network): the accuracy of a rid
 task's train split and scored on up to --test of its test split; the share of the training clip
 embeddings' variance on their first principal component (near 1: the clips differ along one
 direction only, a collapse the loss does not show); and each layer group's weight change relative
-to its initial weights (Frobenius norms of the parameters; running statistics left out). Table 2 (--swap-step N): the initial
-network with one group's weights taken from step N, the same classifier: which group's updates
-remove what the probe finds. Table 3 (--layers): the same classifier on each of the encoder's
-layers (`probe --layer L`, L = 0 .. depth - 1, and `all` side by side), initial network and every
-checkpoint: where in the network the task's information goes first. Groups are parameter-name
-prefixes up to the first index (`convs.1`, `blocks.0`, `gru`). Empty or undecodable files are skipped (a warning each, a count in the
-header); clips are cut to the shortest one so they batch; the ridge
-classifier is a quick stand-in for `sslaudio probe`, not the devbench protocol.
+to its initial weights (Frobenius norms of the parameters; running statistics left out). Table 2
+(--swap-step N): the initial network with one group's weights taken from step N, the same
+classifier: which group's updates remove what the probe finds. Table 3 (--layers): the same
+classifier on each of the encoder's layers (`probe --layer L`, L = 0 .. depth - 1, and `all` side
+by side), initial network and every checkpoint: where in the network the task's information goes
+first. Groups are parameter-name prefixes up to the first index (`convs.1`, `blocks.0`, `gru`).
+Empty or undecodable files are skipped (a warning each, a count in the header); clips are cut to
+the shortest one so they batch; the ridge classifier is a quick stand-in for `sslaudio probe`, not
+the devbench protocol.
 """
 
 from __future__ import annotations
@@ -176,9 +178,12 @@ def run(args: argparse.Namespace) -> None:
     print("| step | accuracy | PC1 share | " + " | ".join(groups) + " |")
     print("|---|---|---|" + "---|" * len(groups))
     print(f"| init | {first:.3f} | {share:.3f} | " + " | ".join("0" for _ in groups) + " |", flush=True)
+    layer_rows = [("init", layer_scores(init_sd))] if layers else []  # table 3, printed last
     for s in sorted(steps):
         sd = load_encoder(str(steps[s])).encoder.state_dict()
         acc, share = scores(sd)
+        if layers:
+            layer_rows.append((str(s), layer_scores(sd)))  # while this checkpoint is loaded
         print(f"| {s} | {acc:.3f} | {share:.3f} | " + " | ".join(f"{change(sd, g):.3f}" for g in groups) + " |",
               flush=True)
     if args.swap_step is not None:
@@ -189,9 +194,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"| {g} | {score(sd):.3f} |", flush=True)
     if layers:
         print("\n| step | " + " | ".join(f"layer {v}" for v in layers) + " |\n|---|" + "---|" * len(layers))
-        for name, sd in [("init", init_sd)] + [(str(s), load_encoder(str(steps[s])).encoder.state_dict())
-                                               for s in sorted(steps)]:
-            print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in layer_scores(sd)) + " |", flush=True)
+        for name, accs in layer_rows:
+            print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ per offset, and the collapse signals ctx_std / z_std (base.embedding_std of the 
 ctx_dims / z_dims (base.effective_dimension, the participation ratio of the same frames). The
 latter show what the stds do not: on devbench's pool the first ~20 updates of tiny/cpc put nearly
 all of the frames' variation on one direction (the frame's level, which the first conv's bias lets
-through the ChannelNorm) while z_std stays near half its isotropic value (benchmarks/RESULTS.md,
-"tiny/cpc: what its first updates do").
+through the ChannelNorm; without that bias, onto another direction) while z_std stays near half
+its isotropic value (benchmarks/RESULTS.md, "tiny/cpc: what its first updates do").
 """
 
 from __future__ import annotations
