@@ -33,10 +33,11 @@ Where we differ from the official code, and why:
 - The codebook perplexity is logged per step (official: accumulated usage between reports, groups
   1 and 2 only, each group separately).
 
-Logged: loss; `code_perplexity`, the sum over groups of exp(entropy) of the batch's argmax code
-usage, and `prob_perplexity`, the same of the averaged softmax (each at most groups x entries;
-near groups when every frame takes one code, i.e. a collapsed codebook); `emb_std`, the spread of
-the L2-normalised encoder features over valid frames (0 if every frame maps to one vector).
+Logged: loss; with a VQ, `code_perplexity`, the sum over groups of exp(entropy) of the batch's
+argmax code usage, and `prob_perplexity`, the same of the averaged softmax (each at most groups x
+entries; near groups when every frame takes one code, i.e. a collapsed codebook); `emb_std`, the
+spread of the L2-normalised encoder features over valid frames (0 if every frame maps to one
+vector), and `emb_dims`, their effective dimension (base.embedding_signals).
 """
 
 from __future__ import annotations
