@@ -37,6 +37,7 @@ A method holds MultiCrop in its Config (a nested dataclass), so multi-crop is pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,6 +120,17 @@ class RandomResizeCrop(nn.Module):
         virtual_crop: tuple[float, float] = (1.0, 1.5)
         freq_scale: tuple[float, float] = (0.6, 1.5)
         time_scale: tuple[float, float] = (0.6, 1.5)
+
+        def __post_init__(self):
+            # a canvas smaller than the input, a zero-size box or a reversed range trained silently
+            if not all(math.isfinite(v) and v >= 1 for v in self.virtual_crop):
+                raise ConfigError(f"views.rrc: virtual_crop must be [freq, time] factors >= 1, found "
+                                  f"{list(self.virtual_crop)}")
+            for key in ("freq_scale", "time_scale"):
+                lo, hi = getattr(self, key)
+                if not (math.isfinite(hi) and 0 < lo <= hi):
+                    raise ConfigError(f"views.rrc: {key} must be [low, high] with 0 < low <= high, found "
+                                      f"{[lo, hi]}")
 
     def __init__(self, cfg: Config, shape: tuple[int, int]):
         super().__init__()

@@ -61,6 +61,18 @@ def test_gain_is_a_constant_offset_in_range():
         build("gain", offset=[1.0, -1.0])
 
 
+@pytest.mark.parametrize("fields, text", [
+    ({"freq_scale": [1.25, 0.8]}, r"freq_scale must be \[low, high\] with 0 < low <= high, found \[1.25, 0.8\]"),
+    ({"freq_scale": [0.0, 1.25]}, "freq_scale must be"),
+    ({"time_scale": [0.6, float("inf")]}, "time_scale must be"),
+    ({"virtual_crop": [0.5, 1.5]}, r"virtual_crop must be \[freq, time\] factors >= 1"),
+])
+def test_rrc_refuses_ranges_that_trained_silently(fields, text):
+    with pytest.raises(ConfigError, match=text):
+        build("rrc", **fields)
+    build("rrc", virtual_crop=[1.0, 1.0], freq_scale=[1.0, 1.0], time_scale=[0.8, 1.25])  # the edges pass
+
+
 def test_noise_snr_range_and_monotone():
     x = spec(B=64, shape=(64, 96))
     aug = build_component(AUGMENTS, {"name": "noise", "snr_db": [5.0, 15.0]}, "views[0]", shape=(64, 96))
