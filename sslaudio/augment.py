@@ -168,6 +168,10 @@ class RandomLinearFader(nn.Module):
     class Config:
         gain: float = 1.0
 
+        def __post_init__(self):
+            if not (math.isfinite(self.gain) and self.gain >= 0):  # NaN faded every input to NaN
+                raise ConfigError(f"views.rlf: gain must be finite and >= 0, found {self.gain}")
+
     def __init__(self, cfg: Config, shape: tuple[int, int]):
         super().__init__()
         self.cfg = cfg

@@ -73,6 +73,13 @@ def test_rrc_refuses_ranges_that_trained_silently(fields, text):
     build("rrc", virtual_crop=[1.0, 1.0], freq_scale=[1.0, 1.0], time_scale=[0.8, 1.25])  # the edges pass
 
 
+@pytest.mark.parametrize("gain", [float("nan"), float("inf"), -0.5])
+def test_rlf_refuses_a_gain_that_is_not_finite_or_negative(gain):
+    with pytest.raises(ConfigError, match=r"^views.rlf: gain must be finite and >= 0"):
+        build("rlf", gain=gain)
+    assert torch.equal(build("rlf", gain=0.0)(spec(), gen(0)), spec())  # 0: no fade, the edge passes
+
+
 def test_noise_snr_range_and_monotone():
     x = spec(B=64, shape=(64, 96))
     aug = build_component(AUGMENTS, {"name": "noise", "snr_db": [5.0, 15.0]}, "views[0]", shape=(64, 96))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from sslaudio.config import ConfigError
+
 
 def mlp(dims: list[int], norm: str = "bn", last_norm: str | None = None, act: type = nn.ReLU,
         bias_last: bool = True) -> nn.Sequential:
@@ -12,6 +14,9 @@ def mlp(dims: list[int], norm: str = "bn", last_norm: str | None = None, act: ty
     BYOL projector/predictor: mlp([d, 4096, 256]) = Linear - BN - ReLU - Linear.
     `last_norm` adds a final affine-free BN (SimSiam / MoCo v3 projector output).
     """
+    if len(dims) < 2 or any(int(w) < 1 for w in dims):  # a zero width built and then failed mid-step
+        raise ConfigError(f"method: every head width must be >= 1, found {list(dims)} (check the method's "
+                          f"*_dim and *_hidden settings)")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
