@@ -37,7 +37,6 @@ A method holds MultiCrop in its Config (a nested dataclass), so multi-crop is pr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError, build_component
+from sslaudio.config import ConfigError, build_component, check_range
 from sslaudio.hostint import host_int, set_host_int
 from sslaudio.registry import AUGMENTS
 
@@ -123,14 +122,12 @@ class RandomResizeCrop(nn.Module):
 
         def __post_init__(self):
             # a canvas smaller than the input, a zero-size box or a reversed range trained silently
-            if not all(math.isfinite(v) and v >= 1 for v in self.virtual_crop):
-                raise ConfigError(f"views.rrc: virtual_crop must be [freq, time] factors >= 1, found "
-                                  f"{list(self.virtual_crop)}")
+            for i, v in enumerate(self.virtual_crop):
+                check_range(f"views.rrc.virtual_crop[{i}]", v, low=1)
             for key in ("freq_scale", "time_scale"):
                 lo, hi = getattr(self, key)
-                if not (math.isfinite(hi) and 0 < lo <= hi):
-                    raise ConfigError(f"views.rrc: {key} must be [low, high] with 0 < low <= high, found "
-                                      f"{[lo, hi]}")
+                check_range(f"views.rrc.{key}[0]", lo, low=0, low_open=True)
+                check_range(f"views.rrc.{key}[1]", hi, low=lo)  # [low, high]: high >= low
 
     def __init__(self, cfg: Config, shape: tuple[int, int]):
         super().__init__()
@@ -169,8 +166,7 @@ class RandomLinearFader(nn.Module):
         gain: float = 1.0
 
         def __post_init__(self):
-            if not (math.isfinite(self.gain) and self.gain >= 0):  # NaN faded every input to NaN
-                raise ConfigError(f"views.rlf: gain must be finite and >= 0, found {self.gain}")
+            check_range("views.rlf.gain", self.gain, low=0)  # NaN faded every input to NaN
 
     def __init__(self, cfg: Config, shape: tuple[int, int]):
         super().__init__()

@@ -95,7 +95,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     (["--set", "data.clip_seconds=0.001"], "error: data.clip_seconds: 0.001 s (16 samples at 16000 Hz) gives the "
                                            "encoder 'audiontt' no output frame; it needs at least"),
     (["--set", "method.proj_dim=0"], "error: method: every head width must be >= 1, found [512, 1024, 0]"),
-    (["--set", "views.1.freq_scale=[1.5,0.6]"], "error: views.rrc: freq_scale must be [low, high] with 0 < low"),
+    (["--set", "views.1.freq_scale=[1.5,0.6]"], "error: views.rrc.freq_scale[1] must be >= 1.5, found 0.6"),
 ])
 def test_the_cli_prints_one_line_and_exits_2(args, text, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
