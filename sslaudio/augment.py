@@ -49,6 +49,13 @@ from sslaudio.hostint import host_int, set_host_int
 from sslaudio.registry import AUGMENTS
 
 
+def _check_interval(key: str, pair: tuple[float, float], **low_bounds) -> None:
+    """A [low, high] draw range: both finite, high >= low, low within `low_bounds` (check_range's
+    keywords). A NaN end used to pass a plain low <= high test and train on NaN."""
+    check_range(f"{key}[0]", pair[0], **low_bounds)
+    check_range(f"{key}[1]", pair[1], low=pair[0])
+
+
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)
 
@@ -125,9 +132,7 @@ class RandomResizeCrop(nn.Module):
             for i, v in enumerate(self.virtual_crop):
                 check_range(f"views.rrc.virtual_crop[{i}]", v, low=1)
             for key in ("freq_scale", "time_scale"):
-                lo, hi = getattr(self, key)
-                check_range(f"views.rrc.{key}[0]", lo, low=0, low_open=True)
-                check_range(f"views.rrc.{key}[1]", hi, low=lo)  # [low, high]: high >= low
+                _check_interval(f"views.rrc.{key}", getattr(self, key), low=0, low_open=True)
 
     def __init__(self, cfg: Config, shape: tuple[int, int]):
         super().__init__()
@@ -192,8 +197,7 @@ class Gain(nn.Module):
         offset: tuple[float, float] = (-0.3, 0.3)
 
         def __post_init__(self):
-            if self.offset[0] > self.offset[1]:
-                raise ConfigError("views.gain: offset must be [low, high] with low <= high")
+            _check_interval("views.gain.offset", self.offset)
 
     def __init__(self, cfg: Config, shape: tuple[int, int]):
         super().__init__()
@@ -221,8 +225,7 @@ class Noise(nn.Module):
         snr_db: tuple[float, float] = (10.0, 40.0)
 
         def __post_init__(self):
-            if self.snr_db[0] > self.snr_db[1]:
-                raise ConfigError("views.noise: snr_db must be [low, high] with low <= high")
+            _check_interval("views.noise.snr_db", self.snr_db)
 
     def __init__(self, cfg: Config, shape: tuple[int, int]):
         super().__init__()

@@ -172,7 +172,7 @@ def check_range(key: str, value: Any, *, low: float | None = None, high: float |
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        finite = isinstance(value, float) and not math.isfinite(value)
+        finite = bounds and isinstance(value, float) and not math.isfinite(value)
         raise ConfigError(f"{key} must be {'finite and ' if finite else ''}{need}, found {value!r}")
 
 

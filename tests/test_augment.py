@@ -84,6 +84,22 @@ def test_rlf_refuses_a_gain_that_is_not_finite_or_negative(gain, text):
     assert torch.equal(build("rlf", gain=0.0)(spec(), gen(0)), spec())  # 0: no fade, the edge passes
 
 
+@pytest.mark.parametrize("name, fields, text", [
+    ("gain", {"offset": [float("nan"), 0.3]}, r"^views\.gain\.offset\[0\] must be a finite number, found nan$"),
+    ("gain", {"offset": [-0.3, float("nan")]}, r"^views\.gain\.offset\[1\] must be finite and >= -0\.3, found nan$"),
+    ("gain", {"offset": [0.3, -0.3]}, r"^views\.gain\.offset\[1\] must be >= 0\.3, found -0\.3$"),
+    ("noise", {"snr_db": [float("nan"), 40.0]}, r"^views\.noise\.snr_db\[0\] must be a finite number, found nan$"),
+    ("noise", {"snr_db": [10.0, float("inf")]}, r"^views\.noise\.snr_db\[1\] must be finite and >= 10, found inf$"),
+])
+def test_gain_and_noise_refuse_a_range_that_is_not_finite_or_reversed(name, fields, text):
+    # a NaN end passed the old low <= high test (every comparison with NaN is false) and trained on NaN
+    with pytest.raises(ConfigError, match=text):
+        build(name, **fields)
+    x = spec()
+    assert torch.equal(build("gain", offset=[0.1, 0.1])(x, gen(0)), x + 0.1)  # an empty range is a fixed level
+    assert torch.isfinite(build("noise", snr_db=[-5.0, -5.0])(x, gen(0))).all()  # noise above the signal is allowed
+
+
 def test_noise_snr_range_and_monotone():
     x = spec(B=64, shape=(64, 96))
     aug = build_component(AUGMENTS, {"name": "noise", "snr_db": [5.0, 15.0]}, "views[0]", shape=(64, 96))
