@@ -113,11 +113,25 @@ def parse(cls: type, data: Any, path: str = "") -> Any:
             raise ConfigError(f"unknown key '{where}'{_did_you_mean(str(key), list(fields))}")
         kwargs[key] = _check_type(value, hints[key], where)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
+    # no setting means anything at NaN or infinity, and a field without its own range check (a
+    # temperature, a loss weight) would otherwise train on NaN: refused after the component's own
+    # checks, so that their messages, which name the bounds, come first
+    for key, value in kwargs.items():
+        _refuse_nonfinite(value, f"{path}.{key}" if path else str(key))
+    return obj
+
+
+def _refuse_nonfinite(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, found {value!r}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_nonfinite(v, f"{where}[{i}]")
 
 
 def component_config(registry: Any, section: Any, path: str) -> tuple[type, Any]:

@@ -114,3 +114,18 @@ def test_the_clip_check_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     load_preset("tiny/byol-a", ["data.clip_seconds=0.4321"])  # a length no other test checks: built now
     assert torch.equal(torch.rand(4), want)
+
+
+@pytest.mark.parametrize("preset, override, text", [
+    # fields without a range check of their own: each trained on NaN (every step skipped as non-finite,
+    # or a random encoder exported after a short run) until the loader refused any non-finite number
+    ("tiny/simclr", "method.temperature=.nan", r"method\.temperature must be a finite number, found nan"),
+    ("tiny/barlow-twins", "method.lambd=.inf", r"method\.lambd must be a finite number, found inf"),
+    ("tiny/vicreg", "method.sim_coeff=.nan", r"method\.sim_coeff must be a finite number, found nan"),
+    ("tiny/mockingjay", "method.noise_std=.nan", r"method\.noise_std must be a finite number, found nan"),
+    ("tiny/dino", "method.teacher_temp=-.inf", r"method\.teacher_temp must be .*found -inf"),
+])
+def test_no_setting_takes_a_nan_or_an_infinity(preset, override, text):
+    with pytest.raises(ConfigError, match=rf"^{text}$"):
+        load_preset(preset, [override])
+    load_preset(preset, [override.split("=")[0] + "=0.5"])  # a finite value of the same key loads
