@@ -129,3 +129,20 @@ def test_no_setting_takes_a_nan_or_an_infinity(preset, override, text):
     with pytest.raises(ConfigError, match=rf"^{text}$"):
         load_preset(preset, [override])
     load_preset(preset, [override.split("=")[0] + "=0.5"])  # a finite value of the same key loads
+
+
+@pytest.mark.parametrize("preset, override, text", [
+    # each reached torch when the model was built and printed its traceback (found by setting every
+    # integer and float field of every tiny preset's encoder and method to 0 and -1)
+    ("tiny/byol-a-v2", "encoder.mlp_hidden=-1", r"encoder\.mlp_hidden must be >= 1, found -1"),
+    ("tiny/byol-a", "encoder.dropout=-1.0", r"encoder\.dropout must be >= 0 and < 1, found -1\.0"),
+    ("tiny/m2d", "encoder.dim=0", r"encoder\.dim must be >= 1, found 0"),
+    ("tiny/mockingjay", "encoder.dim=0", r"encoder\.dim must be >= 1, found 0"),
+    ("tiny/wav2vec2-wave", "encoder.dim=0", r"encoder\.dim must be >= 1, found 0"),
+    ("tiny/data2vec-wave", "encoder.pos_conv_groups=0", r"encoder\.pos_conv_groups must be >= 1, found 0"),
+    ("tiny/m2d", "method.pred_dim=0", r"method\.pred_dim must be >= 1, found 0"),
+    ("tiny/m2d", "method.pred_mlp_ratio=-1.0", r"method\.pred_mlp_ratio must be > 0, found -1\.0"),
+])
+def test_widths_and_rates_that_crashed_the_build_are_refused(preset, override, text):
+    with pytest.raises(ConfigError, match=rf"^{text}$"):
+        load_preset(preset, [override])

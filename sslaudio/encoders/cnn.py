@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
     Encoder,
     EncoderOut,
@@ -39,6 +39,9 @@ class AudioNTT(Encoder):
         def __post_init__(self):
             if self.d < 1 or self.base_d < 1:
                 raise ConfigError("encoder.d and encoder.base_d must be positive")
+            # both reached torch as a traceback when the model was built
+            check_range("encoder.mlp_hidden", self.mlp_hidden, low=1)
+            check_range("encoder.dropout", self.dropout, low=0, high=1, high_open=True)
 
     def __init__(self, cfg: Config, frontend):
         super().__init__()

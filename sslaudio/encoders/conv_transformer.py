@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
     Encoder,
     EncoderOut,
@@ -91,6 +91,8 @@ class ConvTransformer(Encoder):
                                   "[channels, kernel, stride] triples")
             if self.depth < 1 or self.heads < 1 or self.ffn_dim < 1:
                 raise ConfigError("encoder.depth, encoder.heads and encoder.ffn_dim must be >= 1")
+            check_range("encoder.dim", self.dim, low=1)  # 0 passed the divisibility checks
+            check_range("encoder.pos_conv_groups", self.pos_conv_groups, low=1)
             if self.dim % self.heads:
                 raise ConfigError(f"encoder.dim {self.dim} must be divisible by encoder.heads {self.heads}")
             if self.dim % self.pos_conv_groups:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
     Encoder,
     EncoderOut,
@@ -93,6 +93,7 @@ class FrameTransformer(Encoder):
         def __post_init__(self):
             if self.depth < 1 or self.heads < 1 or self.ffn_dim < 1:
                 raise ConfigError("encoder.depth, encoder.heads and encoder.ffn_dim must be >= 1")
+            check_range("encoder.dim", self.dim, low=1)  # 0 passed the divisibility checks
             if self.dim % self.heads:
                 raise ConfigError(f"encoder.dim {self.dim} must be divisible by encoder.heads {self.heads}")
             if self.dim % 2:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
     Encoder,
     EncoderOut,
@@ -113,6 +113,7 @@ class ViT(Encoder):
                 raise ConfigError(f"encoder.patch must be two positive integers, found {list(self.patch)}")
             if self.depth < 1 or self.heads < 1:
                 raise ConfigError("encoder.depth and encoder.heads must be >= 1")
+            check_range("encoder.dim", self.dim, low=1)  # 0 passed the divisibility checks
             if self.dim % self.heads:
                 raise ConfigError(f"encoder.dim {self.dim} must be divisible by encoder.heads {self.heads}")
             if self.dim % 4:

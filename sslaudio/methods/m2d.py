@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.layers import (
     Block,
     gather_tokens,
@@ -113,6 +113,8 @@ class M2D(Method):
         def __post_init__(self):
             if self.pred_depth < 1 or self.pred_heads < 1:
                 raise ConfigError("method.pred_depth and method.pred_heads must be >= 1")
+            check_range("method.pred_dim", self.pred_dim, low=1)  # 0 passed the divisibility check
+            check_range("method.pred_mlp_ratio", self.pred_mlp_ratio, low=0, low_open=True)
             if self.pred_dim % self.pred_heads or self.pred_dim % 4:
                 raise ConfigError(f"method.pred_dim {self.pred_dim} must be divisible by pred_heads "
                                   f"{self.pred_heads} and by 4 (2-D sin-cos positions)")
