@@ -15,7 +15,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from sslaudio.config import ConfigError, build_component
+from sslaudio.config import ConfigError, build_component, check_range
 from sslaudio.registry import FRONTENDS
 
 
@@ -45,6 +45,10 @@ class MelConfig:
             raise ConfigError("frontend: n_mels, hop and n_fft must be positive")
         if self.win_length > self.n_fft:
             raise ConfigError("frontend.win_length must be <= n_fft")
+        # torch / torchaudio refused these only with a traceback when the frontend was built
+        check_range("frontend.win_length", self.win_length, low=0)  # 0: n_fft
+        check_range("frontend.f_min", self.f_min, low=0)
+        check_range("frontend.f_max", self.f_max, low=self.f_min, low_open=True)
 
 
 CMVN_STD_FLOOR = 1e-3
@@ -106,6 +110,11 @@ class LogMel(Frontend):
         eps: float = 1.1920929e-07  # torch.finfo(float32).eps, as the BYOL-A code adds before log
         normalize: bool = True  # dataset-wide mean / std (estimate_stats)
         cmvn: bool = False  # per item and mel bin over its valid frames, instead of the dataset statistics
+
+        def __post_init__(self):
+            super().__post_init__()
+            # log(power + eps): eps <= 0 gave -inf on digital silence, NaN (and a crash) below 0
+            check_range("frontend.eps", self.eps, low=0, low_open=True)
 
     def __init__(self, cfg: Config, sample_rate: int):
         super().__init__()

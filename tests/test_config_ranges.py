@@ -142,6 +142,11 @@ def test_no_setting_takes_a_nan_or_an_infinity(preset, override, text):
     ("tiny/data2vec-wave", "encoder.pos_conv_groups=0", r"encoder\.pos_conv_groups must be >= 1, found 0"),
     ("tiny/m2d", "method.pred_dim=0", r"method\.pred_dim must be >= 1, found 0"),
     ("tiny/m2d", "method.pred_mlp_ratio=-1.0", r"method\.pred_mlp_ratio must be > 0, found -1\.0"),
+    ("tiny/byol-a", "frontend.win_length=-1", r"frontend\.win_length must be >= 0, found -1"),
+    ("tiny/byol-a", "frontend.f_max=0.0", r"frontend\.f_max must be > 60, found 0\.0"),
+    ("tiny/byol-a", "frontend.f_min=100000.0", r"frontend\.f_max must be > 100000, found 7800\.0"),
+    ("tiny/apc", "frontend.f_min=-1.0", r"frontend\.f_min must be >= 0, found -1\.0"),  # trained on it
+    ("tiny/deepcluster", "frontend.eps=-1.0", r"frontend\.eps must be > 0, found -1\.0"),
 ])
 def test_widths_and_rates_that_crashed_the_build_are_refused(preset, override, text):
     with pytest.raises(ConfigError, match=rf"^{text}$"):
