@@ -62,6 +62,11 @@ def validate(preset: Preset) -> None:
         mode = getattr(masker_cfg, "mode", None)
         if mode != needs.masker:
             raise ConfigError(f"masker.mode: method '{name}' needs mode: {needs.masker}, found {mode!r}")
+        # every method that takes a masker learns from the frames it hides: with none hidden it
+        # trained on an empty (or zero) loss, or crashed at the first step
+        reason = masker_cfg.hides_nothing()
+        if reason:
+            raise ConfigError(f"masker: method '{name}' learns from the frames its masker hides; {reason} hides none")
     if needs.views and not preset.views:
         raise ConfigError(f"method '{name}' needs a 'views' augmentation chain")
     if needs.segments and preset.data.segments != needs.segments:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslaudio.config import ConfigError
+from sslaudio.config import ConfigError, check_range
 from sslaudio.registry import MASKERS
 
 
@@ -212,6 +212,9 @@ class NoMasker(Masker):
     class Config:
         mode: Literal["keep", "replace"] = "replace"
 
+        def hides_nothing(self) -> str | None:
+            return "masker 'none'"
+
     def __call__(self, grid, batch, padding, generator) -> Mask:
         n, device, _ = _prepare(grid, batch, padding, generator)
         return Mask.from_masked(torch.zeros(batch, n, dtype=torch.bool, device=device), self.cfg.mode, 0)
@@ -232,6 +235,9 @@ class RandomMasker(Masker):
             if not 0.0 <= self.ratio < 1.0:
                 raise ConfigError(f"masker.ratio must be in [0, 1), found {self.ratio}")
             _check_mode(self.mode, "masker")
+
+        def hides_nothing(self) -> str | None:
+            return "masker.ratio 0" if self.ratio == 0 else None
 
     def __call__(self, grid, batch, padding, generator) -> Mask:
         n, _, pad = _prepare(grid, batch, padding, generator)
@@ -269,6 +275,9 @@ class SpanMasker(Masker):
             if self.mode == "keep" and not self.require_same_masks:
                 raise ConfigError("masker.require_same_masks must be true in keep mode "
                                   "(every row needs the same number of visible tokens)")
+
+        def hides_nothing(self) -> str | None:
+            return "masker.p 0 with min_spans 0" if self.p == 0 and self.min_spans == 0 else None
 
     def __call__(self, grid, batch, padding, generator) -> Mask:
         cfg = self.cfg
@@ -323,6 +332,9 @@ class BlockMasker(Masker):
             if self.length < 1:
                 raise ConfigError(f"masker.length must be >= 1, found {self.length}")
             _check_mode(self.mode, "masker")
+
+        def hides_nothing(self) -> str | None:
+            return "masker.ratio and freq_ratio 0" if self.ratio == 0 and self.freq_ratio == 0 else None
 
     def __call__(self, grid, batch, padding, generator) -> Mask:
         cfg = self.cfg
@@ -389,7 +401,12 @@ class InverseBlockMasker(Masker):
                 raise ConfigError(f"masker.ratio must be in [0, 1), found {self.ratio}")
             if self.block < 1:
                 raise ConfigError(f"masker.block must be >= 1, found {self.block}")
+            # a negative count of block centres crashed the first step
+            check_range("masker.adjust", self.adjust, low=self.ratio - 1 - 1e-9)  # 1e-9: 0.8 - 1 != -0.2
             _check_mode(self.mode, "masker")
+
+        def hides_nothing(self) -> str | None:
+            return "masker.ratio 0" if self.ratio == 0 else None
 
     def __call__(self, grid, batch, padding, generator) -> Mask:
         cfg = self.cfg
@@ -399,9 +416,10 @@ class InverseBlockMasker(Masker):
         valid = ~pad
         valid_t = (~pad.view(batch, nf, nt).all(1)).sum(1)  # (B,)
         n_valid = valid.sum(1)
-        n_centres = (n_valid.double() * (1.0 - cfg.ratio + cfg.adjust) / (bf * bt)).floor().long()
+        # at least 0: 1 - ratio + adjust may round to just below 0 at the lowest adjust the config takes
+        n_centres = (n_valid.double() * (1.0 - cfg.ratio + cfg.adjust) / (bf * bt)).floor().long().clamp_min(0)
         # the most centres any row can have (all tokens valid): known on the host, no sync
-        cmax = math.floor(n * (1.0 - cfg.ratio + cfg.adjust) / (bf * bt)) if batch else 0
+        cmax = max(0, math.floor(n * (1.0 - cfg.ratio + cfg.adjust) / (bf * bt))) if batch else 0
         # centres drawn with replacement inside each row's valid (F, valid_T) region
         cf = (_rand((batch, cmax), generator) * nf).floor().long()
         ct = (_rand((batch, cmax), generator) * valid_t[:, None].double()).floor().long()

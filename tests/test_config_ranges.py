@@ -147,6 +147,9 @@ def test_no_setting_takes_a_nan_or_an_infinity(preset, override, text):
     ("tiny/byol-a", "frontend.f_min=100000.0", r"frontend\.f_max must be > 100000, found 7800\.0"),
     ("tiny/apc", "frontend.f_min=-1.0", r"frontend\.f_min must be >= 0, found -1\.0"),  # trained on it
     ("tiny/deepcluster", "frontend.eps=-1.0", r"frontend\.eps must be > 0, found -1\.0"),
+    ("tiny/m2d", "masker.ratio=0.0", r"masker: method 'm2d' learns from the frames its masker hides; masker\.ratio 0 "
+                                     r"hides none"),  # the others trained on an empty loss
+    ("tiny/data2vec2", "masker.adjust=-1.0", r"masker\.adjust must be >= -0\.2, found -1\.0"),
 ])
 def test_widths_and_rates_that_crashed_the_build_are_refused(preset, override, text):
     with pytest.raises(ConfigError, match=rf"^{text}$"):

@@ -163,3 +163,26 @@ def test_from_host_keep_mode_checks_counts_on_the_host():
     assert mask.keep_idx.tolist() == [[1, 3], [0, 3]] and mask.host is rows
     with pytest.raises(ValueError, match="same number of visible tokens"):
         Mask.from_host(torch.tensor([[True, False], [False, False]]), "keep", torch.device("cpu"))
+
+
+HIDES_NOTHING = {"none": {}, "random": {"ratio": 0.0}, "span": {"p": 0.0, "min_spans": 0},
+                 "block": {"ratio": 0.0, "freq_ratio": 0.0}, "inverse_block": {"ratio": 0.0}}
+HIDES_SOME = {"random": {"ratio": 0.3}, "span": {"p": 0.0, "min_spans": 1}, "block": {"ratio": 0.0, "freq_ratio": 0.2},
+              "inverse_block": {"ratio": 0.3}}
+
+
+@pytest.mark.parametrize("name", MASKERS.names())
+def test_hides_nothing_names_exactly_the_settings_that_hide_no_frame(name):
+    # the loader refuses a masked-prediction preset whose masker hides nothing on this verdict
+    grid = GRIDS.get(name, (5, 40))
+    m = build(name, **HIDES_NOTHING[name])
+    assert m.cfg.hides_nothing() and not m(grid, 4, None, gen(0)).masked.any()
+    if name in HIDES_SOME:
+        m = build(name, **HIDES_SOME[name])
+        assert m.cfg.hides_nothing() is None and m(grid, 4, None, gen(0)).masked.any()
+
+
+def test_inverse_block_refuses_an_adjust_that_leaves_a_negative_count_of_blocks():
+    with pytest.raises(ConfigError, match=r"^masker\.adjust must be >= -0\.2, found -1\.0$"):
+        build("inverse_block", ratio=0.8, adjust=-1.0)
+    assert build("inverse_block", ratio=0.8, adjust=-0.2)((5, 40), 2, None, gen(0)).masked.any()  # the edge works
