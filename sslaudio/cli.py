@@ -76,11 +76,32 @@ def guard():
         code, msg = 130, "interrupted"
     except (OSError, UnicodeDecodeError, SafetensorError) as e:  # a full disk, --out onto a folder, no permission ...
         code, msg = EXIT_USAGE, _io_error(e)
+    except RuntimeError as e:  # torch.OutOfMemoryError (a RuntimeError) or the CPU allocator's failure
+        if not _out_of_memory(e):
+            raise
+        code, msg = EXIT_USAGE, _oom_message(e)
     if code:
         from rich.markup import escape
 
         err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)  # "[export]" stays
         raise typer.Exit(code)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return (type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "out of memory" in text.lower())
+
+
+def _oom_message(e: BaseException) -> str:
+    """One line for a failed allocation: the size torch could not allocate and what to make smaller
+    (a pretrain run keeps its last committed checkpoint)."""
+    import re
+
+    size = re.search(r"tried to allocate (\d+ bytes|\d+(?:\.\d+)? ?[KMGT]?i?B)", str(e), re.IGNORECASE)
+    reason = f" (tried to allocate {size.group(1)})" if size else ""
+    return (f"out of memory{reason}; use smaller batches: pretrain train.batch_size or data.clip_seconds, "
+            "extract --batch-seconds")
 
 
 def _io_error(e: BaseException) -> str:

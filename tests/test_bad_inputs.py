@@ -490,3 +490,32 @@ def test_no_frame_is_placed_past_the_end_of_its_file(tmp_path):
         e = out[name]
         assert len(e.times) == len(e.frames) >= 1 and e.times.max() < n / SR, (name, e.times[-3:], n / SR)
         assert abs(e.seconds - n / SR) < 1e-9
+
+
+def test_running_out_of_memory_is_one_line_and_other_errors_still_surface():
+    import torch
+    import typer
+
+    from sslaudio.cli import guard
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 36867072064 bytes. Error code 12 (Cannot allocate memory)")
+    cuda = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                       "capacity of 79.10 GiB of which 1.10 GiB is free.")
+    hint = "; use smaller batches: pretrain train.batch_size or data.clip_seconds, extract --batch-seconds"
+    cases = [(cpu, "error: out of memory (tried to allocate 36867072064 bytes)" + hint),
+             (cuda, "error: out of memory (tried to allocate 2.00 GiB)" + hint)]
+    for exc, want in cases:
+        def boom():
+            with guard():
+                raise exc
+
+        r = CliRunner().invoke(typer.Typer(callback=boom, invoke_without_command=True), [])
+        assert r.exit_code == 2 and r.output.strip() == want, r.output
+
+    def bug():
+        with guard():
+            raise RuntimeError("shape mismatch")  # a bug is not hidden behind a friendly line
+
+    r = CliRunner().invoke(typer.Typer(callback=bug, invoke_without_command=True), [])
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
