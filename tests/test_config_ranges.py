@@ -132,8 +132,8 @@ def test_no_setting_takes_a_nan_or_an_infinity(preset, override, text):
 
 
 @pytest.mark.parametrize("preset, override, text", [
-    # each reached torch when the model was built and printed its traceback (found by setting every
-    # integer and float field of every tiny preset's encoder and method to 0 and -1)
+    # each reached torch as a traceback when the model was built or stepped, or gave a NaN loss (found
+    # by benchmarks/config_fuzz.py: every number of every tiny preset's components at 0 and -1)
     ("tiny/byol-a-v2", "encoder.mlp_hidden=-1", r"encoder\.mlp_hidden must be >= 1, found -1"),
     ("tiny/byol-a", "encoder.dropout=-1.0", r"encoder\.dropout must be >= 0 and < 1, found -1\.0"),
     ("tiny/m2d", "encoder.dim=0", r"encoder\.dim must be >= 1, found 0"),
@@ -141,6 +141,7 @@ def test_no_setting_takes_a_nan_or_an_infinity(preset, override, text):
     ("tiny/wav2vec2-wave", "encoder.dim=0", r"encoder\.dim must be >= 1, found 0"),
     ("tiny/data2vec-wave", "encoder.pos_conv_groups=0", r"encoder\.pos_conv_groups must be >= 1, found 0"),
     ("tiny/m2d", "method.pred_dim=0", r"method\.pred_dim must be >= 1, found 0"),
+    ("tiny/atst-frame", "encoder.norm_eps=-1.0", r"encoder\.norm_eps must be > 0, found -1\.0"),  # a NaN loss
     ("tiny/m2d", "method.pred_mlp_ratio=-1.0", r"method\.pred_mlp_ratio must be > 0, found -1\.0"),
     ("tiny/byol-a", "frontend.win_length=-1", r"frontend\.win_length must be >= 0, found -1"),
     ("tiny/byol-a", "frontend.f_max=0.0", r"frontend\.f_max must be > 60, found 0\.0"),

@@ -114,6 +114,7 @@ class ViT(Encoder):
             if self.depth < 1 or self.heads < 1:
                 raise ConfigError("encoder.depth and encoder.heads must be >= 1")
             check_range("encoder.dim", self.dim, low=1)  # 0 passed the divisibility checks
+            check_range("encoder.norm_eps", self.norm_eps, low=0, low_open=True)  # < 0: NaN at the first step
             if self.dim % self.heads:
                 raise ConfigError(f"encoder.dim {self.dim} must be divisible by encoder.heads {self.heads}")
             if self.dim % 4:
