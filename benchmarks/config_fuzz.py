@@ -8,8 +8,8 @@ training step run on random audio (batch 4). A setting passes when the loader re
 ConfigError (the CLI prints one line) or the step gives a finite loss; the table lists the rest:
 LOAD (the loader raised something else: a traceback for the user), STEP (the build or the step
 did) and NaN (a non-finite loss: the run would skip every step). The thirty-eighth session's
-config checks were found this way. All 29 tiny presets, 1360 settings: about 1.5 minutes (one
-thread, beside three training runs, 2026-12-07); after those checks the table is empty.
+config checks were found this way. All 29 tiny presets, 1360 settings: 39 s on the 2-core CPU
+with nothing else running (2026-12-07); after those checks the table is empty.
 
     python benchmarks/config_fuzz.py                          # every tiny preset
     python benchmarks/config_fuzz.py tiny/m2d tiny/hubert     # some
