@@ -91,6 +91,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     names = args.presets or [n for n in list_presets() if n.startswith("tiny/")]
+    for name in names:  # a misspelt preset is one line before any work, not a traceback midway
+        try:
+            load_preset(name)
+        except ConfigError as e:
+            ap.error(str(e))
     tried, bad = 0, []
     for name in names:
         for override in settings(name):
