@@ -66,6 +66,8 @@ def open_for_reading(path: str | Path) -> None:
 
 def path_problem(path: str | Path) -> str | None:
     """Why `path` cannot be read as a file (a short reason), or None when it can be opened."""
+    if "\x00" in os.fsdecode(path):  # os.stat raises ValueError on it: no file can have such a name
+        return "not a valid path (it holds a NUL byte)"
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -28,6 +28,16 @@ out = Console()
 EXIT_USAGE, EXIT_DIVERGED, EXIT_NO_DATA = 2, 3, 4
 
 
+def _path(value) -> Path:
+    """Every path option's parser: an empty value (`--out "$RUN"` with RUN unset) is a usage error,
+    where Path('') would quietly mean the working directory."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter("must not be empty")
+    return Path(value)
+
+
 @contextmanager
 def guard():
     """Turn expected failures into one line on stderr and the documented exit code; a skipped
@@ -90,7 +100,13 @@ def guard():
 def _out_of_memory(e: BaseException) -> bool:
     text = str(e)
     return (type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
-            or "out of memory" in text.lower())
+            or "out of memory" in text.lower() or _worker_killed(text))
+
+
+def _worker_killed(text: str) -> bool:
+    """torch's message for a DataLoader worker that the system killed: on Linux almost always the
+    out-of-memory killer."""
+    return text.startswith("DataLoader worker (pid") and ("exited unexpectedly" in text or "killed by signal" in text)
 
 
 def _oom_message(e: BaseException) -> str:
@@ -100,6 +116,8 @@ def _oom_message(e: BaseException) -> str:
 
     size = re.search(r"tried to allocate (\d+ bytes|\d+(?:\.\d+)? ?[KMGT]?i?B)", str(e), re.IGNORECASE)
     reason = f" (tried to allocate {size.group(1)})" if size else ""
+    if _worker_killed(str(e)):
+        reason = " (the system killed a data loader worker)"
     return (f"out of memory{reason}; use smaller batches: pretrain train.batch_size or data.clip_seconds, "
             "extract --batch-seconds")
 
@@ -188,7 +206,7 @@ def pretrain(
     data: List[str] = typer.Argument(..., help="Folders (searched recursively), audio files, or manifests "
                                                 "(a text file of paths, or a CSV/TSV with a 'path' column)."),
     preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see 'sslaudio presets') or a YAML file."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", parser=_path, help="Run folder."),
     steps: Optional[int] = typer.Option(None, help="Override train.steps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -198,7 +216,7 @@ def pretrain(
     targets: Optional[str] = typer.Option(None, "--targets", help="HuBERT's k-means targets: 'mfcc' (iteration 1) "
                                           "or RUN_OR_CKPT[:LAYER] (iteration 2: block LAYER, from 1, of that "
                                           "model; default the preset's method.layer)."),
-    cache: Path | None = typer.Option(None, "--cache", help="Decode the audio once, at data.sample_rate, into "
+    cache: Path | None = typer.Option(None, "--cache", parser=_path, help="Decode the audio once, at data.sample_rate, into "
                                       "int16 shards in this folder (built or updated at the start; later runs "
                                       "read crops from it at disk speed). One folder per sample rate."),
 ):
@@ -340,10 +358,12 @@ def extract(
     from sslaudio.train import resolve_device
 
     with guard():
+        if not out_dir.strip() or any(not str(i).strip() for i in inputs) or not ckpt.strip():
+            raise ConfigError("--out, CKPT and every input must be non-empty (a shell variable that was never set?)")
         to_stdout = out_dir == "-"
         if to_stdout and fmt is not None:  # stdout carries JSON lines; a format would be silently ignored
             raise ConfigError(f"--format {fmt} names the feature files' format; --out - writes JSON lines")
-        fmt = fmt or "safetensors"
+        fmt = "safetensors" if fmt is None else fmt
         if fmt not in ("safetensors", "npy"):
             raise ConfigError(f"--format must be safetensors or npy, found '{fmt}'")
         if batch_seconds is not None and not (batch_seconds > 0 and batch_seconds != float("inf")):
@@ -386,14 +406,14 @@ def probe(
     args: List[str] = typer.Argument(..., help="CKPT LABELS (run folder, step folder, encoder .safetensors or "
                                      "random:PRESET; CSV with path,label[,split]), or with --suite: CKPT...",
                                      metavar="CKPT... [LABELS]"),
-    suite: Optional[Path] = typer.Option(None, "--suite", help="A suite YAML (tasks: name, labels, files?, "
+    suite: Optional[Path] = typer.Option(None, "--suite", parser=_path, help="A suite YAML (tasks: name, labels, files?, "
                                          "frame_hop?): every CKPT on every task, one table."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="With --suite: the feature cache folder "
+    cache: Optional[Path] = typer.Option(None, "--cache", parser=_path, help="With --suite: the feature cache folder "
                                          "(default: .sslaudio-cache beside the suite, or $SSLAUDIO_CACHE)."),
     mlp: bool = typer.Option(False, "--mlp", help="Also run the MLP probe (clip tasks): mlp_* metrics."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here as JSON; - writes them "
+    json_out: Optional[Path] = typer.Option(None, "--json", parser=_path, help="Write the metrics here as JSON; - writes them "
                                             "to stdout (the table then goes to stderr)."),
-    plots: Path | None = typer.Option(None, "--plots", help="Write PNG plots to this folder: the test "
+    plots: Path | None = typer.Option(None, "--plots", parser=_path, help="Write PNG plots to this folder: the test "
                                       "confusion matrix of a single-label task (confusion.png); with "
                                       "--suite one per task and a bar chart (suite.png). Needs matplotlib."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
@@ -407,9 +427,9 @@ def probe(
                                         "probe weights each dimension freely); 'weighted': SUPERB's learned "
                                         "weighted sum of every layer (softmax weights trained with the linear "
                                         "head, reported as layer_weights; layers of one width)."),
-    files: Optional[Path] = typer.Option(None, "--files", help="Sound event detection: CSV path[,split] of "
+    files: Optional[Path] = typer.Option(None, "--files", parser=_path, help="Sound event detection: CSV path[,split] of "
                                          "every clip (default: files.csv beside LABELS if there)."),
-    frame_hop: float = typer.Option(0.1, "--frame-hop", min=0.01, help="Sound event detection: seconds per "
+    frame_hop: float = typer.Option(0.1, "--frame-hop", min=0.01, max=10, help="Sound event detection: seconds per "
                                     "scored frame."),
     median_filter: Optional[int] = typer.Option(None, "--median-filter", help="Sound event detection: median "
                                                 "filter window (odd, in frames) for every class before events "
@@ -430,7 +450,7 @@ def probe(
                                                 "(default: 8)."),
     rnn_head: bool = typer.Option(False, "--rnn-head", help="Fine-tuning, sound event detection: add a "
                                   "bidirectional GRU over the frame embeddings to the linear head."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Fine-tuning: write the fine-tuned encoder "
+    save: Optional[Path] = typer.Option(None, "--save", parser=_path, help="Fine-tuning: write the fine-tuned encoder "
                                         "(DIR/encoder.safetensors) and head (DIR/head.safetensors); "
                                         "otherwise nothing is written."),
 ):
@@ -586,8 +606,8 @@ def _finetune_config(enabled: bool, rnn_head: bool, **given):
 
 @app.command(epilog="Examples: sslaudio plot runs/byola\n\nsslaudio plot runs/byola --out byola.png")
 def plot(
-    run: Path = typer.Argument(..., help="A pretrain run folder (or its log.jsonl)."),
-    out_file: Path | None = typer.Option(None, "--out", "-o", help="The PNG to write "
+    run: Path = typer.Argument(..., parser=_path, help="A pretrain run folder (or its log.jsonl)."),
+    out_file: Path | None = typer.Option(None, "--out", "-o", parser=_path, help="The PNG to write "
                                          "(default: RUN/plots/training.png)."),
 ):
     """Plot a run's log.jsonl: the loss and every method signal (emb_std, frame_std, code_ppl,
@@ -606,7 +626,7 @@ def plot(
 def export(
     ckpt: str = typer.Argument(..., help="Run folder, step folder, encoder .safetensors, or random:PRESET."),
     fmt: str = typer.Option("torchscript", "--format", help="torchscript | onnx"),
-    out_file: Path = typer.Option(..., "--out", "-o", help="Output file; its model card goes to OUT.json."),
+    out_file: Path = typer.Option(..., "--out", "-o", parser=_path, help="Output file; its model card goes to OUT.json."),
     layers: str | None = typer.Option(None, "--layers", help="Also output these layers' frames: 'all' or "
                                       "indices as --layer counts them (0,2,-1): outputs layer_<i>."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (17 to 20)."),
@@ -629,10 +649,10 @@ def export(
                                "sslaudio import AudioNTT2022-BYOLA-64x96d2048.pth --out runs/byola2 --norm-stats -9.66 4.72\n\n"
                                "then: sslaudio extract runs/w2v2 ./clips --out feats")
 def import_(
-    src: Path = typer.Argument(..., help="A transformers folder (config.json + model.safetensors or "
+    src: Path = typer.Argument(..., parser=_path, help="A transformers folder (config.json + model.safetensors or "
                                "pytorch_model.bin) of wav2vec 2.0, HuBERT or data2vec-audio; or an official "
                                "BYOL-A / BYOL-A v2 / M2D / ATST-Clip / ATST-Frame weight file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder; the encoder goes to OUT/export/encoder.safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", parser=_path, help="Run folder; the encoder goes to OUT/export/encoder.safetensors."),
     kind: str | None = typer.Option(None, "--kind", help="A weight file's kind: byol-a, byol-a-v2, m2d, atst-clip or atst-frame "
                                     "(default: told from its keys)."),
     norm_stats: tuple[float, float] | None = typer.Option(
@@ -697,7 +717,7 @@ def presets_cmd(name: str | None = typer.Argument(None, help="A preset (or YAML 
 
 @app.command(epilog="Example: sslaudio demo --out sslaudio-demo")
 def demo(
-    out_dir: Path = typer.Option(Path("sslaudio-demo"), "--out", "-o", help="Where the data and the run go."),
+    out_dir: Path = typer.Option(Path("sslaudio-demo"), "--out", "-o", parser=_path, help="Where the data and the run go."),
     preset: str = typer.Option("tiny/byol-a", "--preset", "-p"),
     steps: Optional[int] = typer.Option(None, help="Override the preset's steps."),
     device: str = typer.Option("auto"),

@@ -56,7 +56,11 @@ def _manifest_paths(path: Path, data: bytes | None = None) -> list[str]:
     root = path.parent
     if "path" in header:
         col = header.index("path")
-        rows = csv.reader(lines[1:], delimiter=delim, skipinitialspace=True)
+        rows = list(csv.reader(lines[1:], delimiter=delim, skipinitialspace=True))
+        # a row longer than the header (trailing empty fields aside): its columns may have shifted
+        if long := next((r for r in rows if any(x.strip() for x in r[len(header):])), None):
+            raise DataError(f"{path}: a row of {len(long)} fields where the header names {len(header)} "
+                            f"({delim.join(long)[:80]}): a comma in a path? quote the field")
         paths = [r[col].strip() for r in rows if len(r) > col and r[col].strip()]
     elif path.suffix.lower() in (".csv", ".tsv"):
         raise DataError(f"{path}: a CSV/TSV manifest needs a 'path' column (found {header})")
@@ -214,7 +218,7 @@ def _known(path: str, entry: dict | None, min_seconds: float) -> AudioInfo | Non
         return None
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
         return None
     if (st.st_size, st.st_mtime_ns) != (entry.get("size"), entry.get("mtime_ns")):
         return None

@@ -80,6 +80,9 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         raise ProbeError("--save writes a fine-tuned encoder: it needs --finetune")
     if finetune_cfg is not None and finetune_cfg.rnn_head and not events:
         raise ProbeError("--rnn-head is for sound event detection (a labels file with onset,offset columns)")
+    if events and (isinstance(frame_hop, bool) or not isinstance(frame_hop, (int, float))
+                   or not 0.01 <= frame_hop <= 10):  # the suite's bound; NaN and infinity fail it too
+        raise ProbeError(f"--frame-hop must be a number of seconds in [0.01, 10], found {frame_hop!r}")
     if mlp and events:
         raise ProbeError("--mlp is for clip tasks (path,label[,split]), not sound event detection")
     if pool is not None and events:
@@ -168,6 +171,14 @@ def _probe_events(bundle, labels: str | Path, files: str | Path | None, hop: flo
     for message in check_classes([tuple(sorted({lab for _, _, lab in f.events})) for f in kept],
                                  [f.split for f in kept], labels, min_files=2):
         warn(message)
+    past = sum(on >= emb[f.path].seconds for f in kept for on, _, _ in f.events)
+    total = sum(len(f.events) for f in kept)
+    if total and past == total:  # all-zero targets: a probe of nothing, not a score
+        raise ProbeError(f"{labels}: every event starts after the end of its file (onset and offset are "
+                         f"in seconds)", code=4)
+    if past:
+        warn(f"{labels}: {past} of {total} events start after the end of their file and mark no frame "
+             f"(onset and offset are in seconds)")
     grids = [to_grid(emb[f.path].frames, emb[f.path].times, emb[f.path].seconds, hop) for f in kept]
     targets = [frame_targets(f.events, len(g), hop, cidx) for f, g in zip(kept, grids)]
     refs = [[(on, off, cidx[lab]) for on, off, lab in f.events] for f in kept]

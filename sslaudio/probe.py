@@ -68,7 +68,16 @@ def _open_csv(p: str | Path) -> Iterator[tuple[list[str], csv.DictReader]]:
         f.seek(0)
         reader = csv.DictReader(f, delimiter="\t" if "\t" in first else ",")
         reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
-        yield reader.fieldnames, reader
+
+        def rows() -> Iterator[dict]:  # a row longer than the header: its columns may have shifted
+            for r in reader:
+                if any((x or "").strip() for x in r.get(None) or ()):  # trailing empty fields are harmless
+                    raise ProbeError(f"{p}:{reader.line_num}: {len(reader.fieldnames) + len(r[None])} fields "
+                                     f"where the header names {len(reader.fieldnames)} (a comma in a path? "
+                                     f"quote the field)")
+                yield r
+
+        yield reader.fieldnames, rows()
 
 
 def _read_labels(p: Path) -> list[LabeledFile]:
@@ -705,8 +714,8 @@ def read_events(csv_path: str | Path, files_csv: str | Path | None = None,
             on, off = float(r["onset"]), float(r["offset"])
         except (TypeError, ValueError):
             raise ProbeError(f"{p}:{i}: onset and offset must be numbers (seconds)") from None
-        if not rel or not label or not (0 <= on < off):
-            raise ProbeError(f"{p}:{i}: needs a path, a label and 0 <= onset < offset")
+        if not rel or not label or not (0 <= on < off < float("inf")):
+            raise ProbeError(f"{p}:{i}: needs a path, a label and 0 <= onset < offset, both finite")
         key = full(rel, p)
         if key not in files:
             if files_csv is not None:

@@ -114,12 +114,42 @@ def derive_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+def check_batch_fits(preset: Preset, micro_batch: int) -> None:
+    """A ConfigError when one (micro-)batch of crops needs more memory than the machine has for the
+    float32 audio alone: such a run would spend minutes filling memory and then die in a loader
+    worker or the allocator, far from the setting that caused it."""
+    d = preset.data
+    need = micro_batch * d.segments * d.clip_seconds * d.sample_rate * 4
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare with
+        return
+    if have > 0 and need > have:
+        raise ConfigError(f"train.batch_size {preset.train.batch_size}: one batch of {micro_batch} x {d.segments} "
+                          f"crop(s) of {d.clip_seconds} s at {d.sample_rate} Hz is {need / 1e9:.1f} GB of audio "
+                          f"alone, more than this machine's {have / 1e9:.1f} GB of memory")
+
+
 def pick_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps; anything else (torch's meta, an unknown name, a CUDA index
+    past the last GPU) is a ValueError naming the value, before any model or data touches it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                             f" (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: no MPS device is available")
+    return dev
 
 
 def resolve_device(name: str) -> torch.device:
@@ -252,6 +282,7 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     if tc.batch_size % (world.size * tc.grad_accum):
         raise ConfigError(f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
                           f"{world.size} processes" + (f" x train.grad_accum {tc.grad_accum}" if tc.grad_accum > 1 else ""))
+    check_batch_fits(preset, tc.batch_size // (world.size * tc.grad_accum))
     if tc.parallel == "fsdp" and world.active:
         distributed.check_fsdp()
     if not world.main:

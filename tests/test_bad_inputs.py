@@ -503,8 +503,10 @@ def test_running_out_of_memory_is_one_line_and_other_errors_still_surface():
     cuda = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
                                        "capacity of 79.10 GiB of which 1.10 GiB is free.")
     hint = "; use smaller batches: pretrain train.batch_size or data.clip_seconds, extract --batch-seconds"
+    worker = RuntimeError("DataLoader worker (pid(s) 9320) exited unexpectedly")  # the system's OOM killer
     cases = [(cpu, "error: out of memory (tried to allocate 36867072064 bytes)" + hint),
-             (cuda, "error: out of memory (tried to allocate 2.00 GiB)" + hint)]
+             (cuda, "error: out of memory (tried to allocate 2.00 GiB)" + hint),
+             (worker, "error: out of memory (the system killed a data loader worker)" + hint)]
     for exc, want in cases:
         def boom():
             with guard():
