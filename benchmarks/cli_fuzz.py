@@ -224,6 +224,41 @@ def cases(f: dict[str, Path]):
     yield "export --out a folder", ["export", CNN, "--out", str(root / "emptydir")], None
     yield "export --out ''", ["export", CNN, "--out", ""], None
 
+    # import
+    fake_pth = root / "w.pth"
+    fake_pth.write_bytes(b"PK\x03\x04 not a real zip")
+    hf = root / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "wav2vec2"}')
+    for name, argv in [("missing source", [str(root / "nope.pth")]), ("a text file", [str(labels)]),
+                       ("a corrupt .pth", [str(fake_pth)]), ("a corrupt .pth --kind m2d", [str(fake_pth), "--kind", "m2d"]),
+                       ("--kind x", [str(fake_pth), "--kind", "x"]), ("an empty folder", [str(root / "emptydir")]),
+                       ("a transformers folder without weights", [str(hf)]),
+                       ("--norm-stats nan 1", [str(fake_pth), "--kind", "byol-a", "--norm-stats", "nan", "1"]),
+                       ("--norm-stats 0 0", [str(fake_pth), "--kind", "byol-a", "--norm-stats", "0", "0"]),
+                       ("a safetensors of junk", [text(root, "junk.safetensors", "x" * 100)])]:
+        yield f"import {name}", ["import"] + argv + ["--out", out("imp" + name)], None
+    yield "import --out an existing file", ["import", str(fake_pth), "--out", one], None
+
+    # plot and presets
+    yield "plot a folder without log.jsonl", ["plot", str(root / "emptydir")], None
+    yield "plot a missing run", ["plot", str(root / "nope")], None
+    yield "plot an empty log.jsonl", ["plot", text(root, "plotrun/log.jsonl", "")], None
+    yield "plot a log.jsonl of junk", ["plot", text(root, "plotjunk/log.jsonl", "{not json\n[1,2]\n\"x\"\n")], None
+    yield "plot a log.jsonl without losses", ["plot", text(root, "plotnl/log.jsonl", '{"step": 1}\n{"step": 2}\n')], None
+    yield "plot a log.jsonl with NaN", ["plot", text(root, "plotnan/log.jsonl",
+                                                      '{"step": 1, "loss": NaN}\n{"step": 2, "loss": Infinity}\n')], None
+    yield "plot --out into a missing folder", ["plot", text(root, "plotok/log.jsonl", '{"step": 1, "loss": 1.0}\n'
+                                                            '{"step": 2, "loss": 0.5}\n'), "--out",
+                                               str(root / "no" / "such" / "dir" / "p.png")], None
+    for v in ["nope", "tiny/", "", "../presets/m2d"]:
+        yield f"presets {v!r}", ["presets", v], None
+
+    # probe: checkpoints
+    for name, ck in [("missing", str(root / "nope")), ("empty .safetensors", str(root / "empty.safetensors")),
+                     ("random:nope", "random:nope")]:
+        yield f"probe ckpt {name}", ["probe", ck, str(labels)], None
+
     # pretrain
     pt = ["pretrain", str(audio), "--preset", "tiny/byol-a-v2", "-q"]
     for opt, vals in [("--steps", BAD_INTS[:2]), ("--batch-size", BAD_INTS)]:

@@ -315,6 +315,8 @@ def import_model(src: str | Path, run_dir: str | Path, force: bool = False, chec
     """Convert the transformers folder `src` into RUN/export/encoder.safetensors (+ RUN/import.json);
     returns the summary."""
     src, run_dir = Path(src), Path(run_dir)
+    if not src.exists():
+        raise ConfigError(f"{src}: no such file or folder")
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src}: no config.json (expected a transformers model folder)")
     out_file = _output_file(run_dir, force)

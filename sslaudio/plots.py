@@ -74,7 +74,8 @@ def read_log(path: str | Path) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and not isinstance(row["step"], bool):
             rows[int(row["step"])] = row
     if not rows:
-        raise PlotError(f"{log} is empty: no logged step to plot")
+        what = "is empty" if not log.read_bytes().strip() else "holds no JSON line with a step"
+        raise PlotError(f"{log} {what}: no logged step to plot")
     return [rows[s] for s in sorted(rows)]
 
 

@@ -142,3 +142,13 @@ def test_a_batch_larger_than_the_machine_is_refused_before_anything_is_written(c
     assert len(lines) == 1 and lines[0].startswith("error: train.batch_size 1000000000: one batch of") \
         and "GB of audio alone, more than this machine's" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_import_and_plot_name_what_is_wrong(tmp_path):
+    r = invoke("import", tmp_path / "nope.pth", "--out", tmp_path / "run")
+    assert r.exit_code == 2 and errors(r) == [f"error: {tmp_path / 'nope.pth'}: no such file or folder"]
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("{not json\n[1, 2]\n")  # lines, but no logged step: not "empty"
+    r = invoke("plot", log.parent)
+    assert r.exit_code == 2 and errors(r) == [f"error: {log} holds no JSON line with a step: no logged step to plot"]
