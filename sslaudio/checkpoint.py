@@ -356,6 +356,17 @@ def load_step(step_dir: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dic
 
 # -- exported encoders --------------------------------------------------------------------------
 
+def export_is_current(path: Path, step: int) -> bool:
+    """Whether `path` is a readable encoder export of training step `step` whose tensors match their
+    sha256 (a finished run's export can be deleted or damaged after the run)."""
+    try:
+        tensors, meta = read_tensors(path)
+        check_tensors(tensors, meta, path)
+    except CheckpointError:
+        return False
+    return meta.get("step") == str(step) and meta.get(HASH_KEY) is not None
+
+
 def export_encoder(path: Path, method: nn.Module, preset: Preset, step: int | None = None) -> None:
     """Write the frontend + inference encoder (with the preset, its sha256 and `step` in the
     metadata) atomically; NonFiniteWeights before anything is written."""

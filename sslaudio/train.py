@@ -560,6 +560,13 @@ def _train(preset: Preset, inputs: list[str], run: Path, resume: bool, dev: torc
             shutdown()
         if log is not None:
             log.close()
+    if world.main and start == tc.steps and not fsdp:  # a finished run run again: nothing trained, and its
+        # export may have been deleted or damaged since; the checkpoint verified, so write it from that
+        # (under FSDP the weights are shards here: rerun the command without torchrun to rewrite it)
+        path = run / "export" / "encoder.safetensors"
+        if not checkpoint.export_is_current(path, start):
+            checkpoint.export_encoder(path, method, preset, step=start)
+            warn(f"{path}: missing or damaged; written again from checkpoint step {start}")
     return {"run": str(run), "steps": tc.steps, "start_step": start, "files": len(infos),
             "skipped": len(skipped), "time_s": time.time() - t0, "device": str(dev), "precision": precision,
             "world_size": world.size, "rank": world.rank}

@@ -152,3 +152,25 @@ def test_import_and_plot_name_what_is_wrong(tmp_path):
     log.write_text("{not json\n[1, 2]\n")  # lines, but no logged step: not "empty"
     r = invoke("plot", log.parent)
     assert r.exit_code == 2 and errors(r) == [f"error: {log} holds no JSON line with a step: no logged step to plot"]
+
+
+def test_a_finished_run_run_again_rewrites_a_damaged_export(clips, tmp_path):
+    """Nothing is left to train, but the export was cut (or deleted) after the run: it is written
+    again from the verified checkpoint, tensor for tensor the same, with a warning."""
+    from sslaudio.checkpoint import read_tensors
+
+    args = ("pretrain", clips, "--preset", "tiny/byol-a", "--out", tmp_path / "run", "--steps", "1", "-q")
+    assert invoke(*args).exit_code == 0
+    export = tmp_path / "run" / "export" / "encoder.safetensors"
+    before, meta = read_tensors(export)
+    before = {k: v.clone() for k, v in before.items()}  # not views of the file about to be cut
+    for damage in ("cut", "delete"):
+        export.write_bytes(export.read_bytes()[:1000]) if damage == "cut" else export.unlink()
+        r = invoke(*args)
+        assert r.exit_code == 0, r.output
+        assert "missing or damaged; written again from checkpoint step 1" in r.stderr
+        after, meta_after = read_tensors(export)
+        assert meta_after == meta and after.keys() == before.keys()
+        assert [k for k in before if not after[k].equal(before[k])] == [], damage
+    r = invoke(*args)  # an intact export is left alone
+    assert r.exit_code == 0 and "written again" not in r.stderr
