@@ -38,7 +38,8 @@ def test_refuses_unknown_architecture(tmp_path):
 def test_refuses_corrupt_config_and_missing_folder(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     assert "config.json" in one_line_error(invoke("import", tmp_path, "--out", tmp_path / "run"))
-    assert "config.json" in one_line_error(invoke("import", tmp_path / "nowhere", "--out", tmp_path / "run"))
+    assert "nowhere: no such file or folder" in one_line_error(invoke("import", tmp_path / "nowhere", "--out",
+                                                                     tmp_path / "run"))
 
 
 def test_refuses_pickled_code_in_bin(tmp_path):
