@@ -63,7 +63,7 @@ def write_fixtures(root: Path) -> dict[str, Path]:
         rows.append(f"{p},{kind},{split}")
         files.append(f"{p},{split}")
         events.append(f"{p},0.1,0.3,{kind}")
-    f = {"audio": audio}
+    f: dict[str, Path] = {"audio": audio}
     f["labels"] = root / "labels.csv"
     f["labels"].write_text("path,label,split\n" + "\n".join(rows) + "\n")
     f["sed"] = root / "sed" / "labels.csv"
@@ -73,6 +73,10 @@ def write_fixtures(root: Path) -> dict[str, Path]:
     f["suite"] = root / "suite.yaml"
     f["suite"].write_text(f"tasks:\n  - name: kinds\n    labels: {f['labels']}\n")
     (root / "emptydir").mkdir()
+    r = CliRunner().invoke(app, ["pretrain", str(audio), "--preset", "tiny/byol-a-v2", "-q", "--steps", "1",
+                                 "--out", str(root / "run")])
+    assert r.exit_code == 0, r.output
+    f["run"] = root / "run"
     (root / "run_nockpt" / "ckpt").mkdir(parents=True)
     f["root"] = root
     return f
@@ -258,6 +262,29 @@ def cases(f: dict[str, Path]):
     for name, ck in [("missing", str(root / "nope")), ("empty .safetensors", str(root / "empty.safetensors")),
                      ("random:nope", "random:nope")]:
         yield f"probe ckpt {name}", ["probe", ck, str(labels)], None
+
+    # run folders damaged after training: each case copies a 1-step run and breaks one file
+    base = f["run"]
+
+    def damaged(name: str, rel: str, how: str) -> str:
+        d = root / "damaged" / name
+        shutil.copytree(base, d)
+        target = next(d.glob(rel))
+        data = target.read_bytes()
+        target.write_bytes(b"" if how == "empty" else data[: len(data) // 2] if how == "cut" else b"{junk: [")
+        return str(d)
+
+    for name, rel, how in [("config.yaml junk", "config.yaml", "junk"), ("config.yaml empty", "config.yaml", "empty"),
+                           ("export cut", "export/encoder.safetensors", "cut"),
+                           ("checkpoint cut", "ckpt/step-*/model.safetensors", "cut"),
+                           ("state.json junk", "ckpt/step-*/state.json", "junk"),
+                           ("log.jsonl cut", "log.jsonl", "cut")]:
+        run = damaged(name, rel, how)
+        yield f"run {name}: extract", ["extract", run, one, "--out", out("dmg" + name)], None
+        yield f"run {name}: probe", ["probe", run, str(labels)], None
+        yield f"run {name}: export", ["export", run, "--out", out("dmg" + name + ".pt")], None
+        yield f"run {name}: pretrain resume", ["pretrain", str(audio), "--preset", "tiny/byol-a-v2", "-q", "--out", run,
+                                               "--steps", "1"], None
 
     # pretrain
     pt = ["pretrain", str(audio), "--preset", "tiny/byol-a-v2", "-q"]
