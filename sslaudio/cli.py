@@ -724,6 +724,7 @@ def demo(
 ):
     """Generate a toy labeled dataset, pretrain on it, extract, probe vs random init, export."""
     from sslaudio.build import load_preset
+    from sslaudio.config import ConfigError
     from sslaudio.data import scan_pairs
     from sslaudio.evaluation import probe_checkpoint
     from sslaudio.export import export as run_export
@@ -734,11 +735,14 @@ def demo(
 
     with guard():
         t0 = time.time()
+        # every setting is checked before the toy dataset is made (half a minute)
+        p = load_preset(preset, [f"train.steps={steps}"] if steps is not None else [])
+        dev = resolve_device(device)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ConfigError(f"--out {out_dir}: is a file; give a folder")
         err.print("1/5 generating the toy dataset ...")
         labels = make_dataset(out_dir / "data")
         run = out_dir / "run"
-        p = load_preset(preset, [f"train.steps={steps}"] if steps else [])
-        dev = resolve_device(device)
         err.print(f"2/5 pretraining {preset} for {p.train.steps} steps on {dev} ...")
         with _Progress(True) as bar:
             fit(p, [str(out_dir / "data" / "audio" / "train"), str(out_dir / "data" / "unlabeled")], run,

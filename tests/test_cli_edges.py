@@ -174,3 +174,12 @@ def test_a_finished_run_run_again_rewrites_a_damaged_export(clips, tmp_path):
         assert [k for k in before if not after[k].equal(before[k])] == [], damage
     r = invoke(*args)  # an intact export is left alone
     assert r.exit_code == 0 and "written again" not in r.stderr
+
+
+@pytest.mark.parametrize(("args", "want"), [(["--steps", "0"], "error: train.steps must be >= 1, found 0"),
+                                            (["--preset", "nope"], "error: unknown preset 'nope'"),
+                                            (["--device", "meta"], "error: --device 'meta': expected")])
+def test_demo_checks_its_settings_before_making_the_toy_data(tmp_path, args, want):
+    r = invoke("demo", "--out", tmp_path / "demo", *args)
+    assert r.exit_code == 2 and len(errors(r)) == 1 and errors(r)[0].startswith(want), r.output
+    assert not (tmp_path / "demo").exists()  # --steps 0 used to mean the preset's own steps
