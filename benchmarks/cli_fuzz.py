@@ -257,6 +257,10 @@ def cases(f: dict[str, Path]):
                                                str(root / "no" / "such" / "dir" / "p.png")], None
     for v in ["nope", "tiny/", "", "../presets/m2d"]:
         yield f"presets {v!r}", ["presets", v], None
+    for name, argv in [("--preset nope", ["--preset", "nope"]), ("--steps 0", ["--steps", "0"]),
+                       ("--steps -1", ["--steps", "-1"]), ("--device meta", ["--device", "meta"]),
+                       ("--out an existing file", ["--out", one])]:
+        yield f"demo {name}", ["demo"] + (argv if "--out" in argv else argv + ["--out", out("demo" + name)]), None
 
     # probe: checkpoints
     for name, ck in [("missing", str(root / "nope")), ("empty .safetensors", str(root / "empty.safetensors")),
