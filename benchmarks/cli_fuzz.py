@@ -11,7 +11,13 @@ limit, in a scratch folder that is also the working directory (so a stray write 
 case passes when it exits 0, or exits non-zero with stderr made of `error:` / `warning:` lines (the
 documented one-line refusal, after any skip warnings) or click's own usage box; the table lists the
 rest (TRACE: an exception reached the user; LONG: other lines on stderr; SILENT: a failure with
-nothing said; HANG: past the time limit; STRAY: files written into the working directory).
+nothing said; HANG: past the time limit; STRAY: files written into the working directory). Run
+folders damaged after training (a cut export or checkpoint, junk config.yaml or state.json) go
+through extract, probe, export and a rerun of pretrain; import, plot, presets and demo get their
+own bad values. 235 cases; the thirty-ninth session's fixes (devices, empty paths, NUL bytes,
+infinite SED times, shifted CSV rows, oversized batches, a damaged export of a finished run, the
+demo's order of checks) were found this way, and after them the table is empty (2026-12-07).
+Cases that pass can still deserve a look: `--show` prints every exit code and stderr line.
 
     python benchmarks/cli_fuzz.py                 # every case
     python benchmarks/cli_fuzz.py probe export    # the cases whose name starts with one of these
