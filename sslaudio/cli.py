@@ -464,6 +464,8 @@ def probe(
     import errno
     import os
 
+    from rich.markup import escape
+
     from sslaudio.evaluation import probe_checkpoint
     from sslaudio.probe import ProbeError
 
@@ -520,6 +522,10 @@ def probe(
             if k in res:
                 t.add_row(k, cell(res, k), *([cell(ft, k)] if ft else []))
         _print_results(t, res, json_out)
+        if ft and ft.get("stopped"):  # its metrics are the best epoch's before the stop: say so
+            which = f"epoch {ft['epochs']}" if ft.get("epochs") else "the frozen probe's starting point (epoch 0)"
+            err.print(f"[yellow]warning:[/yellow] fine-tuning stopped: {escape(ft['stopped'])}; the fine-tuned "
+                      f"column is {which}", highlight=False, soft_wrap=True)
         if plots is not None:
             _write_plots(res, plots, suite=False)
 

@@ -183,3 +183,16 @@ def test_demo_checks_its_settings_before_making_the_toy_data(tmp_path, args, wan
     r = invoke("demo", "--out", tmp_path / "demo", *args)
     assert r.exit_code == 2 and len(errors(r)) == 1 and errors(r)[0].startswith(want), r.output
     assert not (tmp_path / "demo").exists()  # --steps 0 used to mean the preset's own steps
+
+
+def test_a_fine_tuning_stopped_by_a_non_finite_loss_is_said_on_stderr(clips, tmp_path):
+    """Its column holds the best epoch before the stop (here the frozen start): a warning says so,
+    where before only the JSON's `stopped` did."""
+    out = tmp_path / "r.json"
+    r = invoke("probe", ENCODER, clips / "labels.csv", "--finetune", "--ft-lr", "1e30", "--ft-epochs", "3",
+               "--json", out)
+    assert r.exit_code == 0, r.output
+    ft = json.loads(out.read_text())["finetune"]
+    assert ft["stopped"].startswith("non-finite training loss in epoch")
+    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: fine-tuning stopped")]
+    assert len(warned) == 1 and ft["stopped"] in warned[0] and "the fine-tuned column is" in warned[0]
