@@ -47,6 +47,13 @@ from sslaudio.train import resolve_device
 FINETUNE_NEEDS_SPLITS = "--finetune needs train/valid/test splits: add a split column to {}"
 
 
+def check_frame_hop(hop, what: str) -> None:
+    """The SED frame hop of a single probe and of a suite task: seconds in [0.01, 10] (NaN and
+    infinity fail the comparison too); a ProbeError naming `what` otherwise."""
+    if isinstance(hop, bool) or not isinstance(hop, (int, float)) or not 0.01 <= hop <= 10:
+        raise ProbeError(f"{what} must be a number of seconds in [0.01, 10], found {hop!r}")
+
+
 def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device: str = "auto", seed: int = 0,
                      layer: int | str | None = None, files: str | Path | None = None, frame_hop: float = 0.1,
                      on_skip: Callable[[str, str], None] | None = None, median: int | None = None,
@@ -80,9 +87,8 @@ def probe_checkpoint(ckpt: str, labels: str | Path, batch_size: int = 16, device
         raise ProbeError("--save writes a fine-tuned encoder: it needs --finetune")
     if finetune_cfg is not None and finetune_cfg.rnn_head and not events:
         raise ProbeError("--rnn-head is for sound event detection (a labels file with onset,offset columns)")
-    if events and (isinstance(frame_hop, bool) or not isinstance(frame_hop, (int, float))
-                   or not 0.01 <= frame_hop <= 10):  # the suite's bound; NaN and infinity fail it too
-        raise ProbeError(f"--frame-hop must be a number of seconds in [0.01, 10], found {frame_hop!r}")
+    if events:
+        check_frame_hop(frame_hop, "--frame-hop")
     if mlp and events:
         raise ProbeError("--mlp is for clip tasks (path,label[,split]), not sound event detection")
     if pool is not None and events:
@@ -241,8 +247,7 @@ def read_suite(path: str | Path) -> list[SuiteTask]:
             raise ProbeError(f"{where}: task name '{name}' used twice")
         names.add(name)
         hop = t.get("frame_hop", 0.1)
-        if isinstance(hop, bool) or not isinstance(hop, (int, float)) or not 0.01 <= hop <= 10:
-            raise ProbeError(f"{where} ({name}): frame_hop must be a number of seconds in [0.01, 10], found {hop!r}")
+        check_frame_hop(hop, f"{where} ({name}): frame_hop")
         files = t.get("files")
         if files is not None and not isinstance(files, str):
             raise ProbeError(f"{where} ({name}): files must be a path")
