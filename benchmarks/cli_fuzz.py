@@ -362,11 +362,13 @@ def main() -> None:
         f = write_fixtures(Path(tmp) / "fixtures")
         cwd = Path(tmp) / "cwd"
         cwd.mkdir()
+        chosen = [c for c in cases(f) if not a.prefix or any(c[0].startswith(p) for p in a.prefix)]
+        unmatched = [p for p in a.prefix if not any(c[0].startswith(p) for c in chosen)]
+        if unmatched:  # a misspelt prefix: one usage line, not a clean run of nothing
+            ap.error(f"no case name starts with {', '.join(map(repr, unmatched))}")
         os.chdir(cwd)
         try:
-            for name, argv, stdin in cases(f):
-                if a.prefix and not any(name.startswith(p) for p in a.prefix):
-                    continue
+            for name, argv, stdin in chosen:
                 n += 1
                 r, hang = run_case(runner, argv, stdin, a.limit)
                 v = hang or verdict(r)
