@@ -28,14 +28,26 @@ out = Console()
 EXIT_USAGE, EXIT_DIVERGED, EXIT_NO_DATA = 2, 3, 4
 
 
+def _blank(value) -> bool:
+    """An empty path (`--out "$RUN"` with RUN unset), which Path('') would quietly read as the
+    working directory."""
+    return not isinstance(value, Path) and not str(value).strip()
+
+
 def _path(value) -> Path:
-    """Every path option's parser: an empty value (`--out "$RUN"` with RUN unset) is a usage error,
-    where Path('') would quietly mean the working directory."""
-    if isinstance(value, Path):
-        return value
-    if not str(value).strip():
+    """Every Path option's parser: a blank value is a usage error."""
+    if _blank(value):
         raise typer.BadParameter("must not be empty")
     return Path(value)
+
+
+def _out_folder(path, hint: str = "") -> None:
+    """--out names a folder to create or reuse; an existing file there is one line, not a
+    traceback from the first write under it."""
+    if Path(path).exists() and not Path(path).is_dir():
+        from sslaudio.config import ConfigError
+
+        raise ConfigError(f"--out {path}: is a file; give a folder{hint}")
 
 
 @contextmanager
@@ -358,7 +370,7 @@ def extract(
     from sslaudio.train import resolve_device
 
     with guard():
-        if not out_dir.strip() or any(not str(i).strip() for i in inputs) or not ckpt.strip():
+        if any(_blank(v) for v in (out_dir, ckpt, *inputs)):
             raise ConfigError("--out, CKPT and every input must be non-empty (a shell variable that was never set?)")
         to_stdout = out_dir == "-"
         if to_stdout and fmt is not None:  # stdout carries JSON lines; a format would be silently ignored
@@ -370,8 +382,8 @@ def extract(
             raise ConfigError(f"--batch-seconds must be a positive number of seconds, found {batch_seconds}")
         if "-" in inputs and len(inputs) > 1:
             raise ConfigError("- (paths on stdin) must be the only input")
-        if not to_stdout and Path(out_dir).exists() and not Path(out_dir).is_dir():
-            raise ConfigError(f"--out {out_dir}: is a file; give a folder (or - for JSON lines on stdout)")
+        if not to_stdout:
+            _out_folder(out_dir, " (or - for JSON lines on stdout)")
         chosen = _parse_layer(layer)
         all_layers = chosen == "all"
         dev = resolve_device(device)
@@ -730,7 +742,6 @@ def demo(
 ):
     """Generate a toy labeled dataset, pretrain on it, extract, probe vs random init, export."""
     from sslaudio.build import load_preset
-    from sslaudio.config import ConfigError
     from sslaudio.data import scan_pairs
     from sslaudio.evaluation import probe_checkpoint
     from sslaudio.export import export as run_export
@@ -744,8 +755,7 @@ def demo(
         # every setting is checked before the toy dataset is made (half a minute)
         p = load_preset(preset, [f"train.steps={steps}"] if steps is not None else [])
         dev = resolve_device(device)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ConfigError(f"--out {out_dir}: is a file; give a folder")
+        _out_folder(out_dir)
         err.print("1/5 generating the toy dataset ...")
         labels = make_dataset(out_dir / "data")
         run = out_dir / "run"

@@ -40,6 +40,16 @@ class DataError(Exception):
     """Nothing usable in the input (exit code 4) or an unreadable manifest."""
 
 
+def shifted_row(where: str, fields: list[str], n: int, delim: str = ",") -> str | None:
+    """A CSV row with non-empty fields past the header's `n` columns (an unquoted comma in a path
+    shifts every column after it): the one-line complaint, else None. Trailing empty fields are
+    harmless. The manifest reader and probe's labels reader share it."""
+    if not any((x or "").strip() for x in fields[n:]):
+        return None
+    return (f"{where}: a row of {len(fields)} fields where the header names {n} "
+            f"({delim.join(x or '' for x in fields)[:80]}): a comma in a path? quote the field")
+
+
 def _manifest_paths(path: Path, data: bytes | None = None) -> list[str]:
     """The paths a manifest lists: a text file of paths (# comments), or a CSV/TSV with a `path`
     column (a UTF-8 BOM and spaces around the delimiters are allowed). Relative paths are relative
@@ -57,10 +67,8 @@ def _manifest_paths(path: Path, data: bytes | None = None) -> list[str]:
     if "path" in header:
         col = header.index("path")
         rows = list(csv.reader(lines[1:], delimiter=delim, skipinitialspace=True))
-        # a row longer than the header (trailing empty fields aside): its columns may have shifted
-        if long := next((r for r in rows if any(x.strip() for x in r[len(header):])), None):
-            raise DataError(f"{path}: a row of {len(long)} fields where the header names {len(header)} "
-                            f"({delim.join(long)[:80]}): a comma in a path? quote the field")
+        if shifted := next(filter(None, (shifted_row(str(path), r, len(header), delim) for r in rows)), None):
+            raise DataError(shifted)
         paths = [r[col].strip() for r in rows if len(r) > col and r[col].strip()]
     elif path.suffix.lower() in (".csv", ".tsv"):
         raise DataError(f"{path}: a CSV/TSV manifest needs a 'path' column (found {header})")

@@ -81,19 +81,12 @@ def from_env() -> World:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def setup(world: World, device: str) -> torch.device:
-    """Join the process group (once) and return this process's device."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not world.active:
-        return torch.device(device)
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
+def setup(world: World, dev: torch.device) -> torch.device:
+    """Join the process group (once) and return this process's device: `dev` (checked by
+    train.pick_device) with a CUDA device replaced by cuda:LOCAL_RANK."""
+    if dev.type == "cuda":
         dev = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dev

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sslaudio.data import shifted_row
+
 
 class ProbeError(Exception):
     """A labels file that cannot be used (exit 2), or too little data to probe (exit 4)."""
@@ -66,15 +68,15 @@ def _open_csv(p: str | Path) -> Iterator[tuple[list[str], csv.DictReader]]:
     with Path(p).open(newline="", encoding="utf-8-sig") as f:
         first = f.readline()
         f.seek(0)
-        reader = csv.DictReader(f, delimiter="\t" if "\t" in first else ",")
+        delim = "\t" if "\t" in first else ","
+        reader = csv.DictReader(f, delimiter=delim)
         reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
 
-        def rows() -> Iterator[dict]:  # a row longer than the header: its columns may have shifted
-            for r in reader:
-                if any((x or "").strip() for x in r.get(None) or ()):  # trailing empty fields are harmless
-                    raise ProbeError(f"{p}:{reader.line_num}: {len(reader.fieldnames) + len(r[None])} fields "
-                                     f"where the header names {len(reader.fieldnames)} (a comma in a path? "
-                                     f"quote the field)")
+        def rows() -> Iterator[dict]:
+            for r in reader:  # DictReader keeps the fields past the header under the key None
+                if shifted := shifted_row(f"{p}:{reader.line_num}", [r[c] for c in reader.fieldnames]
+                                          + (r.get(None) or []), len(reader.fieldnames), delim):
+                    raise ProbeError(shifted)
                 yield r
 
         yield reader.fieldnames, rows()

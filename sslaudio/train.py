@@ -291,7 +291,9 @@ def fit(preset: Preset, inputs: list[str], run_dir: str | Path, resume: bool = T
     lock = RunLock(run) if world.main else None
     with StopSignals(announce=world.main) as stops:
         try:
-            dev = distributed.setup(world, device) if world.active else pick_device(device)
+            dev = pick_device(device)
+            if world.active:
+                dev = distributed.setup(world, dev)
             preset = resolve_sources(preset, run if resume else None)
             torch.manual_seed(preset.seed)
             method = build_method(preset).to(dev)

@@ -121,7 +121,7 @@ def test_csv_rows_longer_than_their_header_are_refused(clips, tmp_path):
     rows = (clips / "labels.csv").read_text().splitlines()
     shifted = tmp_path / "labels.csv"
     shifted.write_text("\n".join([rows[0], f"{clips}/a,b.wav,tone,train"] + [f"{clips}/{r}" for r in rows[2:]]) + "\n")
-    with pytest.raises(ProbeError, match=r"labels.csv:2: 4 fields where the header names 3"):
+    with pytest.raises(ProbeError, match=r"labels.csv:2: a row of 4 fields where the header names 3"):
         read_labels(shifted)
     trailing = tmp_path / "trailing.csv"
     trailing.write_text("\n".join([rows[0]] + [f"{clips}/{r}," for r in rows[1:]]) + "\n")
