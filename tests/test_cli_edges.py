@@ -126,6 +126,10 @@ def test_csv_rows_longer_than_their_header_are_refused(clips, tmp_path):
     trailing = tmp_path / "trailing.csv"
     trailing.write_text("\n".join([rows[0]] + [f"{clips}/{r}," for r in rows[1:]]) + "\n")
     assert len(read_labels(trailing)) == 12
+    tsv = tmp_path / "labels.tsv"  # a tab-separated file: the message quotes the row with its tabs
+    tsv.write_text("\n".join(r.replace(",", "\t") for r in [rows[0], f"{clips}/a,b.wav,tone,train,x"]) + "\n")
+    with pytest.raises(ProbeError, match="labels.tsv:2: a row of 5 fields where the header names 3 \\(.+\ttone\t"):
+        read_labels(tsv)
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path\n{clips}/c0.wav\n{clips}/a,b.wav\n")
     with pytest.raises(DataError, match="a row of 2 fields where the header names 1"):
