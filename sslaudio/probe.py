@@ -74,8 +74,8 @@ def _open_csv(p: str | Path) -> Iterator[tuple[list[str], csv.DictReader]]:
 
         def rows() -> Iterator[dict]:
             for r in reader:  # DictReader keeps the fields past the header under the key None
-                if shifted := shifted_row(f"{p}:{reader.line_num}", [r[c] for c in reader.fieldnames]
-                                          + (r.get(None) or []), len(reader.fieldnames), delim):
+                if None in r and (shifted := shifted_row(f"{p}:{reader.line_num}", [r[c] for c in reader.fieldnames]
+                                                         + r[None], len(reader.fieldnames), delim)):
                     raise ProbeError(shifted)
                 yield r
 
