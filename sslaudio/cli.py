@@ -41,13 +41,22 @@ def _path(value) -> Path:
     return Path(value)
 
 
-def _out_folder(path, hint: str = "") -> None:
-    """--out names a folder to create or reuse; an existing file there is one line, not a
-    traceback from the first write under it."""
+def _out_folder(path, option: str = "--out", hint: str = "") -> None:
+    """An option naming a folder to create or reuse (--out, --plots, --save, --cache): an existing
+    file there is one line naming the option, not a traceback from the first write under it."""
     if Path(path).exists() and not Path(path).is_dir():
         from sslaudio.config import ConfigError
 
-        raise ConfigError(f"--out {path}: is a file; give a folder{hint}")
+        raise ConfigError(f"{option} {path}: is a file; give a folder{hint}")
+
+
+def _out_file(path, option: str = "--out") -> None:
+    """An option naming a file to write (--json, plot --out): an existing folder there is one line
+    naming the option, checked before the work whose result it would hold."""
+    if Path(path).is_dir():
+        from sslaudio.config import ConfigError
+
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
 
 
 @contextmanager
@@ -239,6 +248,9 @@ def pretrain(
     from sslaudio.train import Interrupted, fit, resolve_device
 
     with guard():
+        _out_folder(out_dir)
+        if cache is not None:
+            _out_folder(cache, "--cache")
         overrides = list(set_)
         if steps is not None:
             overrides.append(f"train.steps={steps}")
@@ -383,7 +395,7 @@ def extract(
         if "-" in inputs and len(inputs) > 1:
             raise ConfigError("- (paths on stdin) must be the only input")
         if not to_stdout:
-            _out_folder(out_dir, " (or - for JSON lines on stdout)")
+            _out_folder(out_dir, hint=" (or - for JSON lines on stdout)")
         chosen = _parse_layer(layer)
         all_layers = chosen == "all"
         dev = resolve_device(device)
@@ -473,9 +485,6 @@ def probe(
     the DCASE segment-based (1 s) and event-based (200 ms collar) F1. --finetune also trains the
     encoder with the head and reports the same metrics beside the frozen ones (JSON: `finetune`).
     --suite SUITE.yaml probes every CKPT on every task of the suite (features cached, see --cache)."""
-    import errno
-    import os
-
     from rich.markup import escape
 
     from sslaudio.evaluation import probe_checkpoint
@@ -483,14 +492,15 @@ def probe(
 
     with guard():
         layer = _parse_layer(layer, weighted=True)
-        if json_out is not None and json_out.is_dir():  # refused before the probe, not after it
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(json_out))
+        if json_out is not None:  # refused before the probe, not after it
+            _out_file(json_out, "--json")
         if plots is not None:  # matplotlib missing or DIR a file: refused before the probe too
             from sslaudio.plots import require_matplotlib
 
             require_matplotlib()
-            if plots.exists() and not plots.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(plots))
+            _out_folder(plots, "--plots")
+        if cache is not None:
+            _out_folder(cache, "--cache")
         if suite is not None:
             given = [n for n, v in (("--finetune", finetune_), ("--save", save), ("--files", files),
                                     ("--median-filter", median_filter), ("--rnn-head", rnn_head)) if v]
@@ -505,8 +515,8 @@ def probe(
         ckpt, labels = args[0], Path(args[1])
         cfg = _finetune_config(finetune_, rnn_head, epochs=ft_epochs, lr=ft_lr, encoder_lr_ratio=ft_encoder_lr_ratio,
                                layer_decay=ft_layer_decay, patience=ft_patience, batch_size=ft_batch_size)
-        if save is not None and save.exists() and not save.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(save))
+        if save is not None:
+            _out_folder(save, "--save")
 
         def on_epoch(epoch: int, total: int, loss: float, score: float) -> None:
             err.print(f"fine-tune epoch {epoch}/{total}: train loss {loss:.4f}, valid {score:.4f}", highlight=False)
@@ -634,6 +644,8 @@ def plot(
     from sslaudio.plots import plot_training
 
     with guard():
+        if out_file is not None:
+            _out_file(out_file)
         res = plot_training(run, out_file)
         _print_table("plot", {"run": run, "steps": res["steps"], "panels": ", ".join(res["panels"]),
                               "out": res["out"]})
@@ -686,6 +698,7 @@ def import_(
     from sslaudio.importers import import_model, import_official
 
     with guard():
+        _out_folder(out)
         if norm_stats is not None and any(v is None for v in norm_stats):
             norm_stats = None
         if src.is_file():

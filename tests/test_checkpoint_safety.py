@@ -377,7 +377,7 @@ def _probe_args(trained, labeled_dir, json_out):
 def test_probe_json_on_a_full_disk_or_onto_a_folder(trained, labeled_dir, tmp_path, monkeypatch):
     (tmp_path / "folder").mkdir()
     line = one_error_line(invoke(*_probe_args(trained, labeled_dir, tmp_path / "folder")))
-    assert line == f"error: {tmp_path / 'folder'}: Is a directory"
+    assert line == f"error: --json {tmp_path / 'folder'}: is a folder; give a file name"
     real = Path.write_text
 
     def full(self, *a, **k):

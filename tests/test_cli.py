@@ -129,6 +129,30 @@ def test_extract_onto_an_existing_file_is_a_usage_error(tmp_path, monkeypatch):
     assert (tmp_path / "feats").read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("args, kind", [
+    (["pretrain", ".", "--preset", "tiny/byol-a", "--out", "{file}"], "folder"),
+    (["pretrain", ".", "--preset", "tiny/byol-a", "--out", "r", "--cache", "{file}"], "folder"),
+    (["import", "w.safetensors", "--out", "{file}"], "folder"),
+    (["probe", "random:tiny/byol-a", "labels.csv", "--json", "{folder}"], "file"),
+    (["probe", "random:tiny/byol-a", "labels.csv", "--finetune", "--save", "{file}"], "folder"),
+    (["probe", "random:tiny/byol-a", "--suite", "s.yaml", "--cache", "{file}"], "folder"),
+    (["plot", "run", "--out", "{folder}"], "file"),
+])
+def test_an_output_option_onto_the_wrong_kind_of_path_names_the_option(args, kind, tmp_path, monkeypatch):
+    """Every option that names something to write: a file where a folder goes (or the reverse) is
+    one line naming the option, refused before any work, and what is there is left as it was."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("keep")
+    (tmp_path / "dir").mkdir()
+    args = [a.format(file="taken", folder="dir") for a in args]
+    option = args[args.index("taken" if kind == "folder" else "dir") - 1]
+    r = invoke(*args)
+    want = "is a file; give a folder" if kind == "folder" else "is a folder; give a file name"
+    assert r.exit_code == 2 and r.output.strip() == f"error: {option} {'taken' if kind == 'folder' else 'dir'}: {want}"
+    assert (tmp_path / "taken").read_text() == "keep" and not any((tmp_path / "dir").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "taken"]
+
+
 def test_no_usable_input_exits_4(bad_dir, tmp_path):
     for f in bad_dir.glob("good*"):
         f.unlink()
