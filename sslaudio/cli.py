@@ -478,7 +478,8 @@ def probe(
                                         "(DIR/encoder.safetensors) and head (DIR/head.safetensors); "
                                         "otherwise nothing is written."),
 ):
-    """Linear and kNN probes on frozen clip embeddings; prints accuracy / F1 (or mAP).
+    """Linear and kNN probes on frozen clip or frame embeddings (clip tasks, sound event detection;
+    --finetune, --suite); prints accuracy / F1 / mAP.
 
     LABELS with onset,offset columns (seconds) is a sound event detection task: a frame-level
     linear probe on frame embeddings, reporting frame micro-F1 (`f1`), `f1_macro` and `map`, and
