@@ -527,6 +527,18 @@ def paired_table(records: dict[str, list[dict]], seeds, tasks, ctx) -> list[str]
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + rows + [""]
 
 
+def margin_table(margins: dict[str, dict[str, float]], tasks) -> list[str]:
+    """How far each task is past the bar (SSL mean minus random mean minus the two half-ranges), in
+    points: a bold cell by 0.1 point is a pass that one more seed can undo."""
+    rows = [f"| {name} | " + " | ".join(f"{m[t]:+.1f}" if t in m else "–" for t in tasks) + " |"
+            for name, m in margins.items() if m]
+    if not rows:
+        return []
+    return ["Past the bar, in points (SSL mean - random mean - both half-ranges; > 0: the bold cells; "
+            "< 0: inside the spread, or below):", "",
+            "| preset | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)] + rows + [""]
+
+
 def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, probes) -> str:
     steps_of = read_json(cache / "steps.json", {}) or {}
     base_path = a.baseline or probes / "baseline_results.json"
@@ -565,12 +577,13 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
         v = r.get("test_micro_f1" if t == "sound_events" else "test_acc")
         if v is not None:
             base_val[t] = v
-    records = {}
+    records, margins = {}, {}
     for name in order:
         recs = records[name] = [read_json(cache / f"{name.replace('/', '_')}_s{s}.json", {}) or {} for s in seeds]
         steps = sorted({r["train"]["steps"] for r in recs if "train" in r})
         planned = steps_of.get(name, {}).get("steps")
         cells, wins, losses, above, n, paired = [], 0, [], [], 0, 0
+        margins[name] = {}
         for t in tasks:
             pairs = [(r["probes"][ctx][f"{t}_ssl"][MAIN_METRIC[t]], r["probes"][ctx][f"{t}_random"][MAIN_METRIC[t]])
                      for r in recs if {f"{t}_ssl", f"{t}_random"} <= set(r.get("probes", {}).get(ctx, {}))]
@@ -584,6 +597,7 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
             n += 1
             s = f"{ssl[0]:.3f} ± {ssl[1]:.3f}"
             margin = ssl[1] + rnd[1]
+            margins[name][t] = 100 * (ssl[0] - rnd[0] - margin)
             if ssl[0] - rnd[0] > margin:
                 s, wins = f"**{s}**", wins + 1
             elif rnd[0] - ssl[0] > margin:
@@ -611,6 +625,7 @@ def render_table(a, seeds, order, skipped, added, failed, tasks, cache, ctx, pro
     else:
         lines.append(f"Baseline: ../shared/devbench/baseline_devbench.py on the same probe sets ({base_path}).")
     lines += paired_table(records, seeds, tasks, ctx)
+    lines += margin_table(margins, tasks)
     for name, why in skipped.items():
         lines.append(f"Skipped {name}: {why}.")
     chained = [n for n in order if n in CHAINED]
