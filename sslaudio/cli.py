@@ -500,13 +500,13 @@ def probe(
 
             require_matplotlib()
             _out_folder(plots, "--plots")
-        if cache is not None:
-            _out_folder(cache, "--cache")
         if suite is not None:
             given = [n for n, v in (("--finetune", finetune_), ("--save", save), ("--files", files),
                                     ("--median-filter", median_filter), ("--rnn-head", rnn_head)) if v]
             if given:
                 raise ProbeError(f"{given[0]} is not available with --suite")
+            if cache is not None:
+                _out_folder(cache, "--cache")
             _probe_suite(args, suite, cache, json_out, batch_size, device, seed, layer, mlp, pool, plots)
             return
         if cache is not None:
