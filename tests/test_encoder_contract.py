@@ -1,8 +1,11 @@
 """The encoder contract, checked for every registered encoder (each built from a tiny preset that
 uses it): declared rates and lengths agree with what forward returns, extraction writes the
-encoder's own `frame_times`, and a click placed at a frame's timestamp shows up in that frame."""
+encoder's own `frame_times`, a click placed at a frame's timestamp shows up in that frame, and
+malformed or too short input is one clear line."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -113,3 +116,31 @@ def test_a_click_shows_up_in_the_frame_at_its_time(encoder):
             assert float(change[k]) == 0.0 and float(change.max()) > 0 and float(change[far].max()) == 0.0, k
         else:
             assert int(change.argmax()) == k, (encoder, k, change.argmax())
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODER_PRESETS))
+def test_malformed_or_too_short_input_is_one_clear_line(encoder):
+    """Every encoder refuses, in one ValueError naming it, an input of the wrong rank or width,
+    lengths of the wrong shape, and an input (or a padded item) shorter than one output frame."""
+    b = bundle(encoder)
+    enc = b.encoder.eval()
+    name = {"vit/atst": "vit"}.get(encoder, encoder)
+    with torch.no_grad():
+        x, xl = b.frontend(noise(1.0, b.sample_rate))
+        enc(x, xl)  # the well-formed input encodes
+        form = "a waveform (B, S)" if x.dim() == 2 else f"a spectrogram (B, {x.shape[1]}, T)"
+        with pytest.raises(ValueError, match=re.escape(f"{name}: expected {form}, found {tuple(x[0].shape)}")):
+            enc(x[0])
+        if x.dim() == 3:  # a spectrogram with other bins than the frontend's
+            with pytest.raises(ValueError, match=rf"^{name}: expected a spectrogram"):
+                enc(x[:, :-1])
+        with pytest.raises(ValueError, match=rf"^{name}: lengths must be \(1,\), found \(2,\)$"):
+            enc(x, torch.cat([xl, xl]))
+        with pytest.raises(ValueError, match=rf"^{name}: every input needs at least [0-9]+ (frames|samples) "
+                                             r"\(one [^)]+\), found 0 (frames|samples)$"):
+            enc(x[..., :0])
+        if encoder != "audiontt":  # its output_lengths gives a short padded item one frame
+            pair = torch.cat([x, x])
+            with pytest.raises(ValueError, match=rf"^{name}: every input needs at least [0-9]+ .*, found lengths "
+                                                 rf"\[{x.shape[-1]}, 0\] with {x.shape[-1]} "):
+                enc(pair, torch.tensor([x.shape[-1], 0]))

@@ -92,6 +92,28 @@ class ClipPool:
         return out
 
 
+def check_input(name: str, x: Tensor, lengths: Tensor | None, freq: int | None, min_len: int, unit: str) -> None:
+    """The input check every encoder's forward starts with, one line per fault (a ValueError
+    naming the encoder): x is a (B, freq, T) spectrogram, or a (B, S) waveform where freq is None;
+    lengths, when given, is (B,); x and every item in lengths span at least `min_len` frames or
+    samples, `unit` saying what that many make (e.g. "one patch column"). Reads lengths on the
+    host only when they are given, as the encoders' padding masks do anyway."""
+    if freq is None:
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a waveform (B, S), found {tuple(x.shape)}")
+        what = "samples"
+    else:
+        if x.dim() != 3 or x.shape[1] != freq:
+            raise ValueError(f"{name}: expected a spectrogram (B, {freq}, T), found {tuple(x.shape)}")
+        what = "frames"
+    if lengths is not None and lengths.shape != (x.shape[0],):
+        raise ValueError(f"{name}: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
+    if x.shape[-1] < min_len or (lengths is not None and bool((lengths < min_len).any())):
+        found = f"lengths {lengths.tolist()} with {x.shape[-1]} {what} in x" if lengths is not None \
+            else f"{x.shape[-1]} {what}"
+        raise ValueError(f"{name}: every input needs at least {min_len} {what} ({unit}), found {found}")
+
+
 def clone_for_mask(x: Tensor, padding: Tensor, mask, name: str, what: str) -> tuple[Tensor, Tensor, int]:
     """Tokens x (B, N, D) and padding (B, N) repeated for a mask of K masks per input (mask.masked
     (B*K, N), each input's K rows together): (x, padding, K). `name` (the encoder) and `what` (its

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
+    check_input,
     Encoder,
     EncoderOut,
     lengths_to_padding,
@@ -56,6 +57,7 @@ class AudioNTT(Encoder):
                        nn.BatchNorm2d(cfg.base_d), nn.ReLU(), nn.MaxPool2d(2, stride=2)]
         self.features = nn.Sequential(*layers)
         self.pool_factor = 2**n_conv
+        self.n_mels = n_mels
         self.conv_d = cfg.base_d * (n_mels // self.pool_factor)
         if cfg.version == 2020:
             self.fc = nn.Sequential(nn.Linear(self.conv_d, cfg.d), nn.ReLU(), nn.Dropout(cfg.dropout),
@@ -82,10 +84,11 @@ class AudioNTT(Encoder):
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
         if mask is not None:
             raise ValueError("audiontt does not support token masks")
-        if x.ndim != 3:
-            raise ValueError(f"audiontt expects (B, n_mels, T), found shape {tuple(x.shape)}")
-        if x.shape[-1] < self.pool_factor:
-            raise ValueError(f"audiontt needs at least {self.pool_factor} frames, found {x.shape[-1]}")
+        # lengths are not checked against pool_factor: a padded item shorter than one output frame
+        # still gets that frame (output_lengths clamps to 1), as it always has
+        check_input("audiontt", x, None, self.n_mels, self.pool_factor, "one output frame")
+        if lengths is not None and lengths.shape != (x.shape[0],):
+            raise ValueError(f"audiontt: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
         # inference in channels-last: the CPU's max-pool and conv kernels are much faster on it (the
         # conv stack's forward 1.7x (2020) / 3.2x (2022) on 1 thread; the same values up to float
         # rounding). Training keeps the default layout: its whole step was no faster that way

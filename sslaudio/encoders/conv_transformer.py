@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
+    check_input,
     Encoder,
     EncoderOut,
     clone_for_mask,
@@ -159,25 +160,9 @@ class ConvTransformer(Encoder):
 
     # ---- forward ----
 
-    def _check(self, x: Tensor, lengths: Tensor) -> None:
-        if x.dim() != 2:
-            raise ValueError(f"conv_transformer: expected a waveform (B, S), found {tuple(x.shape)}")
-        if lengths.shape != (x.shape[0],):
-            raise ValueError(f"conv_transformer: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
-        if x.shape[1] == 0 or bool((lengths <= 0).any()):
-            raise ValueError(f"conv_transformer: input waveform x has zero-length items (lengths "
-                             f"{lengths.tolist()}, {x.shape[1]} samples)")
-        rf = self.receptive_field
-        if x.shape[1] < rf or bool((lengths < rf).any()):
-            raise ValueError(f"conv_transformer: every input needs at least {rf} samples (one frame's "
-                             f"receptive field), found lengths {lengths.tolist()}")
-
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
         unpadded = lengths is None  # every item spans the whole input: nothing to read on the device
-        if unpadded:
-            self._check(x, torch.full((x.shape[0],), x.shape[1], dtype=torch.long))  # host-side
-        else:
-            self._check(x, lengths)
+        check_input("conv_transformer", x, lengths, None, self.receptive_field, "one frame's receptive field")
         B = x.shape[0]
         m = self.cfg.feature_grad_mult
         # official padding: the extractor's GroupNorm sees the padded input as one full-length item

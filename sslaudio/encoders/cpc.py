@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
-from sslaudio.encoders.base import Encoder, EncoderOut, lengths_to_padding
+from sslaudio.encoders.base import Encoder, EncoderOut, check_input, lengths_to_padding
 from sslaudio.registry import ENCODERS
 
 # CPC_audio CPCEncoder: (kernel, stride, padding) per layer; 160x downsampling
@@ -120,19 +120,10 @@ class CPCEncoder(Encoder):
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
         if mask is not None:
             raise ValueError("cpc: token masks are not supported")
-        if x.dim() != 2:
-            raise ValueError(f"cpc: expected a waveform (B, S), found {tuple(x.shape)}")
-        if x.shape[1] < self.min_samples:
-            raise ValueError(f"cpc: every input needs at least {self.min_samples} samples (one frame), "
-                             f"found {x.shape[1]}")
+        check_input("cpc", x, lengths, None, self.min_samples, "one output frame")
         h = x.unsqueeze(1)  # (B, 1, S)
         frame_lengths = None
         if lengths is not None:
-            if lengths.shape != (x.shape[0],):
-                raise ValueError(f"cpc: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
-            if bool((lengths < self.min_samples).any()):
-                raise ValueError(f"cpc: every input needs at least {self.min_samples} samples (one frame), "
-                                 f"found lengths {lengths.tolist()}")
             frame_lengths = lengths.to(x.device)
             h = h.masked_fill(lengths_to_padding(frame_lengths, h.shape[-1])[:, None], 0.0)
         for conv, norm, spec in zip(self.convs, self.norms, self.layers_spec):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
+    check_input,
     Encoder,
     EncoderOut,
     lengths_to_padding,
@@ -180,26 +181,12 @@ class FrameTransformer(Encoder):
 
     # ---- forward ----
 
-    def _check(self, x: Tensor, lengths: Tensor) -> None:
-        if x.dim() != 3 or x.shape[1] != self.n_freq:
-            raise ValueError(f"frame_transformer: expected input (B, {self.n_freq}, T), found {tuple(x.shape)}")
-        if lengths.shape != (x.shape[0],):
-            raise ValueError(f"frame_transformer: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
-        r = self.stack
-        if x.shape[-1] < r or bool((lengths < r).any()):
-            raise ValueError(f"frame_transformer: every input needs at least {r} frame(s) (one token of "
-                             f"encoder.downsample frames), found lengths {lengths.tolist()} with "
-                             f"{x.shape[-1]} frames in x")
-
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None,
                 return_layers: bool = False) -> EncoderOut:
         if mask is not None and not (self.cfg.mask_token and mask.mode == "replace"):
             raise ValueError("frame_transformer takes a Mask only in replace mode with encoder.mask_token: "
                              "true (Mockingjay / TERA alter the input frames themselves)")
-        if lengths is None:  # every item spans the whole input
-            self._check(x, torch.full((x.shape[0],), x.shape[-1], dtype=torch.long))
-        else:
-            self._check(x, lengths)
+        check_input("frame_transformer", x, lengths, self.n_freq, self.stack, "one token of encoder.downsample frames")
         frames = self.stack_frames(x)  # (B, N, F * r)
         if self.feature_norm is not None:
             frames = self.feature_norm(frames)

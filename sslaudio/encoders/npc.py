@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.encoders.base import (
+    check_input,
     Encoder,
     EncoderOut,
     lengths_to_padding,
@@ -162,16 +163,9 @@ class NPCEncoder(Encoder):
         if mask is not None:
             raise ValueError("npc: token masks are not supported (the masked convolutions hide each frame's "
                              "neighbourhood instead)")
-        if x.dim() != 3 or x.shape[1] != self.in_dim:
-            raise ValueError(f"npc: expected log-mel frames (B, {self.in_dim}, T), found {tuple(x.shape)}")
-        if x.shape[-1] < 1:
-            raise ValueError(f"npc: input has no frames (shape {tuple(x.shape)}); it needs at least one")
+        check_input("npc", x, lengths, self.in_dim, 1, "one output frame")
         padding = valid = None
         if lengths is not None:
-            if lengths.shape != (x.shape[0],):
-                raise ValueError(f"npc: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
-            if bool((lengths < 1).any()):
-                raise ValueError(f"npc: every item needs at least one frame, found lengths {lengths.tolist()}")
             lengths = lengths.to(x.device)
             padding = lengths_to_padding(lengths, x.shape[-1])  # (B, T)
             valid = ~padding

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError
 from sslaudio.encoders.base import (
+    check_input,
     Encoder,
     EncoderOut,
     lengths_to_padding,
@@ -89,16 +90,9 @@ class RNN(Encoder):
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
         if mask is not None:
             raise ValueError("rnn: token masks are not supported (APC predicts future frames instead)")
-        if x.dim() != 3 or x.shape[1] != self.in_dim:
-            raise ValueError(f"rnn: expected log-mel frames (B, {self.in_dim}, T), found {tuple(x.shape)}")
-        if x.shape[-1] < 1:
-            raise ValueError(f"rnn: input has no frames (shape {tuple(x.shape)}); it needs at least one")
+        check_input("rnn", x, lengths, self.in_dim, 1, "one output frame")
         padding = None
         if lengths is not None:
-            if lengths.shape != (x.shape[0],):
-                raise ValueError(f"rnn: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
-            if bool((lengths < 1).any()):
-                raise ValueError(f"rnn: every item needs at least one frame, found lengths {lengths.tolist()}")
             padding = lengths_to_padding(lengths.to(x.device), x.shape[-1])
         h = x.transpose(1, 2)  # (B, T, F)
         layers: list[Tensor] = []

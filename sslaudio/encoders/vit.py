@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
+    check_input,
     Encoder,
     EncoderOut,
     clone_for_mask,
@@ -244,21 +245,8 @@ class ViT(Encoder):
 
     # ---- forward ----
 
-    def _check(self, x: Tensor, lengths: Tensor) -> None:
-        if x.dim() != 3 or x.shape[1] != self.n_freq:
-            raise ValueError(f"vit: expected input (B, {self.n_freq}, T), found {tuple(x.shape)}")
-        if lengths.shape != (x.shape[0],):
-            raise ValueError(f"vit: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
-        tp = self.cfg.patch[1]
-        if x.shape[-1] < tp or bool((lengths < tp).any()):
-            raise ValueError(f"vit: every input needs at least {tp} frames (one patch column), "
-                             f"found lengths {lengths.tolist()} with {x.shape[-1]} frames in x")
-
     def forward(self, x: Tensor, lengths: Tensor | None = None, mask=None, return_layers: bool = False) -> EncoderOut:
-        if lengths is None:  # every item spans the whole input
-            self._check(x, torch.full((x.shape[0],), x.shape[-1], dtype=torch.long))
-        else:
-            self._check(x, lengths)
+        check_input("vit", x, lengths, self.n_freq, self.cfg.patch[1], "one patch column")
         grid = self.token_grid(x.shape)
         tokens = self.patch_embed(x)  # (B, N, D)
         # without lengths, no padding: built from the tokens so a traced graph stays length-free
