@@ -119,7 +119,7 @@ def test_encoder_rejects_masks_and_short_or_wrong_input():
         enc(torch.randn(1, 80, 2))
     with pytest.raises(ValueError, match="at least 3 frame"):
         enc(torch.randn(2, 80, 10), torch.tensor([10, 2]))
-    with pytest.raises(ValueError, match=r"expected input \(B, 80, T\)"):
+    with pytest.raises(ValueError, match=r"expected a spectrogram \(B, 80, T\)"):
         enc(torch.randn(1, 64, 10))
     assert enc(x, return_layers=True).layers[-1] is not None  # 3 // 3 tokens: fine
 
