@@ -101,17 +101,19 @@ def check_input(name: str, x: Tensor, lengths: Tensor | None, freq: int | None, 
     if freq is None:
         if x.dim() != 2:
             raise ValueError(f"{name}: expected a waveform (B, S), found {tuple(x.shape)}")
-        what = "samples"
+        what = "sample"
     else:
         if x.dim() != 3 or x.shape[1] != freq:
             raise ValueError(f"{name}: expected a spectrogram (B, {freq}, T), found {tuple(x.shape)}")
-        what = "frames"
+        what = "frame"
     if lengths is not None and lengths.shape != (x.shape[0],):
         raise ValueError(f"{name}: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
     if x.shape[-1] < min_len or (lengths is not None and bool((lengths < min_len).any())):
-        found = f"lengths {lengths.tolist()} with {x.shape[-1]} {what} in x" if lengths is not None \
-            else f"{x.shape[-1]} {what}"
-        raise ValueError(f"{name}: every input needs at least {min_len} {what} ({unit}), found {found}")
+        def count(n: int) -> str:
+            return f"{n} {what}" + ("" if n == 1 else "s")
+        found = f"lengths {lengths.tolist()} with {count(x.shape[-1])} in x" if lengths is not None \
+            else count(x.shape[-1])
+        raise ValueError(f"{name}: every input needs at least {count(min_len)} ({unit}), found {found}")
 
 
 def clone_for_mask(x: Tensor, padding: Tensor, mask, name: str, what: str) -> tuple[Tensor, Tensor, int]:

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
-    check_input,
     Encoder,
     EncoderOut,
+    check_input,
     clone_for_mask,
     lengths_to_padding,
 )

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from sslaudio.config import ConfigError, check_range
 from sslaudio.encoders.base import (
-    check_input,
     Encoder,
     EncoderOut,
+    check_input,
     lengths_to_padding,
     stft_frame_times,
 )
