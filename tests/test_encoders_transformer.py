@@ -173,7 +173,8 @@ def test_frames_and_frame_times():
 
 def test_empty_and_too_short_inputs_raise_clear_errors():
     vit, w2v = build(VIT), build(W2V)
-    with pytest.raises(ValueError, match=r"at least 400 samples \(one frame's receptive field\), found lengths \[1000, 0\]"):
+    with pytest.raises(ValueError, match=r"at least 400 samples \(one frame's receptive field\), "
+                                         r"found lengths \[1000, 0\]"):
         w2v(torch.zeros(2, 1000), torch.tensor([1000, 0]))
     with pytest.raises(ValueError, match="at least 400 samples"):
         w2v(torch.zeros(1, 399), torch.tensor([399]))

@@ -92,12 +92,14 @@ class ClipPool:
         return out
 
 
-def check_input(name: str, x: Tensor, lengths: Tensor | None, freq: int | None, min_len: int, unit: str) -> None:
+def check_input(name: str, x: Tensor, lengths: Tensor | None, freq: int | None, min_len: int, unit: str,
+                items: bool = True) -> None:
     """The input check every encoder's forward starts with, one line per fault (a ValueError
     naming the encoder): x is a (B, freq, T) spectrogram, or a (B, S) waveform where freq is None;
     lengths, when given, is (B,); x and every item in lengths span at least `min_len` frames or
-    samples, `unit` saying what that many make (e.g. "one patch column"). Reads lengths on the
-    host only when they are given, as the encoders' padding masks do anyway."""
+    samples, `unit` saying what that many make (e.g. "one patch column"); with items=False only x
+    is held to `min_len` (an encoder that gives a shorter padded item one frame). Reads lengths on
+    the host only when they are given and checked, as the encoders' padding masks do anyway."""
     if freq is None:
         if x.dim() != 2:
             raise ValueError(f"{name}: expected a waveform (B, S), found {tuple(x.shape)}")
@@ -108,10 +110,11 @@ def check_input(name: str, x: Tensor, lengths: Tensor | None, freq: int | None, 
         what = "frame"
     if lengths is not None and lengths.shape != (x.shape[0],):
         raise ValueError(f"{name}: lengths must be ({x.shape[0]},), found {tuple(lengths.shape)}")
-    if x.shape[-1] < min_len or (lengths is not None and bool((lengths < min_len).any())):
+    held = lengths if items else None  # the lengths held to min_len
+    if x.shape[-1] < min_len or (held is not None and bool((held < min_len).any())):
         def count(n: int) -> str:
             return f"{n} {what}" + ("" if n == 1 else "s")
-        found = f"lengths {lengths.tolist()} with {count(x.shape[-1])} in x" if lengths is not None \
+        found = f"lengths {held.tolist()} with {count(x.shape[-1])} in x" if held is not None \
             else count(x.shape[-1])
         raise ValueError(f"{name}: every input needs at least {count(min_len)} ({unit}), found {found}")
 
