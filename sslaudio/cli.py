@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 usage or configuration error (one line naming the bad option
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -799,6 +800,17 @@ def demo(
                                "TorchScript encoder": f"{exp['out']} (max abs diff {exp['max_abs_diff']:.1e})"})
         res = {"pretrained": trained, "random": random_, "export": exp}
         (out_dir / "demo_results.json").write_text(json.dumps(res, indent=1))
+
+
+def _reflow(doc: str) -> str:
+    """A command's docstring with each paragraph on one line: Typer's rich help prints the source's
+    single line breaks as they are, so the help would break mid-sentence at whatever width."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _info in app.registered_commands:
+    if _info.help is None and _info.callback is not None and _info.callback.__doc__:
+        _info.help = _reflow(_info.callback.__doc__)
 
 
 def main() -> None:
