@@ -358,7 +358,8 @@ def extract(
     out_dir: str = typer.Option(..., "--out", "-o", help="Output folder, or - for JSON lines on stdout."),
     frames: bool = typer.Option(False, "--frames", help="Also write frame embeddings and timestamps."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Feature files: safetensors (default) | npy."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Inputs (files or chunks of equal length) "
+                                    "per forward pass."),
     batch_seconds: Optional[float] = typer.Option(None, "--batch-seconds",
                                                   help="At most this much audio per batch (default: no limit)."),
     workers: int = typer.Option(1, "--workers", min=0, help="Threads that decode and resample the next batches "
@@ -369,7 +370,7 @@ def extract(
                                                    "with --frames layers)."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Clip embedding over the frames: mean | max | "
                                        "mean+max (their sum); default: the encoder's own statistics."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ):
     """Write clip (and frame) embeddings per input file, mirroring the input tree (several inputs:
     each folder or manifest under its own name). A rerun into the same --out resumes."""
@@ -441,8 +442,8 @@ def probe(
     plots: Path | None = typer.Option(None, "--plots", parser=_path, help="Write PNG plots to this folder: the test "
                                       "confusion matrix of a single-label task (confusion.png); with "
                                       "--suite one per task and a bar chart (suite.png). Needs matplotlib."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    device: str = typer.Option("auto"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Files per forward pass when embedding."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     seed: int = typer.Option(0, help="Seed of the probe's initialisation and folds (and of fine-tuning)."),
     pool: str | None = typer.Option(None, "--pool", help="Clip tasks: the clip embedding over the frames, "
                                        "mean | max | mean+max (their sum), as extract --pool; default: the "
@@ -751,9 +752,10 @@ def presets_cmd(name: str | None = typer.Argument(None, help="A preset (or YAML 
 @app.command(epilog="Example: sslaudio demo --out sslaudio-demo")
 def demo(
     out_dir: Path = typer.Option(Path("sslaudio-demo"), "--out", "-o", parser=_path, help="Where the data and the run go."),
-    preset: str = typer.Option("tiny/byol-a", "--preset", "-p"),
+    preset: str = typer.Option("tiny/byol-a", "--preset", "-p",
+                               help="The preset to pretrain (see 'sslaudio presets')."),
     steps: Optional[int] = typer.Option(None, help="Override the preset's steps."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ):
     """Generate a toy labeled dataset, pretrain on it, extract, probe vs random init, export."""
     from sslaudio.build import load_preset

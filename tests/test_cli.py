@@ -239,6 +239,8 @@ def test_option_help_texts_survive_rich_markup():
                 if text and Text.from_markup(text).plain != text:
                     raise AssertionError(f"{name} {param.name}: rich eats part of {text!r}")
             if getattr(param, "help", None) is None:
+                assert param.name == "help" or not param.param_type_name == "option", \
+                    f"{name} {param.opts}: an option without a help text"
                 continue
             seen += 1
     assert seen > 40  # every command's options were read
