@@ -227,7 +227,8 @@ def test_error_messages_keep_square_brackets(tmp_path):
 
 def test_option_help_texts_survive_rich_markup():
     """The CLI renders help with rich markup, where "[default: 10]" is a style tag and disappears:
-    every argument's and option's help must print as written."""
+    every argument's and option's help must print as written, every option has one, and the command
+    docstrings print as paragraphs, not with the source's line breaks."""
     import typer.main
     from rich.text import Text
 
@@ -239,7 +240,7 @@ def test_option_help_texts_survive_rich_markup():
                 if text and Text.from_markup(text).plain != text:
                     raise AssertionError(f"{name} {param.name}: rich eats part of {text!r}")
             if getattr(param, "help", None) is None:
-                assert param.name == "help" or not param.param_type_name == "option", \
+                assert param.name == "help" or param.param_type_name != "option", \
                     f"{name} {param.opts}: an option without a help text"
                 continue
             seen += 1
