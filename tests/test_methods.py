@@ -79,7 +79,7 @@ EXPORTS = [
     ("tiny/cpc", (), 128, 160),  # cpc
     ("tiny/npc", (), 64, 160),  # npc
     ("tiny/data2vec2-wave", (), 64, 320),  # conv_transformer + ALiBi
-    ("tiny/tera", ("encoder.downsample=2",), 128, 320),  # frame_transformer stacking 2 frames a token
+    ("tiny/tera", ("encoder.downsample=2",), 512, 320),  # frame_transformer, 2 frames a token, 4 hidden states (eval_blocks)
 ]
 
 
